@@ -1,0 +1,313 @@
+"""PyTorch implementations of the GDN-2 recurrence: the token-by-token ground truth and the chunked CPU path.
+
+Both take activated gates (``g <= 0`` log-decay, ``b``/``w`` erase/write gates) in FLA's layout and return
+``(o, final_state)``. Neither validates its inputs: the public ops in :mod:`gdn2ts.ops` do that.
+
+Shapes (``H`` key heads, ``HV = G * H`` value heads; value head ``j`` reads key head ``j // G``)::
+
+    q, k   [B, T, H, K]          v, w   [B, T, HV, V]
+    g, b   [B, T, H, K] or [B, T, HV, K]
+    state  [N, HV, K, V]         (N = B, or the number of packed sequences when cu_seqlens is given)
+
+Per value head, one step is (the order matters for agreement with other implementations)::
+
+    S <- Diag(exp(g)) S            decay the key rows
+    r  = S^T (b * k)               read what the erase gate selects
+    S <- S + k (w * v - r)^T       erase it and write the gated value
+    o  = S^T (scale * q)           read the updated state
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gdn2ts.ops import decayed
+
+__all__ = ["recurrent_reference", "chunk_reference", "compute_dtype", "state_dtype", "pad_packed", "unpad_packed"]
+
+CHUNK_SIZE = 64
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 inputs compute in fp64; everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The recurrent state is fp32, or fp64 when the inputs are fp64."""
+    return compute_dtype(dtype)
+
+
+def _to_value_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
+    """[B, T, Hx, K] -> [B, T, HV, K], repeating key-head tensors over their group of value heads."""
+    heads = x.shape[2]
+    if heads == num_v_heads:
+        return x
+    return x.repeat_interleave(num_v_heads // heads, dim=2)
+
+
+def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed ``[1, total, ...]`` -> zero-padded ``[N, L, ...]`` plus the gather index ``[N, L]`` (-1 for padding).
+
+    Zero padding of q, k, v, g, b, w is an identity step of the recurrence (g = 0 keeps the state, k = 0 writes
+    nothing), so final states of padded rows equal those at each sequence's end.
+    """
+    offsets = cu_seqlens.to(device=x.device, dtype=torch.long)
+    lengths = offsets[1:] - offsets[:-1]
+    n = lengths.numel()
+    max_len = int(lengths.max().item()) if n else 0
+    pos = torch.arange(max_len, device=x.device)
+    valid = pos[None, :] < lengths[:, None]
+    index = torch.where(valid, offsets[:-1, None] + pos[None, :], torch.full_like(valid, -1, dtype=torch.long))
+    flat = x[0]
+    padded = flat.new_zeros((n, max_len) + tuple(flat.shape[1:]))
+    padded = padded.index_put((valid.nonzero(as_tuple=True)), flat[index[valid]])
+    return padded, index
+
+
+def unpad_packed(padded: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """Inverse of :func:`pad_packed`: ``[N, L, ...]`` -> ``[1, total, ...]``."""
+    valid = index >= 0
+    out = padded.new_zeros((total,) + tuple(padded.shape[2:]))
+    out = out.index_put((index[valid],), padded[valid])
+    return out.unsqueeze(0)
+
+
+def _run_padded(fn, q, k, v, g, b, w, scale, initial_state, output_final_state, cu_seqlens):
+    """Run ``fn`` on a packed varlen batch by padding it to ``[N, L]`` with identity steps."""
+    total = q.shape[1]
+    q_, index = pad_packed(q, cu_seqlens)
+    k_, v_, g_, b_, w_ = (pad_packed(t, cu_seqlens)[0] for t in (k, v, g, b, w))
+    o, state = fn(q_, k_, v_, g_, b_, w_, scale, initial_state, output_final_state, None)
+    return unpad_packed(o, index, total), state
+
+
+def recurrent_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ground truth: the recurrence token by token, in fp32 (fp64 for fp64 inputs). Differentiable.
+
+    Example:
+        >>> import torch
+        >>> B, T, H, K, V = 1, 5, 2, 4, 3
+        >>> q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+        >>> v = torch.randn(B, T, H, V)
+        >>> g, b, w = -torch.rand(B, T, H, K), torch.rand(B, T, H, K), torch.rand(B, T, H, V)
+        >>> o, s = recurrent_reference(q, k, v, g, b, w, output_final_state=True)
+        >>> o.shape, s.shape
+        (torch.Size([1, 5, 2, 3]), torch.Size([1, 2, 4, 3]))
+    """
+    if cu_seqlens is not None:
+        return _run_padded(recurrent_reference, q, k, v, g, b, w, scale, initial_state, output_final_state,
+                           cu_seqlens)
+    out_dtype = v.dtype
+    dt = compute_dtype(q.dtype)
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    scale = K**-0.5 if scale is None else scale
+    q, k, g, b = (_to_value_heads(t, HV).to(dt) for t in (q, k, g, b))
+    v, w = v.to(dt), w.to(dt)
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dt)
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None]
+        r = torch.einsum("nhk,nhkv->nhv", b[:, t] * k[:, t], S)
+        u = w[:, t] * v[:, t] - r
+        S = S + k[:, t, :, :, None] * u[:, :, None, :]
+        outs.append(torch.einsum("nhk,nhkv->nhv", q[:, t] * scale, S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, HV, V)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _chunk_forward(q, k, v, g, b, w, h0, force_blocked):
+    """Chunked forward on prepared ``[B, HV, N, C, D]`` tensors (q already scaled). Returns o, final state, saved."""
+    B, HV, N, C, K = q.shape
+    V = v.shape[-1]
+    M = B * HV * N
+    G = g.cumsum(dim=-2)
+    gamma = G.exp()
+    bk = b * k
+    p = decayed.plan(G.reshape(M, C, K), force_blocked)
+    gm = decayed.gram(p, [bk.reshape(M, C, K), q.reshape(M, C, K)], k.reshape(M, C, K))
+    A_kk = gm[:, :C].tril(-1)
+    A_qk = gm[:, C:].tril().reshape(B, HV, N, C, C)
+    L = A_kk + torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([(gamma * bk).reshape(M, C, K), (w * v).reshape(M, C, V)], dim=-1)
+    YU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).reshape(B, HV, N, C, K + V)
+    G_last = G[..., -1:, :]
+    k_tail = (G_last - G).exp() * k  # [B, HV, N, C, K]
+    decay_chunk = G_last.exp().transpose(-1, -2)  # [B, HV, N, K, 1]
+
+    S = h0
+    entry_states, residuals = [], []
+    # unbind once: indexing inside the loop would cost a full-size zero gradient per step under autograd
+    for YU_n, kt_n, d_n in zip(YU.unbind(2), k_tail.unbind(2), decay_chunk.unbind(2)):
+        R_n = YU_n[..., K:] - YU_n[..., :K] @ S
+        entry_states.append(S)
+        residuals.append(R_n)
+        S = d_n * S + kt_n.transpose(-1, -2) @ R_n
+    S0 = torch.stack(entry_states, dim=2)  # [B, HV, N, K, V]
+    R = torch.stack(residuals, dim=2)  # [B, HV, N, C, V]
+    gq = gamma * q
+    o = gq @ S0 + A_qk @ R
+    saved = (q, k, v, b, w, G, gamma, L, A_qk, YU, k_tail, decay_chunk, S0, R)
+    return o, S, (saved, p)
+
+
+def _chunk_backward(saved, p, do, dS):
+    """Hand-written backward of :func:`_chunk_forward`; returns dq (scaled q), dk, dv, dg, db, dw, dh0."""
+    q, k, v, b, w, G, gamma, L, A_qk, YU, k_tail, decay_chunk, S0, R = saved
+    B, HV, N, C, K = q.shape
+    V = v.shape[-1]
+    M = B * HV * N
+    Y = YU[..., :K]
+    gq = gamma * q
+    bk = b * k
+
+    # State passing, backwards over chunks: dS is the gradient of the state entering the next chunk.
+    dR_out = A_qk.transpose(-1, -2) @ do  # [B, HV, N, C, V]
+    dS_out = gq.transpose(-1, -2) @ do  # [B, HV, N, K, V]
+    dR_list, dS_next_list = [None] * N, [None] * N
+    for n in range(N - 1, -1, -1):
+        dS_next_list[n] = dS
+        dR_n = dR_out[:, :, n] + k_tail[:, :, n] @ dS
+        dS = decay_chunk[:, :, n] * dS + dS_out[:, :, n] - Y[:, :, n].transpose(-1, -2) @ dR_n
+        dR_list[n] = dR_n
+    dh0 = dS
+    dR = torch.stack(dR_list, dim=2)
+    dS_next = torch.stack(dS_next_list, dim=2)  # [B, HV, N, K, V]
+
+    # Everything else is batched over chunks.
+    dgq = do @ S0.transpose(-1, -2)  # [B, HV, N, C, K]
+    dA_qk = (do @ R.transpose(-1, -2)).tril()
+    dk_tail = R @ dS_next.transpose(-1, -2)  # [B, HV, N, C, K]
+    d_decay_chunk = (dS_next * S0).sum(-1)  # [B, HV, N, K]
+    dYU = torch.cat([-(dR @ S0.transpose(-1, -2)), dR], dim=-1).reshape(M, C, K + V)
+    d_rhs = torch.linalg.solve_triangular(L.transpose(-1, -2), dYU, upper=True, unitriangular=True)
+    dA_kk = -(d_rhs @ YU.reshape(M, C, K + V).transpose(-1, -2)).tril(-1)
+    d_rhs = d_rhs.reshape(B, HV, N, C, K + V)
+    dE, dZ = d_rhs[..., :K], d_rhs[..., K:]
+
+    dv = dZ * w
+    dw = dZ * v
+    dbk = gamma * dE
+    dq = gamma * dgq
+    dk = (G[..., -1:, :] - G).exp() * dk_tail
+    t = k_tail * dk_tail
+    dG = gamma * bk * dE + gq * dgq - t
+    dG_last = t.sum(dim=-2) + decay_chunk.squeeze(-1) * d_decay_chunk  # [B, HV, N, K]
+
+    flat = (M, C, K)
+    dA_qk = dA_qk.reshape(M, C, C)
+    kf, bkf, qf = k.reshape(flat), bk.reshape(flat), q.reshape(flat)
+    dbk_g = decayed.lower(p, dA_kk, kf)
+    dq_g = decayed.lower(p, dA_qk, kf)
+    dk_g = decayed.upper(p, dA_kk, bkf) + decayed.upper(p, dA_qk, qf)
+    dG = dG + (bkf * dbk_g + qf * dq_g - kf * dk_g).reshape(dG.shape)
+    dbk = dbk + dbk_g.reshape(dbk.shape)
+    dq = dq + dq_g.reshape(dq.shape)
+    dk = dk + dk_g.reshape(dk.shape) + dbk * b
+    db = dbk * k
+    dG[..., -1, :] += dG_last
+    dg = dG.flip(-2).cumsum(-2).flip(-2)
+    return dq, dk, dv, dg, db, dw, dh0
+
+
+class _ChunkGDN2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, b, w, h0, force_blocked):
+        o, S, (saved, p) = _chunk_forward(q, k, v, g, b, w, h0, force_blocked)
+        ctx.save_for_backward(*saved)
+        ctx.plan = p
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        saved = ctx.saved_tensors
+        if dS is None:
+            dS = torch.zeros_like(saved[-2][:, :, 0])
+        grads = _chunk_backward(saved, ctx.plan, do.contiguous(), dS)
+        return (*grads, None)
+
+
+def chunk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    force_blocked: bool = False,
+    autograd: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked (WY) form in PyTorch with a hand-written backward: the CPU path of ``chunk_gdn2``.
+
+    Per chunk of ``C`` tokens with entry state ``S0`` (``G`` the in-chunk cumulative log-decay)::
+
+        T  = strict_lower[(b*k)_r . k_s exp(G_r - G_s)]      L = I + T
+        Y  = L^-1 (exp(G) * b * k)     U = L^-1 (w * v)      R = U - Y S0      (R holds each step's u)
+        O  = (exp(G) * q) S0 + lower[q_r . k_s exp(G_r - G_s)] R
+        S1 = Diag(exp(G_C)) S0 + (exp(G_C - G) * k)^T R
+
+    State passing is sequential over chunks; everything else is batched over all chunks. The backward runs the
+    same structure in reverse (see ``docs/gdn2.md``). ``force_blocked`` sends every chunk through the blocked
+    form of the decayed products and ``autograd=True`` differentiates the forward with autograd instead of the
+    hand-written backward (both for tests).
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(2, 100, 2, 8)
+        >>> k = torch.nn.functional.normalize(torch.randn(2, 100, 2, 8), dim=-1)
+        >>> v, w = torch.randn(2, 100, 2, 4), torch.rand(2, 100, 2, 4)
+        >>> g, b = -torch.rand(2, 100, 2, 8), torch.rand(2, 100, 2, 8)
+        >>> o, s = chunk_reference(q, k, v, g, b, w, output_final_state=True)
+        >>> o2, s2 = recurrent_reference(q, k, v, g, b, w, output_final_state=True)
+        >>> bool(torch.allclose(o, o2, atol=1e-4)), bool(torch.allclose(s, s2, atol=1e-4))
+        (True, True)
+    """
+    if cu_seqlens is not None:
+        def run(*a):
+            return chunk_reference(*a, chunk_size=chunk_size, force_blocked=force_blocked, autograd=autograd)
+        return _run_padded(run, q, k, v, g, b, w, scale, initial_state, output_final_state, cu_seqlens)
+    out_dtype = v.dtype
+    dt = compute_dtype(q.dtype)
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    scale = K**-0.5 if scale is None else scale
+    C = chunk_size
+    N = -(-T // C)
+    pad = N * C - T
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        # [B, T, HV, D] -> [B, HV, N, C, D], zero-padded (an identity step) to whole chunks
+        x = _to_value_heads(x, HV).to(dt).transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        return x.contiguous().unflatten(2, (N, C))
+
+    q, k, v, g, b, w = (prep(t) for t in (q, k, v, g, b, w))
+    q = q * scale
+    h0 = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dt)
+    if N == 0:
+        o, S = v.new_zeros(B, HV, 0, C, V), h0
+    elif autograd:
+        o, S, _ = _chunk_forward(q, k, v, g, b, w, h0, force_blocked)
+    else:
+        o, S = _ChunkGDN2.apply(q, k, v, g, b, w, h0, force_blocked)
+    o = o.flatten(2, 3)[:, :, :T].transpose(1, 2).to(out_dtype)
+    return o, (S if output_final_state else None)
