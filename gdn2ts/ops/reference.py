@@ -203,23 +203,32 @@ def _chunk_backward(saved, p, do, dS):
     dbk = gamma * dE
     dq = gamma * dgq
     dk = (G[..., -1:, :] - G).exp() * dk_tail
-    t = k_tail * dk_tail
-    dG = gamma * bk * dE + gq * dgq - t
-    dG_last = t.sum(dim=-2) + decay_chunk.squeeze(-1) * d_decay_chunk  # [B, HV, N, K]
 
+    # Gradients of the Grams. Only strictly-lower entries depend on the decay; the diagonal of the output Gram
+    # (q_r . k_r) is handled apart so that its equal and opposite decay terms never have to cancel.
     flat = (M, C, K)
-    dA_qk = dA_qk.reshape(M, C, C)
     kf, bkf, qf = k.reshape(flat), bk.reshape(flat), q.reshape(flat)
+    dA_qk = dA_qk.reshape(M, C, C)
+    diag = dA_qk.diagonal(dim1=-2, dim2=-1)[..., None]  # [M, C, 1]
+    dA_qk = dA_qk.tril(-1)
     dbk_g = decayed.lower(p, dA_kk, kf)
     dq_g = decayed.lower(p, dA_qk, kf)
-    dk_g = decayed.upper(p, dA_kk, bkf) + decayed.upper(p, dA_qk, qf)
-    dG = dG + (bkf * dbk_g + qf * dq_g - kf * dk_g).reshape(dG.shape)
+    dk_kk = decayed.upper(p, dA_kk, bkf)
+    dk_qk = decayed.upper(p, dA_qk, qf)
+    dG_gram = bkf * dbk_g + qf * dq_g - kf * (dk_kk + dk_qk)
     dbk = dbk + dbk_g.reshape(dbk.shape)
-    dq = dq + dq_g.reshape(dq.shape)
-    dk = dk + dk_g.reshape(dk.shape) + dbk * b
+    dq = dq + (dq_g + diag * kf).reshape(dq.shape)
+    dk = dk + (dk_kk + dk_qk + diag * qf).reshape(dk.shape) + dbk * b
     db = dbk * k
-    dG[..., -1, :] += dG_last
+
+    # dG collects terms through exp(G_r) (G_r = g_0 + ... + g_r): dg is its reverse cumulative sum. The tail
+    # factors exp(G_C - G_r) depend on g_{r+1..C-1} only and the chunk decay exp(G_C) on every g of the chunk, so
+    # they are added in g-space directly (no large terms cancelling).
+    dG = gamma * bk * dE + gq * dgq + dG_gram.reshape(dE.shape)
     dg = dG.flip(-2).cumsum(-2).flip(-2)
+    t = k_tail * dk_tail
+    exclusive = F.pad(t[..., :-1, :].cumsum(-2), (0, 0, 1, 0))  # sum over r < j, without subtracting t_j
+    dg = dg + exclusive + (decay_chunk.squeeze(-1) * d_decay_chunk)[..., None, :]
     return dq, dk, dv, dg, db, dw, dh0
 
 

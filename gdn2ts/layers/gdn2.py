@@ -1,0 +1,378 @@
+"""The GDN-2 token mixer: project, short conv, gates, the GDN-2 op, gated RMSNorm, output projection.
+
+Shapes: ``x`` ``[B, T, hidden]``; ``H`` key heads of ``K``, ``HV = G * H`` value heads of ``V``; the state is
+``GDN2State(recurrent [N, HV, K, V] fp32 (fp64 for fp64 activations), conv [N, C, W - 1])`` with
+``C = 2 * H * K + HV * V`` and ``W = conv_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gdn2ts.layers.config import GDN2Config
+from gdn2ts.layers.conv import ShortConv
+from gdn2ts.layers.norm import GatedRMSNorm
+from gdn2ts.ops import chunk_gdn2, recurrent_gdn2
+from gdn2ts.ops.reference import compute_dtype, pad_packed, state_dtype, unpad_packed
+from gdn2ts.ops.validate import check_cu_seqlens, fail
+
+__all__ = ["GatedDeltaNet2", "GDN2State"]
+
+INIT_GAIN = 2**-2.5
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+A_INIT_RANGE = (1.0, 16.0)
+
+
+class GDN2State(NamedTuple):
+    """What a GDN-2 mixer carries between calls, for ``N`` sequences.
+
+    Example:
+        >>> import torch
+        >>> s = GDN2State(torch.zeros(2, 4, 16, 16), torch.zeros(2, 96, 3))
+        >>> s.recurrent.shape, s.conv.shape
+        (torch.Size([2, 4, 16, 16]), torch.Size([2, 96, 3]))
+    """
+
+    recurrent: torch.Tensor
+    """``[N, HV, K, V]`` the op's state, fp32 (fp64 when the layer runs in fp64)."""
+    conv: torch.Tensor
+    """``[N, C, W - 1]`` the last ``W - 1`` pre-conv q|k|v inputs of each sequence, in the activation dtype."""
+
+
+def _linear(n_in: int, n_out: int, bias: bool = False) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+def _low_rank(n_in: int, rank: int, n_out: int, bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(_linear(n_in, rank), _linear(rank, n_out, bias=bias))
+
+
+class GatedDeltaNet2(nn.Module):
+    """Gated DeltaNet-2 mixer ``[B, T, hidden] -> [B, T, hidden]`` with explicit state (GDN2.md section 2).
+
+    ``forward`` runs whole sequences through :func:`~gdn2ts.ops.chunk_gdn2` (training, prefill; dense,
+    ``attention_mask`` or packed ``cu_seqlens``); ``step`` runs one token per row through
+    :func:`~gdn2ts.ops.recurrent_gdn2` (inference only). Both take and return a :class:`GDN2State`.
+
+    Example:
+        >>> import torch
+        >>> from gdn2ts.layers import GatedDeltaNet2, GDN2Config
+        >>> cfg = GDN2Config.variant("gdn2", hidden_size=32, num_heads=2, head_k_dim=8, head_v_dim=8,
+        ...                          gate_low_rank=4)
+        >>> layer = GatedDeltaNet2(cfg)
+        >>> x = torch.randn(2, 10, 32)
+        >>> y, state = layer(x)
+        >>> y_t, state = layer.step(torch.randn(2, 32), state)
+        >>> y.shape, y_t.shape, state.recurrent.shape, state.conv.shape
+        (torch.Size([2, 10, 32]), torch.Size([2, 32]), torch.Size([2, 2, 8, 8]), torch.Size([2, 48, 3]))
+    """
+
+    def __init__(self, config: GDN2Config):
+        super().__init__()
+        if not isinstance(config, GDN2Config):
+            raise ValueError(f"GatedDeltaNet2: argument 'config' expected a GDN2Config, got {type(config).__name__}")
+        self.config = cfg = config
+        D, H, HV, K, V, r = cfg.hidden_size, cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim, \
+            cfg.gate_low_rank
+        self.q_proj = _linear(D, H * K)
+        self.k_proj = _linear(D, H * K)
+        self.v_proj = _linear(D, HV * V)
+        self.conv = ShortConv(cfg.conv_channels, cfg.conv_size)
+        # erase gate b (key axis); a tied beta is per value head because it also serves as the write gate
+        if cfg.erase == "channel":
+            self.b_proj = _linear(D, H * K)
+        elif cfg.erase == "scalar":
+            self.b_proj = _linear(D, HV if cfg.tie_erase_write else H)
+        # write gate w (value axis); "dt" reuses the decay's step size and "tied" the erase beta
+        if cfg.write == "channel":
+            self.w_proj = _linear(D, HV * V)
+        elif cfg.write == "scalar" and not cfg.tie_erase_write:
+            self.w_proj = _linear(D, HV)
+        # decay g = -exp(A_log[h]) * softplus(proj(x) + dt_bias)
+        if cfg.decay == "channel":
+            self.f_proj = _low_rank(D, r, H * K)
+            self.dt_bias = nn.Parameter(torch.empty(H * K))
+        else:
+            self.a_proj = _linear(D, H)
+            self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(HV)) if cfg.use_d_skip else None
+        self.g_proj = _low_rank(D, r, HV * V, bias=True)
+        self.o_norm = GatedRMSNorm(V, cfg.norm_eps, cfg.output_gate)
+        self.o_proj = _linear(HV * V, D)
+        # optimizers read this to exclude the decay parameters (and Mamba-2's D) from weight decay
+        for p in (self.A_log, self.dt_bias, self.D):
+            if p is not None:
+                p._no_weight_decay = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear: Xavier-uniform with gain ``2 ** -2.5``, zero biases; conv: PyTorch's default; norm and D: ones;
+        ``A_log = log U(1, 16)``; ``dt_bias = softplus^-1(dt)``, dt log-uniform in [1e-3, 1e-1], clamped >= 1e-4."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, gain=INIT_GAIN)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.conv.reset_parameters()
+        self.o_norm.reset_parameters()
+        with torch.no_grad():
+            # draw in at least fp32 so that a bf16 layer gets rounded fp32 values, not bf16 arithmetic
+            dt = torch.promote_types(self.A_log.dtype, torch.float32)
+            a = torch.empty(self.A_log.shape, device=self.A_log.device, dtype=dt).uniform_(*A_INIT_RANGE)
+            self.A_log.copy_(a.log())
+            step = torch.empty(self.dt_bias.shape, device=self.dt_bias.device, dtype=dt)
+            step = step.uniform_(math.log(DT_MIN), math.log(DT_MAX)).exp().clamp(min=DT_FLOOR)
+            # softplus^-1(y) = y + log(1 - exp(-y))
+            self.dt_bias.copy_(step + torch.log(-torch.expm1(-step)))
+            if self.D is not None:
+                self.D.fill_(1.0)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # state
+
+    def init_state(self, batch: int, device=None, dtype: torch.dtype | None = None) -> GDN2State:
+        """Zero state for ``batch`` sequences; ``dtype`` is the activation dtype (default: the parameters').
+
+        Example:
+            >>> import torch
+            >>> from gdn2ts.layers import GatedDeltaNet2, GDN2Config
+            >>> layer = GatedDeltaNet2(GDN2Config(32, 2, head_k_dim=8, head_v_dim=8, gate_low_rank=4))
+            >>> s = layer.init_state(3, dtype=torch.bfloat16)
+            >>> s.recurrent.dtype, s.conv.dtype, tuple(s.conv.shape)
+            (torch.float32, torch.bfloat16, (3, 48, 3))
+        """
+        cfg, p = self.config, self.q_proj.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        recurrent = torch.zeros(batch, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim, device=device,
+                                dtype=state_dtype(dtype))
+        conv = torch.zeros(batch, cfg.conv_channels, cfg.conv_size - 1, device=device, dtype=dtype)
+        return GDN2State(recurrent, conv)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # public calls
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: GDN2State | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, GDN2State]:
+        """Whole sequences: ``x`` ``[B, T, hidden]`` -> ``(y [B, T, hidden], new_state)``; differentiable.
+
+        Args:
+            x: ``[B, T, hidden]``, or ``[1, total, hidden]`` with ``cu_seqlens``.
+            state: state of the ``N`` sequences to continue (``N = B``, or the number of packed sequences);
+                zeros when omitted. Not modified.
+            attention_mask: ``[B, T]`` bool or 0/1; masked tokens are skipped exactly (the state and the conv
+                tail pass through them unchanged, and their output is 0). Holes anywhere are allowed.
+            cu_seqlens: ``[N + 1]`` offsets of ``N`` sequences packed in ``x`` (``B == 1``); each sequence's conv
+                starts from its own tail.
+
+        Example:
+            >>> import torch
+            >>> from gdn2ts.layers import GatedDeltaNet2, GDN2Config
+            >>> layer = GatedDeltaNet2(GDN2Config(32, 2, head_k_dim=8, head_v_dim=8, gate_low_rank=4))
+            >>> x = torch.randn(2, 7, 32)
+            >>> mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 1, 1]])
+            >>> y, s = layer(x, attention_mask=mask)
+            >>> y_ref, s_ref = layer(x[1:, mask[1].bool()])
+            >>> bool(torch.allclose(y[1, mask[1].bool()], y_ref[0], atol=1e-5)), bool(y[1, 0].eq(0).all())
+            (True, True)
+        """
+        op = "GatedDeltaNet2.forward"
+        act = self._check_x(op, "x", x, 3)
+        B, T = x.shape[:2]
+        if attention_mask is not None and cu_seqlens is not None:
+            fail(op, "attention_mask", "None when cu_seqlens is given (use one of the two)",
+                 f"a tensor of shape {tuple(attention_mask.shape)} together with cu_seqlens")
+        if attention_mask is not None:
+            mask = self._check_mask(op, "attention_mask", attention_mask, (B, T), x.device)
+            self._check_state(op, state, B, act, x.device)
+            # compact each row's valid tokens (in order) into one packed batch: holes become sequence joins
+            cu = F.pad(mask.sum(1).cumsum(0), (1, 0))
+            y_packed, new_state = self._forward_packed(x[mask][None], state, cu)
+            y = y_packed.new_zeros(B, T, y_packed.shape[-1])
+            y[mask] = y_packed[0]
+            return y, new_state
+        if cu_seqlens is not None:
+            if B != 1:
+                fail(op, "x", "batch size 1 when cu_seqlens packs the sequences ([1, total, hidden])",
+                     f"shape {tuple(x.shape)}")
+            N = check_cu_seqlens(op, cu_seqlens, B, T, x.device)
+            self._check_state(op, state, N, act, x.device)
+            return self._forward_packed(x, state, cu_seqlens)
+        self._check_state(op, state, B, act, x.device)
+        qkv, tail = self.conv(self._project(x), None if state is None else state.conv)
+        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, None, chunk_gdn2)
+        return y, GDN2State(recurrent, tail)
+
+    @torch.no_grad()
+    def step(
+        self, x_t: torch.Tensor, state: GDN2State | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, GDN2State]:
+        """One token per row: ``x_t`` ``[B, hidden]`` -> ``(y_t [B, hidden], new_state)``. Inference only.
+
+        Runs under ``torch.no_grad()`` (the recurrent op is forward-only): use :meth:`forward` to train. Rows with
+        ``mask[i] == False`` keep their state (recurrent and conv) and output zeros. ``state`` (zeros when
+        omitted) is not modified.
+
+        Example:
+            >>> import torch
+            >>> from gdn2ts.layers import GatedDeltaNet2, GDN2Config
+            >>> layer = GatedDeltaNet2(GDN2Config(32, 2, head_k_dim=8, head_v_dim=8, gate_low_rank=4))
+            >>> x = torch.randn(3, 4, 32)
+            >>> y, _ = layer(x)
+            >>> state = layer.init_state(3)
+            >>> for t in range(4):
+            ...     y_t, state = layer.step(x[:, t], state)
+            >>> bool(torch.allclose(y_t, y[:, -1], atol=1e-5))
+            True
+        """
+        op = "GatedDeltaNet2.step"
+        act = self._check_x(op, "x_t", x_t, 2)
+        B = x_t.shape[0]
+        self._check_state(op, state, B, act, x_t.device)
+        if mask is not None:
+            mask = self._check_mask(op, "mask", mask, (B,), x_t.device)
+        if state is None:
+            state = self.init_state(B, device=x_t.device, dtype=act)
+        qkv, tail = self.conv.step(self._project(x_t), state.conv)
+        y, recurrent = self._mix(qkv[:, None], x_t[:, None], state.recurrent, None, recurrent_gdn2)
+        y = y[:, 0]
+        if mask is not None:
+            y = torch.where(mask[:, None], y, 0.0)
+            recurrent = torch.where(mask[:, None, None, None], recurrent, state.recurrent)
+            tail = torch.where(mask[:, None, None], tail, state.conv)
+        return y, GDN2State(recurrent, tail)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # internals
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden]`` -> pre-conv ``q|k|v`` ``[..., C]``."""
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+    def _forward_packed(self, x, state, cu_seqlens):
+        """``x`` ``[1, total, hidden]`` with N sequences: conv per sequence (padded to ``[N, L]``), packed op."""
+        padded, index = pad_packed(self._project(x), cu_seqlens)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        conv_out, tail = self.conv(padded, None if state is None else state.conv, lengths)
+        qkv = unpad_packed(conv_out, index, x.shape[1])
+        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, cu_seqlens, chunk_gdn2)
+        return y, GDN2State(recurrent, tail)
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, T, hidden]`` -> activated ``g`` ``[B, T, H, K]``, ``b`` ``[B, T, H or HV, K]``,
+        ``w`` ``[B, T, HV, V]``, all in fp32 (fp64 for fp64 inputs). Scalar gates are broadcast views."""
+        cfg = self.config
+        B, T = x.shape[:2]
+        H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
+        dt = compute_dtype(x.dtype)
+        rate = self.A_log.to(dt).exp()
+        # the decay is formed in fp32: softplus and exp of bf16 values would quantize g where it matters most
+        if cfg.decay == "channel":
+            step = F.softplus(self.f_proj(x).to(dt).unflatten(-1, (H, K)) + self.dt_bias.to(dt).view(H, K))
+            g = -rate[:, None] * step
+        else:
+            step = F.softplus(self.a_proj(x).to(dt) + self.dt_bias.to(dt))  # [B, T, H]
+            g = (-rate * step)[..., None].expand(B, T, H, K)
+        if cfg.erase == "channel":
+            b = cfg.erase_max * torch.sigmoid(self.b_proj(x).to(dt).unflatten(-1, (H, K)))
+        elif cfg.erase == "scalar":
+            beta = cfg.erase_max * torch.sigmoid(self.b_proj(x).to(dt))  # [B, T, H or HV]
+            b = beta[..., None].expand(*beta.shape, K)
+        else:
+            b = x.new_zeros((), dtype=dt).expand(B, T, H, K)
+        if cfg.tie_erase_write:
+            w = beta[..., None].expand(B, T, HV, V)
+        elif cfg.write == "channel":
+            w = torch.sigmoid(self.w_proj(x).to(dt).unflatten(-1, (HV, V)))
+        elif cfg.write == "scalar":
+            w = torch.sigmoid(self.w_proj(x).to(dt))[..., None].expand(B, T, HV, V)
+        else:
+            # Mamba-2: the input is scaled by the same step size dt that sets the decay
+            w = step.repeat_interleave(HV // H, dim=-1)[..., None].expand(B, T, HV, V)
+        return g, b, w
+
+    def _mix(self, qkv, x, recurrent, cu_seqlens, op):
+        """Post-conv ``qkv`` ``[B, T, C]`` and ``x`` ``[B, T, hidden]`` -> ``(y [B, T, hidden], final state)``."""
+        cfg = self.config
+        H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
+        q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
+        q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
+        g, b, w = self._gates(x)
+        o, final = op(q, k, v, g, b, w, initial_state=recurrent, output_final_state=True, cu_seqlens=cu_seqlens,
+                      use_qk_l2norm_in_kernel=cfg.qk_norm == "l2")
+        if self.D is not None:
+            o = o + self.D.to(o.dtype)[:, None] * v
+        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (HV, V)))
+        return self.o_proj(o.flatten(-2)), final
+
+    def _act_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of the projections' outputs (autocast's, when it is on)."""
+        kind = x.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+    def _check_x(self, op: str, name: str, x, ndim: int) -> torch.dtype:
+        hidden = self.config.hidden_size
+        want = "[B, T, hidden]" if ndim == 3 else "[B, hidden]"
+        if not isinstance(x, torch.Tensor):
+            fail(op, name, f"a torch.Tensor {want}", type(x).__name__)
+        if x.dim() != ndim or x.shape[-1] != hidden:
+            fail(op, name, f"a {ndim}-D tensor {want} with hidden={hidden}", f"shape {tuple(x.shape)}")
+        p = self.q_proj.weight
+        if not x.is_floating_point():
+            fail(op, name, f"a floating dtype ({p.dtype}, the layer's)", x.dtype)
+        act = self._act_dtype(x)
+        if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+            fail(op, name, f"dtype {p.dtype} (the layer's parameter dtype)", x.dtype)
+        if x.device != p.device:
+            fail(op, name, f"a tensor on {p.device} (the layer's device)", x.device)
+        return act
+
+    def _check_state(self, op: str, state, N: int, act: torch.dtype, device) -> None:
+        if state is None:
+            return
+        cfg = self.config
+        if not isinstance(state, tuple) or len(state) != 2:
+            fail(op, "state", "a GDN2State(recurrent, conv) or None", type(state).__name__)
+        want = {
+            "recurrent": ((N, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim), state_dtype(act),
+                          f"[N={N}, HV={cfg.num_v_heads}, K={cfg.head_k_dim}, V={cfg.head_v_dim}]"),
+            "conv": ((N, cfg.conv_channels, cfg.conv_size - 1), act,
+                     f"[N={N}, C={cfg.conv_channels}, W-1={cfg.conv_size - 1}]"),
+        }
+        for (field, (shape, dtype, text)), t in zip(want.items(), state):
+            name = f"state.{field}"
+            if not isinstance(t, torch.Tensor):
+                fail(op, name, f"a torch.Tensor {text}", type(t).__name__)
+            if tuple(t.shape) != shape:
+                fail(op, name, f"shape {text}", f"shape {tuple(t.shape)}")
+            if t.dtype != dtype:
+                fail(op, name, f"dtype {dtype} (for {act} activations)", t.dtype)
+            if t.device != device:
+                fail(op, name, f"a tensor on {device} (the device of the input)", t.device)
+
+    @staticmethod
+    def _check_mask(op: str, name: str, mask, shape: tuple, device) -> torch.Tensor:
+        """Validate a bool or 0/1 mask of ``shape``; return it as bool."""
+        text = "[" + ", ".join(f"{k}={n}" for k, n in zip("BT", shape)) + "]"
+        if not isinstance(mask, torch.Tensor):
+            fail(op, name, f"a bool or 0/1 tensor {text}", type(mask).__name__)
+        if tuple(mask.shape) != shape:
+            fail(op, name, f"shape {text}", f"shape {tuple(mask.shape)}")
+        if mask.device != device:
+            fail(op, name, f"a tensor on {device} (the device of the input)", mask.device)
+        if mask.dtype == torch.bool:
+            return mask
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            fail(op, name, "bool or 0/1 values", f"dtype {mask.dtype} with other values")
+        return mask != 0
