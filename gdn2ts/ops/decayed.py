@@ -55,34 +55,60 @@ def _merge(p: Plan, fast: torch.Tensor, slow_fn) -> torch.Tensor:
     return slow if p.all_slow else fast.index_put((p.slow,), slow)
 
 
-def gram(p: Plan, lefts: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``[M, len(lefts) * C, C]``: the Gram of each left with ``x`` stacked along rows (upper part unspecified)."""
-    fast = None
+def gram(p: Plan, lefts: list[torch.Tensor], x: torch.Tensor):
+    """Grams of each left with ``x``, stacked along rows: ``[M, len(lefts) * C, C]`` (upper part unspecified).
+
+    Also returns the scaled operands of the mid-point form (``lefts * exp(G - m)`` stacked, ``x * exp(m - G)``),
+    which the backward reuses; they are None when every chunk is blocked.
+    """
+    lefts_up = x_down = fast = None
     if not p.all_slow:
-        fast = torch.cat([lf * p.up for lf in lefts], dim=-2) @ (x * p.down).transpose(-1, -2)
+        lefts_up = torch.cat([lf * p.up for lf in lefts], dim=-2)
+        x_down = x * p.down
+        fast = lefts_up @ x_down.transpose(-1, -2)
 
     def slow(idx):
         return torch.cat([_gram_blocked(lf[idx], x[idx], p.G[idx], p.sub) for lf in lefts], dim=-2)
 
+    out = _merge(p, fast, slow) if fast is not None else slow(p.slow)
+    return out, lefts_up, x_down
+
+
+def lower(p: Plan, P: torch.Tensor, x: torch.Tensor, x_down: torch.Tensor | None = None) -> torch.Tensor:
+    """Row r collects ``P[r, s] x[s] D[r, s]`` over s, for a stack of lower-triangular blocks.
+
+    ``P`` is ``[M, n * C, C]`` (n blocks stacked along rows), ``x`` ``[M, C, K]``; returns ``[M, n * C, K]``.
+    ``x_down`` (``x * exp(m - G)``) may be passed when already computed.
+    """
+    M, rows, C = P.shape
+    n = rows // C
+    fast = None
+    if not p.all_slow:
+        x_down = x * p.down if x_down is None else x_down
+        fast = ((P @ x_down).view(M, n, C, -1) * p.up[:, None]).view(M, rows, -1)
+
+    def slow(idx):
+        return torch.cat([_apply_blocked(P[idx, i * C:(i + 1) * C], x[idx], p.G[idx], p.sub, transpose=False)
+                          for i in range(n)], dim=-2)
+
     return _merge(p, fast, slow) if fast is not None else slow(p.slow)
 
 
-def lower(p: Plan, P: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[M, C, K]``: row r collects ``P[r, s] x[s] D[r, s]`` over s (P lower triangular ``[M, C, C]``)."""
-    fast = None if p.all_slow else p.up * (P @ (x * p.down))
+def upper(p: Plan, P: torch.Tensor, xs: list[torch.Tensor], xs_up: torch.Tensor | None = None) -> torch.Tensor:
+    """Column s collects ``P_i[r, s] x_i[r] D[r, s]`` over r and over the stacked blocks i.
+
+    ``P`` is ``[M, n * C, C]``, ``xs`` n tensors ``[M, C, K]``; returns ``[M, C, K]``. ``xs_up`` (the xs times
+    ``exp(G - m)``, stacked along rows) may be passed when already computed.
+    """
+    C = P.shape[-1]
+    fast = None
+    if not p.all_slow:
+        xs_up = torch.cat([x * p.up for x in xs], dim=-2) if xs_up is None else xs_up
+        fast = p.down * (P.transpose(-1, -2) @ xs_up)
 
     def slow(idx):
-        return _apply_blocked(P[idx], x[idx], p.G[idx], p.sub, transpose=False)
-
-    return _merge(p, fast, slow) if fast is not None else slow(p.slow)
-
-
-def upper(p: Plan, P: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[M, C, K]``: column s collects ``P[r, s] x[r] D[r, s]`` over r (P lower triangular ``[M, C, C]``)."""
-    fast = None if p.all_slow else p.down * (P.transpose(-1, -2) @ (x * p.up))
-
-    def slow(idx):
-        return _apply_blocked(P[idx], x[idx], p.G[idx], p.sub, transpose=True)
+        return sum(_apply_blocked(P[idx, i * C:(i + 1) * C], x[idx], p.G[idx], p.sub, transpose=True)
+                   for i, x in enumerate(xs))
 
     return _merge(p, fast, slow) if fast is not None else slow(p.slow)
 

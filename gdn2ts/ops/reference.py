@@ -130,101 +130,101 @@ def recurrent_reference(
 
 
 def _chunk_forward(q, k, v, g, b, w, h0, force_blocked):
-    """Chunked forward on prepared ``[B, HV, N, C, D]`` tensors (q already scaled). Returns o, final state, saved."""
-    B, HV, N, C, K = q.shape
+    """Chunked forward on prepared chunk-major tensors ``[N, B, HV, C, D]`` (q already scaled).
+
+    Chunk-major order keeps each chunk's slice contiguous for the sequential state passing. Returns o
+    ``[N, B, HV, C, V]``, the final state and what the backward needs.
+    """
+    N, B, HV, C, K = q.shape
     V = v.shape[-1]
-    M = B * HV * N
+    M = N * B * HV
+    flat = (M, C, K)
     G = g.cumsum(dim=-2)
     gamma = G.exp()
     bk = b * k
-    p = decayed.plan(G.reshape(M, C, K), force_blocked)
-    gm = decayed.gram(p, [bk.reshape(M, C, K), q.reshape(M, C, K)], k.reshape(M, C, K))
-    A_kk = gm[:, :C].tril(-1)
-    A_qk = gm[:, C:].tril().reshape(B, HV, N, C, C)
-    L = A_kk + torch.eye(C, dtype=q.dtype, device=q.device)
-    rhs = torch.cat([(gamma * bk).reshape(M, C, K), (w * v).reshape(M, C, V)], dim=-1)
-    YU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).reshape(B, HV, N, C, K + V)
+    p = decayed.plan(G.view(flat), force_blocked)
+    gm, lefts_up, k_down = decayed.gram(p, [bk.view(flat), q.view(flat)], k.view(flat))
+    L = gm[:, :C].tril(-1)
+    L.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # L = I + strict_lower(erase Gram)
+    A_qk = gm[:, C:].tril().view(N, B, HV, C, C)
+    rhs = torch.cat([(gamma * bk).view(flat), (w * v).view(M, C, V)], dim=-1)
+    YU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).view(N, B, HV, C, K + V)
     G_last = G[..., -1:, :]
-    k_tail = (G_last - G).exp() * k  # [B, HV, N, C, K]
-    decay_chunk = G_last.exp().transpose(-1, -2)  # [B, HV, N, K, 1]
+    tail = (G_last - G).exp()  # exp(G_C - G_r) <= 1
+    k_tail = tail * k
+    decay_chunk = G_last.exp().transpose(-1, -2)  # [N, B, HV, K, 1]
 
     S = h0
     entry_states, residuals = [], []
-    # unbind once: indexing inside the loop would cost a full-size zero gradient per step under autograd
-    for YU_n, kt_n, d_n in zip(YU.unbind(2), k_tail.unbind(2), decay_chunk.unbind(2)):
-        R_n = YU_n[..., K:] - YU_n[..., :K] @ S
+    for n in range(N):
+        R_n = YU[n, ..., K:] - YU[n, ..., :K] @ S
         entry_states.append(S)
         residuals.append(R_n)
-        S = d_n * S + kt_n.transpose(-1, -2) @ R_n
-    S0 = torch.stack(entry_states, dim=2)  # [B, HV, N, K, V]
-    R = torch.stack(residuals, dim=2)  # [B, HV, N, C, V]
-    gq = gamma * q
-    o = gq @ S0 + A_qk @ R
-    saved = (q, k, v, b, w, G, gamma, L, A_qk, YU, k_tail, decay_chunk, S0, R)
+        S = decay_chunk[n] * S + k_tail[n].transpose(-1, -2) @ R_n
+    S0 = torch.stack(entry_states)  # [N, B, HV, K, V]
+    R = torch.stack(residuals)  # [N, B, HV, C, V]
+    o = (gamma * q) @ S0 + A_qk @ R
+    saved = (q, k, v, b, w, G, gamma, L, A_qk, YU, tail, decay_chunk, S0, R, lefts_up, k_down)
     return o, S, (saved, p)
 
 
 def _chunk_backward(saved, p, do, dS):
     """Hand-written backward of :func:`_chunk_forward`; returns dq (scaled q), dk, dv, dg, db, dw, dh0."""
-    q, k, v, b, w, G, gamma, L, A_qk, YU, k_tail, decay_chunk, S0, R = saved
-    B, HV, N, C, K = q.shape
+    q, k, v, b, w, G, gamma, L, A_qk, YU, tail, decay_chunk, S0, R, lefts_up, k_down = saved
+    N, B, HV, C, K = q.shape
     V = v.shape[-1]
-    M = B * HV * N
-    Y = YU[..., :K]
+    M = N * B * HV
+    flat = (M, C, K)
     gq = gamma * q
     bk = b * k
+    k_tail = tail * k
 
     # State passing, backwards over chunks: dS is the gradient of the state entering the next chunk.
-    dR_out = A_qk.transpose(-1, -2) @ do  # [B, HV, N, C, V]
-    dS_out = gq.transpose(-1, -2) @ do  # [B, HV, N, K, V]
+    dR_out = A_qk.transpose(-1, -2) @ do  # [N, B, HV, C, V]
+    dS_out = gq.transpose(-1, -2) @ do  # [N, B, HV, K, V]
     dR_list, dS_next_list = [None] * N, [None] * N
     for n in range(N - 1, -1, -1):
         dS_next_list[n] = dS
-        dR_n = dR_out[:, :, n] + k_tail[:, :, n] @ dS
-        dS = decay_chunk[:, :, n] * dS + dS_out[:, :, n] - Y[:, :, n].transpose(-1, -2) @ dR_n
+        dR_n = dR_out[n] + k_tail[n] @ dS
+        dS = decay_chunk[n] * dS + dS_out[n] - YU[n, ..., :K].transpose(-1, -2) @ dR_n
         dR_list[n] = dR_n
     dh0 = dS
-    dR = torch.stack(dR_list, dim=2)
-    dS_next = torch.stack(dS_next_list, dim=2)  # [B, HV, N, K, V]
+    dR = torch.stack(dR_list)
+    dS_next = torch.stack(dS_next_list)  # [N, B, HV, K, V]
 
     # Everything else is batched over chunks.
-    dgq = do @ S0.transpose(-1, -2)  # [B, HV, N, C, K]
-    dA_qk = (do @ R.transpose(-1, -2)).tril()
-    dk_tail = R @ dS_next.transpose(-1, -2)  # [B, HV, N, C, K]
-    d_decay_chunk = (dS_next * S0).sum(-1)  # [B, HV, N, K]
-    dYU = torch.cat([-(dR @ S0.transpose(-1, -2)), dR], dim=-1).reshape(M, C, K + V)
+    S0_T = S0.transpose(-1, -2)
+    dgq = do @ S0_T  # [N, B, HV, C, K]
+    dA_qk = (do @ R.transpose(-1, -2)).view(M, C, C)
+    dk_tail = R @ dS_next.transpose(-1, -2)  # [N, B, HV, C, K]
+    d_decay_chunk = (dS_next * S0).sum(-1)  # [N, B, HV, K]
+    dYU = torch.cat([-(dR @ S0_T), dR], dim=-1).view(M, C, K + V)
     d_rhs = torch.linalg.solve_triangular(L.transpose(-1, -2), dYU, upper=True, unitriangular=True)
-    dA_kk = -(d_rhs @ YU.reshape(M, C, K + V).transpose(-1, -2)).tril(-1)
-    d_rhs = d_rhs.reshape(B, HV, N, C, K + V)
+    dA_kk = -(d_rhs @ YU.view(M, C, K + V).transpose(-1, -2)).tril(-1)
+    d_rhs = d_rhs.view(N, B, HV, C, K + V)
     dE, dZ = d_rhs[..., :K], d_rhs[..., K:]
-
-    dv = dZ * w
-    dw = dZ * v
-    dbk = gamma * dE
-    dq = gamma * dgq
-    dk = (G[..., -1:, :] - G).exp() * dk_tail
 
     # Gradients of the Grams. Only strictly-lower entries depend on the decay; the diagonal of the output Gram
     # (q_r . k_r) is handled apart so that its equal and opposite decay terms never have to cancel.
-    flat = (M, C, K)
-    kf, bkf, qf = k.reshape(flat), bk.reshape(flat), q.reshape(flat)
-    dA_qk = dA_qk.reshape(M, C, C)
+    kf, bkf, qf = k.view(flat), bk.view(flat), q.view(flat)
     diag = dA_qk.diagonal(dim1=-2, dim2=-1)[..., None]  # [M, C, 1]
-    dA_qk = dA_qk.tril(-1)
-    dbk_g = decayed.lower(p, dA_kk, kf)
-    dq_g = decayed.lower(p, dA_qk, kf)
-    dk_kk = decayed.upper(p, dA_kk, bkf)
-    dk_qk = decayed.upper(p, dA_qk, qf)
-    dG_gram = bkf * dbk_g + qf * dq_g - kf * (dk_kk + dk_qk)
-    dbk = dbk + dbk_g.reshape(dbk.shape)
-    dq = dq + (dq_g + diag * kf).reshape(dq.shape)
-    dk = dk + (dk_kk + dk_qk + diag * qf).reshape(dk.shape) + dbk * b
+    dP = torch.cat([dA_kk, dA_qk.tril(-1)], dim=-2)  # [M, 2C, C]
+    d_lefts = decayed.lower(p, dP, kf, k_down)  # [M, 2C, K]: d(bk), dq
+    dk_g = decayed.upper(p, dP, [bkf, qf], lefts_up)  # [M, C, K]
+    dbk_g, dq_g = d_lefts[:, :C], d_lefts[:, C:]
+    dG = (gamma * bk * dE + gq * dgq).view(flat) + bkf * dbk_g + qf * dq_g - kf * dk_g
+
+    dbk = gamma * dE + dbk_g.view(dE.shape)
+    dq = gamma * dgq + (dq_g + diag * kf).view(dgq.shape)
+    dk = tail * dk_tail + (dk_g + diag * qf).view(dgq.shape) + dbk * b
     db = dbk * k
+    dv = dZ * w
+    dw = dZ * v
 
     # dG collects terms through exp(G_r) (G_r = g_0 + ... + g_r): dg is its reverse cumulative sum. The tail
     # factors exp(G_C - G_r) depend on g_{r+1..C-1} only and the chunk decay exp(G_C) on every g of the chunk, so
     # they are added in g-space directly (no large terms cancelling).
-    dG = gamma * bk * dE + gq * dgq + dG_gram.reshape(dE.shape)
+    dG = dG.view(dE.shape)
     dg = dG.flip(-2).cumsum(-2).flip(-2)
     t = k_tail * dk_tail
     exclusive = F.pad(t[..., :-1, :].cumsum(-2), (0, 0, 1, 0))  # sum over r < j, without subtracting t_j
@@ -244,7 +244,7 @@ class _ChunkGDN2(torch.autograd.Function):
     def backward(ctx, do, dS):
         saved = ctx.saved_tensors
         if dS is None:
-            dS = torch.zeros_like(saved[-2][:, :, 0])
+            dS = torch.zeros_like(saved[12][0])
         grads = _chunk_backward(saved, ctx.plan, do.contiguous(), dS)
         return (*grads, None)
 
@@ -303,20 +303,20 @@ def chunk_reference(
     pad = N * C - T
 
     def prep(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, HV, D] -> [B, HV, N, C, D], zero-padded (an identity step) to whole chunks
-        x = _to_value_heads(x, HV).to(dt).transpose(1, 2)
+        # [B, T, HV, D] -> chunk-major [N, B, HV, C, D], zero-padded (an identity step) to whole chunks
+        x = _to_value_heads(x, HV).to(dt)
         if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        return x.contiguous().unflatten(2, (N, C))
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, HV, x.shape[-1]).permute(1, 0, 3, 2, 4).contiguous()
 
     q, k, v, g, b, w = (prep(t) for t in (q, k, v, g, b, w))
     q = q * scale
     h0 = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dt)
     if N == 0:
-        o, S = v.new_zeros(B, HV, 0, C, V), h0
-    elif autograd:
+        return v.new_zeros(B, 0, HV, V), (h0 if output_final_state else None)
+    if autograd:
         o, S, _ = _chunk_forward(q, k, v, g, b, w, h0, force_blocked)
     else:
         o, S = _ChunkGDN2.apply(q, k, v, g, b, w, h0, force_blocked)
-    o = o.flatten(2, 3)[:, :, :T].transpose(1, 2).to(out_dtype)
+    o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, HV, V)[:, :T].to(out_dtype)
     return o, (S if output_final_state else None)
