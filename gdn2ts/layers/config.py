@@ -76,7 +76,8 @@ class GDN2Config:
     output_gate: str = "silu"
     """Activation of the output gate: ``silu`` (the paper) or ``sigmoid`` (FLA's port)."""
     use_d_skip: bool = False
-    """Add Mamba-2's skip ``D[h] * v`` (post-conv v, ``D`` per value head, init 1) to the op's output before the norm."""
+    """Add Mamba-2's skip ``D[h] * v`` (post-conv v, ``D`` per value head, init 1) to the op's output, before
+    the norm."""
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "head_k_dim", "head_v_dim", "conv_size", "gate_low_rank"):

@@ -46,7 +46,7 @@ def causal_conv1d(
         tail = x.new_zeros(N, C, W - 1)
     if L == 0:
         # conv1d rejects inputs shorter than its kernel; no token means no output and an unchanged tail
-        return x.new_zeros(N, 0, C), tail.to(x.dtype)
+        return x.new_zeros(N, 0, C), tail.to(x.dtype, copy=True)
     xt = torch.cat([tail.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [N, C, W - 1 + L]
     y = F.conv1d(xt, weight.to(x.dtype), groups=C).transpose(1, 2)  # [N, L, C]
     if lengths is None:
@@ -58,11 +58,11 @@ def causal_conv1d(
     return y, new_tail
 
 
-class ShortConv(nn.Module):
+class ShortConv(nn.Conv1d):
     """Depthwise causal conv of width ``W`` over ``C`` channels, no bias, with SiLU on the output.
 
-    The weight lives in an ``nn.Conv1d`` (``[C, 1, W]``) for PyTorch's default init; the layer calls
-    :func:`causal_conv1d` so that sequences can continue from a tail.
+    An ``nn.Conv1d`` (weight ``[C, 1, W]``, PyTorch's default init) whose calls go through :func:`causal_conv1d`,
+    so that sequences can continue from a tail.
 
     Example:
         >>> import torch
@@ -75,21 +75,11 @@ class ShortConv(nn.Module):
     """
 
     def __init__(self, channels: int, width: int):
-        super().__init__()
-        self.channels, self.width = channels, width
-        self.conv = nn.Conv1d(channels, channels, width, groups=channels, bias=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """``[C, 1, W]``."""
-        return self.conv.weight
-
-    def reset_parameters(self) -> None:
-        self.conv.reset_parameters()
+        super().__init__(channels, channels, width, groups=channels, bias=False)
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
         """``x`` ``[N, L, C]`` -> ``(silu(conv(x)) [N, L, C], new_tail [N, C, W - 1])``; see :func:`causal_conv1d`."""
-        y, new_tail = causal_conv1d(x, self.conv.weight, tail, lengths)
+        y, new_tail = causal_conv1d(x, self.weight, tail, lengths)
         return F.silu(y), new_tail
 
     def step(self, x_t: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

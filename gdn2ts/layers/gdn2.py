@@ -77,8 +77,8 @@ class GatedDeltaNet2(nn.Module):
         if not isinstance(config, GDN2Config):
             raise ValueError(f"GatedDeltaNet2: argument 'config' expected a GDN2Config, got {type(config).__name__}")
         self.config = cfg = config
-        D, H, HV, K, V, r = cfg.hidden_size, cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim, \
-            cfg.gate_low_rank
+        D, r = cfg.hidden_size, cfg.gate_low_rank
+        H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
         self.q_proj = _linear(D, H * K)
         self.k_proj = _linear(D, H * K)
         self.v_proj = _linear(D, HV * V)
@@ -309,8 +309,8 @@ class GatedDeltaNet2(nn.Module):
         q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
         q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
         g, b, w = self._gates(x)
-        o, final = op(q, k, v, g, b, w, initial_state=recurrent, output_final_state=True, cu_seqlens=cu_seqlens,
-                      use_qk_l2norm_in_kernel=cfg.qk_norm == "l2")
+        o, final = op(q, k, v, g, b, w, initial_state=recurrent, output_final_state=True,
+                      cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=cfg.qk_norm == "l2")
         if self.D is not None:
             o = o + self.D.to(o.dtype)[:, None] * v
         o = self.o_norm(o, self.g_proj(x).unflatten(-1, (HV, V)))
@@ -350,7 +350,7 @@ class GatedDeltaNet2(nn.Module):
             "conv": ((N, cfg.conv_channels, cfg.conv_size - 1), act,
                      f"[N={N}, C={cfg.conv_channels}, W-1={cfg.conv_size - 1}]"),
         }
-        for (field, (shape, dtype, text)), t in zip(want.items(), state):
+        for (field, (shape, dtype, text)), t in zip(want.items(), state, strict=True):
             name = f"state.{field}"
             if not isinstance(t, torch.Tensor):
                 fail(op, name, f"a torch.Tensor {text}", type(t).__name__)
@@ -364,7 +364,7 @@ class GatedDeltaNet2(nn.Module):
     @staticmethod
     def _check_mask(op: str, name: str, mask, shape: tuple, device) -> torch.Tensor:
         """Validate a bool or 0/1 mask of ``shape``; return it as bool."""
-        text = "[" + ", ".join(f"{k}={n}" for k, n in zip("BT", shape)) + "]"
+        text = "[" + ", ".join(f"{k}={n}" for k, n in zip("BT"[:len(shape)], shape, strict=True)) + "]"
         if not isinstance(mask, torch.Tensor):
             fail(op, name, f"a bool or 0/1 tensor {text}", type(mask).__name__)
         if tuple(mask.shape) != shape:

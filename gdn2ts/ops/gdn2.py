@@ -167,9 +167,14 @@ def chunk_gdn2(
         check_state(op, "initial_state", initial_state, N, HV, K, V, q.dtype, q.device)
     if opts.use_gate_in_kernel:
         check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device)
-    q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
     fn = reference.recurrent_reference if _resolve(opts.backend, q.device) == "naive" else reference.chunk_reference
-    return fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
+    # The op sets its own precision (fp32 accumulation, fp32 state); autocast must not push its products to bf16.
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
+        o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
+    if final is not None and final is initial_state:
+        final = final.clone()  # no token ran: never hand back the caller's tensor itself
+    return o, final
 
 
 def _check_indices(op: str, state_indices, N: int, pool: torch.Tensor) -> None:
@@ -274,6 +279,9 @@ def recurrent_gdn2(
         check_state(op, "initial_state", initial_state, N, HV, K, V, q.dtype, q.device)
     if opts.use_gate_in_kernel:
         check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device)
-    q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
-    o, final = _recurrent_torch(q, k, v, g, b, w, opts.scale, initial_state, cu_seqlens, state_indices)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
+        o, final = _recurrent_torch(q, k, v, g, b, w, opts.scale, initial_state, cu_seqlens, state_indices)
+    if state_indices is None and final is initial_state:
+        final = final.clone()  # no token ran: never hand back the caller's tensor itself
     return o, (final if output_final_state or state_indices is not None else None)

@@ -22,7 +22,7 @@ def run(fn, x, do=None, ds=None, **kw):
     ds = torch.randn(s.shape, generator=gen, dtype=torch.float64) if ds is None else ds
     loss = (o.double() * do).sum() + (s.double() * ds).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    grads = {n: torch.zeros_like(t) if gr is None else gr for (n, t), gr in zip(leaves.items(), grads)}
+    grads = {n: torch.zeros_like(t) if gr is None else gr for (n, t), gr in zip(leaves.items(), grads, strict=False)}
     return o, s, grads
 
 
@@ -116,7 +116,7 @@ def test_two_passes_carrying_state_equal_one(split):
     loss = lambda o_, s_: (o_ * torch.cos(o_)).sum() + s_.pow(2).sum()  # noqa: E731
     g_one = torch.autograd.grad(loss(o, s), list(leaves.values()))
     g_two = torch.autograd.grad(loss(torch.cat([o1, o2], dim=1), s2), list(leaves.values()))
-    for name, a, e in zip(NAMES, g_two, g_one):
+    for name, a, e in zip(NAMES, g_two, g_one, strict=False):
         assert_close(f"d{name}", a, e, torch.float64)
 
 
@@ -185,7 +185,7 @@ def test_in_op_activations_equal_manual_activation():
     o_ref, _ = recurrent_reference(q, k, m["v"], g, b, w)
     grads_ref = torch.autograd.grad(o_ref.pow(2).sum(), [*m.values(), A2, dt2])
     assert_close("o", o, o_ref, torch.float64)
-    for name, a, e in zip([*raw, "A_log", "dt_bias"], grads, grads_ref):
+    for name, a, e in zip([*raw, "A_log", "dt_bias"], grads, grads_ref, strict=False):
         assert_close(f"d{name}", a, e, torch.float64)
 
 
@@ -196,3 +196,19 @@ def test_naive_backend_is_the_token_loop():
     o_ref, s_ref = recurrent_reference(x["q"], x["k"], x["v"], x["g"], x["b"], x["w"], initial_state=x["h0"],
                                        output_final_state=True)
     assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+
+
+def test_autocast_does_not_lower_the_op_precision():
+    x = make_inputs(T=70, dtype=torch.float32, seed=12)
+    args = [x[n] for n in ("q", "k", "v", "g", "b", "w")]
+    o_ref, s_ref = chunk_gdn2(*args, initial_state=x["h0"], output_final_state=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, s = chunk_gdn2(*args, initial_state=x["h0"], output_final_state=True)
+    assert o.dtype == torch.float32 and torch.equal(o, o_ref) and torch.equal(s, s_ref)
+
+
+def test_no_token_returns_a_copy_of_the_initial_state():
+    x = make_inputs(B=1, T=0, dtype=torch.float32)
+    _, s = chunk_gdn2(*(x[n] for n in ("q", "k", "v", "g", "b", "w")), initial_state=x["h0"],
+                      output_final_state=True)
+    assert torch.equal(s, x["h0"]) and s.data_ptr() != x["h0"].data_ptr()
