@@ -87,3 +87,14 @@ def test_import_rule_checker_catches_violations(tmp_path):
     """))
     mods = _imports(bad)
     assert _layer_of("gdn2ts.layers") == "layers" and "lightning" in mods
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists packages explicitly (kernels/ is mapped); a new sub-package must be added there."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {".".join(p.relative_to(ROOT).parts[:-1]) for p in PACKAGE.rglob("__init__.py")}
+    assert found | {"gdn2ts.kernels"} == listed
+    assert config["package-dir"]["gdn2ts.kernels"] == "kernels"
