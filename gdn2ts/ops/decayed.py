@@ -29,17 +29,20 @@ class Plan:
     """Which chunks of a batch ``[M, C, K]`` need the blocked form (computed once, shared by fwd and bwd)."""
 
     def __init__(self, G: torch.Tensor, force_blocked: bool = False):
-        spread = (G.amax(dim=-2) - G.amin(dim=-2)).amax(dim=-1)
+        self.G = G
+        lo, hi = torch.aminmax(G, dim=-2, keepdim=True)
+        spread = (hi - lo).amax(dim=-1).view(-1)
         unsafe = torch.ones_like(spread, dtype=torch.bool) if force_blocked else spread > SAFE_SPREAD[G.dtype]
         self.slow = unsafe.nonzero(as_tuple=True)[0]
         self.all_fast = self.slow.numel() == 0
         self.all_slow = self.slow.numel() == G.shape[0]
-        # Unsafe chunks run the mid-point form on a zeroed decay (finite, then overwritten).
-        G_fast = G if self.all_fast else torch.where(unsafe[:, None, None], torch.zeros_like(G), G)
-        mid = 0.5 * (G_fast.amax(dim=-2, keepdim=True) + G_fast.amin(dim=-2, keepdim=True))
-        self.up = (G_fast - mid).exp()  # exp(G_r - m)
-        self.down = (mid - G_fast).exp()  # exp(m - G_s)
-        self.G = G
+        mid = 0.5 * (hi + lo)
+        if not self.all_fast:
+            # unsafe chunks run the mid-point form on a zeroed decay (finite, then overwritten)
+            keep = ~unsafe[:, None, None]
+            G, mid = torch.where(keep, G, 0.0), torch.where(keep, mid, 0.0)
+        self.up = (G - mid).exp_()  # exp(G_r - m)
+        self.down = torch.reciprocal(self.up)  # exp(m - G_s)
         C = G.shape[-2]
         self.sub = SUB if C % SUB == 0 else C
 
@@ -74,41 +77,40 @@ def gram(p: Plan, lefts: list[torch.Tensor], x: torch.Tensor):
     return out, lefts_up, x_down
 
 
-def lower(p: Plan, P: torch.Tensor, x: torch.Tensor, x_down: torch.Tensor | None = None) -> torch.Tensor:
-    """Row r collects ``P[r, s] x[s] D[r, s]`` over s, for a stack of lower-triangular blocks.
+def lower(p: Plan, Ps: list[torch.Tensor], x: torch.Tensor, x_down: torch.Tensor | None = None):
+    """For each lower-triangular ``P`` ``[M, C, C]``: row r collects ``P[r, s] x[s] D[r, s]`` over s.
 
-    ``P`` is ``[M, n * C, C]`` (n blocks stacked along rows), ``x`` ``[M, C, K]``; returns ``[M, n * C, K]``.
-    ``x_down`` (``x * exp(m - G)``) may be passed when already computed.
+    ``x`` is ``[M, C, K]``; returns a list of ``[M, C, K]``. ``x_down`` (``x * exp(m - G)``) may be passed when
+    already computed.
     """
-    M, rows, C = P.shape
-    n = rows // C
-    fast = None
+    fast = [None] * len(Ps)
     if not p.all_slow:
         x_down = x * p.down if x_down is None else x_down
-        fast = ((P @ x_down).view(M, n, C, -1) * p.up[:, None]).view(M, rows, -1)
+        fast = [torch.bmm(P, x_down).mul_(p.up) for P in Ps]
 
-    def slow(idx):
-        return torch.cat([_apply_blocked(P[idx, i * C:(i + 1) * C], x[idx], p.G[idx], p.sub, transpose=False)
-                          for i in range(n)], dim=-2)
+    def slow(P):
+        return lambda idx: _apply_blocked(P[idx], x[idx], p.G[idx], p.sub, transpose=False)
 
-    return _merge(p, fast, slow) if fast is not None else slow(p.slow)
+    return [_merge(p, f, slow(P)) if f is not None else slow(P)(p.slow) for P, f in zip(Ps, fast, strict=True)]
 
 
-def upper(p: Plan, P: torch.Tensor, xs: list[torch.Tensor], xs_up: torch.Tensor | None = None) -> torch.Tensor:
-    """Column s collects ``P_i[r, s] x_i[r] D[r, s]`` over r and over the stacked blocks i.
+def upper(p: Plan, Ps: list[torch.Tensor], xs: list[torch.Tensor], xs_up: list[torch.Tensor] | None = None):
+    """Column s collects ``P_i[r, s] x_i[r] D[r, s]`` over r, summed over the pairs ``(P_i, x_i)``.
 
-    ``P`` is ``[M, n * C, C]``, ``xs`` n tensors ``[M, C, K]``; returns ``[M, C, K]``. ``xs_up`` (the xs times
-    ``exp(G - m)``, stacked along rows) may be passed when already computed.
+    Each ``P_i`` is lower triangular ``[M, C, C]``, each ``x_i`` ``[M, C, K]``; returns ``[M, C, K]``. ``xs_up``
+    (each x times ``exp(G - m)``) may be passed when already computed.
     """
-    C = P.shape[-1]
     fast = None
     if not p.all_slow:
-        xs_up = torch.cat([x * p.up for x in xs], dim=-2) if xs_up is None else xs_up
-        fast = p.down * (P.transpose(-1, -2) @ xs_up)
+        xs_up = [x * p.up for x in xs] if xs_up is None else xs_up
+        fast = torch.bmm(Ps[0].transpose(-1, -2), xs_up[0])
+        for P, x_up in zip(Ps[1:], xs_up[1:], strict=True):
+            fast.baddbmm_(P.transpose(-1, -2), x_up)
+        fast.mul_(p.down)
 
     def slow(idx):
-        return sum(_apply_blocked(P[idx, i * C:(i + 1) * C], x[idx], p.G[idx], p.sub, transpose=True)
-                   for i, x in enumerate(xs))
+        return sum(_apply_blocked(P[idx], x[idx], p.G[idx], p.sub, transpose=True) for P, x in zip(Ps, xs,
+                                                                                                  strict=True))
 
     return _merge(p, fast, slow) if fast is not None else slow(p.slow)
 

@@ -26,7 +26,9 @@ from gdn2ts.ops import decayed
 
 __all__ = ["recurrent_reference", "chunk_reference", "compute_dtype", "state_dtype", "pad_packed", "unpad_packed"]
 
-CHUNK_SIZE = 64
+# The CPU path's chunk: with K = V = 32 on two cores, 32 beats 64 (fewer in-chunk products per token); the Triton
+# kernels use their own tiling.
+CHUNK_SIZE = 32
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,6 +131,14 @@ def recurrent_reference(
     return o.to(out_dtype), (S if output_final_state else None)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, ta: bool = False, tb: bool = False) -> torch.Tensor:
+    """``a @ b`` (optionally transposing either) over any leading dims as one ``bmm``: on the CPU, ``matmul`` on
+    transposed views with more than three dims copies its operands first."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    a3, b3 = (a3.transpose(1, 2) if ta else a3), (b3.transpose(1, 2) if tb else b3)
+    return torch.bmm(a3, b3).view(*a.shape[:-2], a3.shape[1], b3.shape[2])
+
+
 def _chunk_forward(q, k, v, g, b, w, h0, force_blocked):
     """Chunked forward on prepared chunk-major tensors ``[N, B, HV, C, D]`` (q already scaled).
 
@@ -147,8 +157,9 @@ def _chunk_forward(q, k, v, g, b, w, h0, force_blocked):
     L = gm[:, :C].tril(-1)
     L.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # L = I + strict_lower(erase Gram)
     A_qk = gm[:, C:].tril().view(N, B, HV, C, C)
-    rhs = torch.cat([(gamma * bk).view(flat), (w * v).view(M, C, V)], dim=-1)
-    YU = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).view(N, B, HV, C, K + V)
+    Y = torch.linalg.solve_triangular(L, (gamma * bk).view(flat), upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(L, (w * v).view(M, C, V), upper=False, unitriangular=True)
+    Y, U = Y.view(N, B, HV, C, K), U.view(N, B, HV, C, V)
     G_last = G[..., -1:, :]
     tail = (G_last - G).exp()  # exp(G_C - G_r) <= 1
     k_tail = tail * k
@@ -157,66 +168,66 @@ def _chunk_forward(q, k, v, g, b, w, h0, force_blocked):
     S = h0
     entry_states, residuals = [], []
     for n in range(N):
-        R_n = YU[n, ..., K:] - YU[n, ..., :K] @ S
+        R_n = U[n] - _mm(Y[n], S)
         entry_states.append(S)
         residuals.append(R_n)
-        S = decay_chunk[n] * S + k_tail[n].transpose(-1, -2) @ R_n
+        S = torch.addcmul(_mm(k_tail[n], R_n, ta=True), decay_chunk[n], S)
     S0 = torch.stack(entry_states)  # [N, B, HV, K, V]
     R = torch.stack(residuals)  # [N, B, HV, C, V]
-    o = (gamma * q) @ S0 + A_qk @ R
-    saved = (q, k, v, b, w, G, gamma, L, A_qk, YU, tail, decay_chunk, S0, R, lefts_up, k_down)
+    gq = gamma * q
+    o = _mm(gq, S0).add_(_mm(A_qk, R))
+    saved = (q, k, v, b, w, bk, gq, k_tail, G, gamma, L, A_qk, Y, U, tail, decay_chunk, S0, R, lefts_up, k_down)
     return o, S, (saved, p)
 
 
 def _chunk_backward(saved, p, do, dS):
     """Hand-written backward of :func:`_chunk_forward`; returns dq (scaled q), dk, dv, dg, db, dw, dh0."""
-    q, k, v, b, w, G, gamma, L, A_qk, YU, tail, decay_chunk, S0, R, lefts_up, k_down = saved
+    q, k, v, b, w, bk, gq, k_tail, G, gamma, L, A_qk, Y, U, tail, decay_chunk, S0, R, lefts_up, k_down = saved
     N, B, HV, C, K = q.shape
     V = v.shape[-1]
     M = N * B * HV
     flat = (M, C, K)
-    gq = gamma * q
-    bk = b * k
-    k_tail = tail * k
 
     # State passing, backwards over chunks: dS is the gradient of the state entering the next chunk.
-    dR_out = A_qk.transpose(-1, -2) @ do  # [N, B, HV, C, V]
-    dS_out = gq.transpose(-1, -2) @ do  # [N, B, HV, K, V]
+    dR_out = _mm(A_qk, do, ta=True)  # [N, B, HV, C, V]
+    dS_out = _mm(gq, do, ta=True)  # [N, B, HV, K, V]
     dR_list, dS_next_list = [None] * N, [None] * N
     for n in range(N - 1, -1, -1):
         dS_next_list[n] = dS
-        dR_n = dR_out[n] + k_tail[n] @ dS
-        dS = decay_chunk[n] * dS + dS_out[n] - YU[n, ..., :K].transpose(-1, -2) @ dR_n
+        dR_n = _mm(k_tail[n], dS).add_(dR_out[n])
+        dS = torch.addcmul(dS_out[n], decay_chunk[n], dS).sub_(_mm(Y[n], dR_n, ta=True))
         dR_list[n] = dR_n
     dh0 = dS
     dR = torch.stack(dR_list)
     dS_next = torch.stack(dS_next_list)  # [N, B, HV, K, V]
 
     # Everything else is batched over chunks.
-    S0_T = S0.transpose(-1, -2)
-    dgq = do @ S0_T  # [N, B, HV, C, K]
-    dA_qk = (do @ R.transpose(-1, -2)).view(M, C, C)
-    dk_tail = R @ dS_next.transpose(-1, -2)  # [N, B, HV, C, K]
+    dgq = _mm(do, S0, tb=True)  # [N, B, HV, C, K]
+    dA_qk = _mm(do, R, tb=True).view(M, C, C)
+    dk_tail = _mm(R, dS_next, tb=True)  # [N, B, HV, C, K]
     d_decay_chunk = (dS_next * S0).sum(-1)  # [N, B, HV, K]
-    dYU = torch.cat([-(dR @ S0_T), dR], dim=-1).view(M, C, K + V)
-    d_rhs = torch.linalg.solve_triangular(L.transpose(-1, -2), dYU, upper=True, unitriangular=True)
-    dA_kk = -(d_rhs @ YU.view(M, C, K + V).transpose(-1, -2)).tril(-1)
-    d_rhs = d_rhs.view(N, B, HV, C, K + V)
-    dE, dZ = d_rhs[..., :K], d_rhs[..., K:]
+    L_T = L.transpose(-1, -2)
+    dE = torch.linalg.solve_triangular(L_T, _mm(dR, S0, tb=True).neg_().view(flat), upper=True, unitriangular=True)
+    dZ = torch.linalg.solve_triangular(L_T, dR.view(M, C, V), upper=True, unitriangular=True)
+    dA_kk = torch.bmm(dE, Y.view(flat).transpose(1, 2)).baddbmm_(dZ, U.view(M, C, V).transpose(1, 2))
+    dA_kk.tril_(-1).neg_()
+    dE, dZ = dE.view(dgq.shape), dZ.view(dR.shape)
 
     # Gradients of the Grams. Only strictly-lower entries depend on the decay; the diagonal of the output Gram
     # (q_r . k_r) is handled apart so that its equal and opposite decay terms never have to cancel.
     kf, bkf, qf = k.view(flat), bk.view(flat), q.view(flat)
     diag = dA_qk.diagonal(dim1=-2, dim2=-1)[..., None]  # [M, C, 1]
-    dP = torch.cat([dA_kk, dA_qk.tril(-1)], dim=-2)  # [M, 2C, C]
-    d_lefts = decayed.lower(p, dP, kf, k_down)  # [M, 2C, K]: d(bk), dq
-    dk_g = decayed.upper(p, dP, [bkf, qf], lefts_up)  # [M, C, K]
-    dbk_g, dq_g = d_lefts[:, :C], d_lefts[:, C:]
-    dG = (gamma * bk * dE + gq * dgq).view(flat) + bkf * dbk_g + qf * dq_g - kf * dk_g
+    dA_qk = dA_qk.tril(-1)
+    dbk_g, dq_g = decayed.lower(p, [dA_kk, dA_qk], kf, k_down)  # [M, C, K] each: d(bk), dq
+    lefts_up = None if lefts_up is None else [lefts_up[:, :C], lefts_up[:, C:]]
+    dk_g = decayed.upper(p, [dA_kk, dA_qk], [bkf, qf], lefts_up)  # [M, C, K]
+    # (fused multiply-adds in place: on the CPU these passes are memory-bound, and fresh buffers cost page faults)
+    dG = (bk * dE).addcmul_(q, dgq).mul_(gamma).view(flat)
+    dG.addcmul_(bkf, dbk_g).addcmul_(qf, dq_g).addcmul_(kf, dk_g, value=-1.0)
 
-    dbk = gamma * dE + dbk_g.view(dE.shape)
-    dq = gamma * dgq + (dq_g + diag * kf).view(dgq.shape)
-    dk = tail * dk_tail + (dk_g + diag * qf).view(dgq.shape) + dbk * b
+    dbk = dbk_g.addcmul_(gamma.view(flat), dE.view(flat)).view(dE.shape)
+    dq = dq_g.addcmul_(diag, kf).view(dgq.shape).addcmul_(gamma, dgq)
+    dk = dk_g.addcmul_(diag, qf).view(dgq.shape).addcmul_(tail, dk_tail).addcmul_(dbk, b)
     db = dbk * k
     dv = dZ * w
     dw = dZ * v
@@ -224,11 +235,10 @@ def _chunk_backward(saved, p, do, dS):
     # dG collects terms through exp(G_r) (G_r = g_0 + ... + g_r): dg is its reverse cumulative sum. The tail
     # factors exp(G_C - G_r) depend on g_{r+1..C-1} only and the chunk decay exp(G_C) on every g of the chunk, so
     # they are added in g-space directly (no large terms cancelling).
-    dG = dG.view(dE.shape)
-    dg = dG.flip(-2).cumsum(-2).flip(-2)
+    dg = dG.view(dE.shape).flip(-2).cumsum(-2).flip(-2)
     t = k_tail * dk_tail
-    exclusive = F.pad(t[..., :-1, :].cumsum(-2), (0, 0, 1, 0))  # sum over r < j, without subtracting t_j
-    dg = dg + exclusive + (decay_chunk.squeeze(-1) * d_decay_chunk)[..., None, :]
+    dg[..., 1:, :] += t[..., :-1, :].cumsum(-2)  # sum over r < j, without subtracting t_j
+    dg += (decay_chunk.squeeze(-1) * d_decay_chunk)[..., None, :]
     return dq, dk, dv, dg, db, dw, dh0
 
 
@@ -244,7 +254,7 @@ class _ChunkGDN2(torch.autograd.Function):
     def backward(ctx, do, dS):
         saved = ctx.saved_tensors
         if dS is None:
-            dS = torch.zeros_like(saved[12][0])
+            dS = torch.zeros_like(saved[16][0])
         grads = _chunk_backward(saved, ctx.plan, do.contiguous(), dS)
         return (*grads, None)
 
