@@ -156,9 +156,12 @@ def _chunk_forward(q, k, v, g, b, w, h0, force_blocked):
     gm, lefts_up, k_down = decayed.gram(p, [bk.view(flat), q.view(flat)], k.view(flat))
     L = gm[:, :C].tril(-1)
     L.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # L = I + strict_lower(erase Gram)
+    # One triangular solve for L^-1 itself; the four systems of forward and backward become matrix products.
+    eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(M, C, C)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True)
     A_qk = gm[:, C:].tril().view(N, B, HV, C, C)
-    Y = torch.linalg.solve_triangular(L, (gamma * bk).view(flat), upper=False, unitriangular=True)
-    U = torch.linalg.solve_triangular(L, (w * v).view(M, C, V), upper=False, unitriangular=True)
+    Y = torch.bmm(Linv, (gamma * bk).view(flat))
+    U = torch.bmm(Linv, (w * v).view(M, C, V))
     Y, U = Y.view(N, B, HV, C, K), U.view(N, B, HV, C, V)
     G_last = G[..., -1:, :]
     tail = (G_last - G).exp()  # exp(G_C - G_r) <= 1
@@ -176,13 +179,13 @@ def _chunk_forward(q, k, v, g, b, w, h0, force_blocked):
     R = torch.stack(residuals)  # [N, B, HV, C, V]
     gq = gamma * q
     o = _mm(gq, S0).add_(_mm(A_qk, R))
-    saved = (q, k, v, b, w, bk, gq, k_tail, G, gamma, L, A_qk, Y, U, tail, decay_chunk, S0, R, lefts_up, k_down)
+    saved = (q, k, v, b, w, bk, gq, k_tail, G, gamma, Linv, A_qk, Y, U, tail, decay_chunk, S0, R, lefts_up, k_down)
     return o, S, (saved, p)
 
 
 def _chunk_backward(saved, p, do, dS):
     """Hand-written backward of :func:`_chunk_forward`; returns dq (scaled q), dk, dv, dg, db, dw, dh0."""
-    q, k, v, b, w, bk, gq, k_tail, G, gamma, L, A_qk, Y, U, tail, decay_chunk, S0, R, lefts_up, k_down = saved
+    q, k, v, b, w, bk, gq, k_tail, G, gamma, Linv, A_qk, Y, U, tail, decay_chunk, S0, R, lefts_up, k_down = saved
     N, B, HV, C, K = q.shape
     V = v.shape[-1]
     M = N * B * HV
@@ -206,9 +209,9 @@ def _chunk_backward(saved, p, do, dS):
     dA_qk = _mm(do, R, tb=True).view(M, C, C)
     dk_tail = _mm(R, dS_next, tb=True)  # [N, B, HV, C, K]
     d_decay_chunk = (dS_next * S0).sum(-1)  # [N, B, HV, K]
-    L_T = L.transpose(-1, -2)
-    dE = torch.linalg.solve_triangular(L_T, _mm(dR, S0, tb=True).neg_().view(flat), upper=True, unitriangular=True)
-    dZ = torch.linalg.solve_triangular(L_T, dR.view(M, C, V), upper=True, unitriangular=True)
+    Linv_T = Linv.transpose(-1, -2)
+    dE = torch.bmm(Linv_T, _mm(dR, S0, tb=True).view(flat)).neg_()
+    dZ = torch.bmm(Linv_T, dR.view(M, C, V))
     dA_kk = torch.bmm(dE, Y.view(flat).transpose(1, 2)).baddbmm_(dZ, U.view(M, C, V).transpose(1, 2))
     dA_kk.tril_(-1).neg_()
     dE, dZ = dE.view(dgq.shape), dZ.view(dR.shape)
@@ -278,7 +281,7 @@ def chunk_reference(
 
     Per chunk of ``C`` tokens with entry state ``S0`` (``G`` the in-chunk cumulative log-decay)::
 
-        T  = strict_lower[(b*k)_r . k_s exp(G_r - G_s)]      L = I + T
+        T  = strict_lower[(b*k)_r . k_s exp(G_r - G_s)]      L = I + T   (L^-1 formed by one triangular solve)
         Y  = L^-1 (exp(G) * b * k)     U = L^-1 (w * v)      R = U - Y S0      (R holds each step's u)
         O  = (exp(G) * q) S0 + lower[q_r . k_s exp(G_r - G_s)] R
         S1 = Diag(exp(G_C)) S0 + (exp(G_C - G) * k)^T R
