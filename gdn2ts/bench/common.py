@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -12,12 +13,23 @@ from pathlib import Path
 import torch
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }
     try:
