@@ -2,6 +2,7 @@
 
     gdn2ts example            a short tour of the op and the layer on the CPU
     gdn2ts bench cpu          CPU speed of the chunked path against the token loop
+    gdn2ts bench kernels      GPU: the kernels against flash-linear-attention
 """
 
 from __future__ import annotations
@@ -43,8 +44,22 @@ def bench_cpu(batch: int = 32, seq_len: int = 512, heads: int = 4, head_dim: int
         json_path=json, quiet=quiet)
 
 
+def bench_kernels(json: str | None = None, decode: bool = True, chunk: bool = True) -> None:
+    """GPU: the step kernel and chunk_gdn2 against flash-linear-attention in one process (needs CUDA).
+
+    Args:
+        json: path of the JSON record to write.
+        decode: time the step kernel at N = 1, 64, 1024, 4096 (eager and CUDA graph).
+        chunk: time chunk_gdn2 forward and forward+backward at the four benchmark shapes.
+    """
+    from gdn2ts.bench.kernels import bench_kernels as run
+
+    run(json, decode=decode, chunk=chunk)
+
+
 def main(args: list[str] | None = None) -> None:
-    auto_cli({"example": example, "bench": {"cpu": bench_cpu}}, args=args, as_positional=False)
+    auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels}}, args=args,
+             as_positional=False)
 
 
 if __name__ == "__main__":

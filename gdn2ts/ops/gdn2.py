@@ -11,6 +11,7 @@ With ``cu_seqlens`` ([N + 1] offsets) the batch holds N packed sequences: ``B ==
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,10 @@ from gdn2ts.ops.validate import (
 
 __all__ = ["GDN2Options", "chunk_gdn2", "recurrent_gdn2", "BACKENDS", "l2norm"]
 
-BACKENDS = ("auto", "torch", "naive")
+BACKENDS = ("auto", "torch", "naive", "triton")
+# backends each op has; "auto" picks the device's fast path
+CHUNK_BACKENDS = ("auto", "torch", "naive")
+RECURRENT_BACKENDS = ("auto", "torch", "naive", "triton")
 L2NORM_EPS = 1e-6
 
 
@@ -48,7 +52,7 @@ class GDN2Options:
     erase_max: float = 1.0
     """Upper end of the erase gate's range with ``use_bw_sigmoid`` (2.0 allows negative eigenvalues)."""
     backend: str = "auto"
-    """``auto`` (the device's fast path), ``torch`` (chunked PyTorch) or ``naive`` (token-by-token)."""
+    """``auto`` (the device's fast path), ``torch`` (chunked PyTorch), ``naive`` (token-by-token) or ``triton``."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -79,10 +83,19 @@ def _activate(q, k, g, b, w, opts: GDN2Options, A_log, dt_bias):
     return q, k, g, b, w
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    # The Triton kernels (gdn2ts.kernels) take CUDA tensors once they land; until then CUDA runs the chunked
-    # PyTorch path too.
-    return "torch" if backend == "auto" else backend
+def _triton_usable(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, or CPU tensors under its interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve(op: str, backend: str, device: torch.device, allowed: tuple[str, ...]) -> str:
+    if backend not in allowed:
+        fail(op, "backend", f"one of {allowed}", repr(backend))
+    if backend == "auto":
+        return "triton" if "triton" in allowed and device.type == "cuda" else "torch"
+    if backend == "triton" and not _triton_usable(device):
+        fail(op, "backend", "'triton' only for CUDA tensors (or under TRITON_INTERPRET=1)", f"tensors on {device}")
+    return backend
 
 
 def _options(op, q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_bw_sigmoid_in_kernel, erase_max,
@@ -167,7 +180,8 @@ def chunk_gdn2(
         check_state(op, "initial_state", initial_state, N, HV, K, V, q.dtype, q.device)
     if opts.use_gate_in_kernel:
         check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device)
-    fn = reference.recurrent_reference if _resolve(opts.backend, q.device) == "naive" else reference.chunk_reference
+    path = _resolve(op, opts.backend, q.device, CHUNK_BACKENDS)
+    fn = reference.recurrent_reference if path == "naive" else reference.chunk_reference
     # The op sets its own precision (fp32 accumulation, fp32 state); autocast must not push its products to bf16.
     with torch.autocast(q.device.type, enabled=False):
         q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
@@ -273,15 +287,26 @@ def recurrent_gdn2(
     if state_indices is not None:
         if initial_state is None:
             fail(op, "initial_state", "a state pool [P, HV, K, V] when state_indices is given", None)
-        check_state(op, "initial_state", initial_state, None, HV, K, V, q.dtype, q.device)
+        check_state(op, "initial_state", initial_state, None, HV, K, V, q.dtype, q.device, pool=True)
         _check_indices(op, state_indices, N, initial_state)
     elif initial_state is not None:
         check_state(op, "initial_state", initial_state, N, HV, K, V, q.dtype, q.device)
     if opts.use_gate_in_kernel:
         check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device)
+    path = _resolve(op, opts.backend, q.device, RECURRENT_BACKENDS)
     with torch.autocast(q.device.type, enabled=False):
-        q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
-        o, final = _recurrent_torch(q, k, v, g, b, w, opts.scale, initial_state, cu_seqlens, state_indices)
+        if path == "triton":
+            from gdn2ts.kernels.recurrent import recurrent_fwd
+
+            o, final = recurrent_fwd(
+                q, k, v, g, b, w, opts.scale, initial_state, cu_seqlens, state_indices,
+                use_qk_l2norm=opts.use_qk_l2norm, A_log=A_log if opts.use_gate_in_kernel else None,
+                dt_bias=dt_bias if opts.use_gate_in_kernel else None, use_bw_sigmoid=opts.use_bw_sigmoid,
+                erase_max=opts.erase_max,
+            )
+        else:
+            q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
+            o, final = _recurrent_torch(q, k, v, g, b, w, opts.scale, initial_state, cu_seqlens, state_indices)
     if state_indices is None and final is initial_state:
         final = final.clone()  # no token ran: never hand back the caller's tensor itself
     return o, (final if output_final_state or state_indices is not None else None)

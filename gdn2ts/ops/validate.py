@@ -90,8 +90,10 @@ def expected_state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_state(op: str, arg: str, state, N: int | None, HV: int, K: int, V: int, dtype, device) -> None:
-    """State ``[N, HV, K, V]`` in fp32 (fp64 for fp64 inputs); ``N=None`` accepts any leading size (a pool)."""
+def check_state(op: str, arg: str, state, N: int | None, HV: int, K: int, V: int, dtype, device,
+                pool: bool = False) -> None:
+    """State ``[N, HV, K, V]`` in fp32 (fp64 for fp64 inputs); ``N=None`` accepts any leading size. A state pool
+    (``pool=True``) may also be bf16, for memory-bound serving (computed in fp32, stored rounded)."""
     if not isinstance(state, torch.Tensor):
         fail(op, arg, "a torch.Tensor [N, HV, K, V]", type(state).__name__)
     n = state.shape[0] if (N is None and state.dim() == 4) else N
@@ -100,8 +102,11 @@ def check_state(op: str, arg: str, state, N: int | None, HV: int, K: int, V: int
         lead = "P (pool size)" if N is None else f"N={N}"
         fail(op, arg, f"shape [{lead}, HV={HV}, K={K}, V={V}]", _shape(state))
     sdt = expected_state_dtype(dtype)
-    if state.dtype != sdt:
-        fail(op, arg, f"dtype {sdt} (the state is kept in {sdt} for {dtype} inputs)", state.dtype)
+    if pool and sdt == torch.float32 and state.dtype == torch.bfloat16:
+        pass
+    elif state.dtype != sdt:
+        also = " or torch.bfloat16 for a pool" if pool and sdt == torch.float32 else ""
+        fail(op, arg, f"dtype {sdt}{also} (the state is kept in {sdt} for {dtype} inputs)", state.dtype)
     if state.device != device:
         fail(op, arg, f"a tensor on {device} (the device of 'q')", state.device)
 

@@ -1,0 +1,218 @@
+"""GPU benchmark of the GDN-2 kernels against flash-linear-attention (FLA) in the same process.
+
+Protocol (docs/performance.md, BENCHMARKS.md section 1): H = 16, K = V = 128, bf16 inputs, fp32 state. Every
+path is first checked against the fp64 token loop on fresh random inputs (outputs poisoned with NaN beforehand);
+then ours and FLA's run on the same inputs in alternating order and the medians of ``do_bench`` are reported.
+
+    python -m gdn2ts.bench.kernels --json out.json          (also: gdn2ts bench kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from gdn2ts.bench.common import environment, write_json
+from gdn2ts.ops import chunk_gdn2, recurrent_gdn2, recurrent_reference
+
+H, K, V = 16, 128, 128
+CHUNK_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
+DECODE_N = (1, 64, 1024, 4096)
+
+
+def _fla():
+    try:
+        from fla.ops.gdn2 import chunk_gdn2 as fla_chunk
+        from fla.ops.gdn2 import fused_recurrent_gdn2 as fla_recurrent
+    except ImportError:
+        return None
+    return fla_chunk, fla_recurrent
+
+
+def make_inputs(B, T, seed, requires_grad=False, device="cuda"):
+    """Inputs as the layer makes them: unit-norm q/k, fp32 channel log-decay, b/w in (0, 1); bf16."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, device=device)
+
+    q = F.normalize(r(B, T, H, K), dim=-1).bfloat16()
+    k = F.normalize(r(B, T, H, K), dim=-1).bfloat16()
+    v = r(B, T, H, V).bfloat16()
+    g = F.logsigmoid(r(B, T, H, K) + 3.0)  # fp32
+    b = torch.sigmoid(r(B, T, H, K)).bfloat16()
+    w = torch.sigmoid(r(B, T, H, V)).bfloat16()
+    xs = [q, k, v, g, b, w]
+    return [x.requires_grad_() for x in xs] if requires_grad else xs
+
+
+def rel(a, e):
+    return ((a.double() - e.double()).norm() / e.double().norm()).item()
+
+
+def _median_alternating(fns: dict, rounds: int = 3) -> dict:
+    from triton.testing import do_bench
+
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name].append(do_bench(fn, warmup=20, rep=80, return_mode="median"))
+    return {name: statistics.median(ts) for name, ts in out.items()}
+
+
+def _graphed(fn):
+    """Capture ``fn`` in a CUDA graph; return a callable that replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def check_decode(fla) -> dict:
+    """Step kernel vs the fp64 token loop (and FLA) on fresh inputs, with NaN-poisoned outputs."""
+    from gdn2ts.kernels.recurrent import recurrent_fwd
+
+    N, T = 5, 3
+    xs = make_inputs(N, T, seed=1234)
+    h0 = torch.randn(N, H, K, V, device="cuda")
+    out = torch.full_like(xs[2], float("nan"))
+    out_state = torch.full_like(h0, float("nan"))
+    o, s = recurrent_fwd(*xs, K**-0.5, h0, None, None, out=out, out_state=out_state)
+    o_ref, s_ref = recurrent_reference(*(x.double().cpu() for x in xs), initial_state=h0.double().cpu(),
+                                       output_final_state=True)
+    result = {"o_rel_err": rel(o.cpu(), o_ref), "state_rel_err": rel(s.cpu(), s_ref),
+              "all_written": bool(torch.isfinite(o).all() and torch.isfinite(s).all())}
+    if fla is not None:
+        o_f, s_f = fla[1](*xs, initial_state=h0.clone(), output_final_state=True)
+        result["fla_o_rel_err"] = rel(o_f.float().cpu(), o_ref)
+        result["ours_vs_fla_o"] = rel(o.float(), o_f.float())
+    if not (result["all_written"] and result["o_rel_err"] < 5e-3 and result["state_rel_err"] < 5e-3):
+        raise RuntimeError(f"step kernel check failed: {result}")
+    return result
+
+
+def bench_decode(fla, ns=DECODE_N) -> list[dict]:
+    return [_decode_row(fla, N) for N in ns]
+
+
+def _decode_row(fla, N: int) -> dict:
+    xs = [x.contiguous() for x in make_inputs(N, 1, seed=N)]
+    h0 = torch.randn(N, H, K, V, device="cuda")
+    pool = h0.clone()
+    pool_bf16 = h0.bfloat16()
+    slots = torch.randperm(N, device="cuda")
+    state_bytes = 2 * N * H * K * V * 4  # read + write, fp32
+
+    def ours_pool():
+        recurrent_gdn2(*xs, initial_state=pool, state_indices=slots)
+
+    def ours_pool_bf16():
+        recurrent_gdn2(*xs, initial_state=pool_bf16, state_indices=slots)
+
+    def ours_state():
+        recurrent_gdn2(*xs, initial_state=h0)
+
+    fns = {"ours_pool": ours_pool, "ours_pool_bf16": ours_pool_bf16, "ours_state": ours_state}
+    if fla is not None:
+        def fla_state():
+            fla[1](*xs, initial_state=h0, output_final_state=True)
+        fns["fla"] = fla_state
+    eager = _median_alternating(fns)
+    graphed = _median_alternating({name: _graphed(fn) for name, fn in fns.items()})
+    row = {"N": N, "eager_ms": eager, "graph_ms": graphed,
+           "state_TBps_eager": {n: (state_bytes / (2 if "bf16" in n else 1)) / (t * 1e-3) / 1e12
+                                for n, t in eager.items()},
+           "state_TBps_graph": {n: (state_bytes / (2 if "bf16" in n else 1)) / (t * 1e-3) / 1e12
+                                for n, t in graphed.items()}}
+    # error of the bf16 pool: one step from the same state, against the fp32 pool
+    p32, p16 = h0.clone(), h0.bfloat16()
+    o32, _ = recurrent_gdn2(*xs, initial_state=p32, state_indices=slots)
+    o16, _ = recurrent_gdn2(*xs, initial_state=p16, state_indices=slots)
+    row["bf16_pool_rel_err"] = {"o": rel(o16.float(), o32.float()), "state": rel(p16.float(), p32)}
+    print(f"decode N={N}: " + ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in eager.items())
+          + " | graph: " + ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in graphed.items()), flush=True)
+    return row
+
+
+def bench_chunk(fla, shapes=CHUNK_SHAPES) -> list[dict]:
+    """Forward and forward+backward of chunk_gdn2 (ours: the current CUDA path) and FLA's, with peak memory."""
+    return [_chunk_row(fla, B, T) for B, T in shapes]
+
+
+def _chunk_row(fla, B: int, T: int) -> dict:
+    xs = make_inputs(B, T, seed=B * T, requires_grad=True)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    paths = {"ours": lambda *a: chunk_gdn2(*a)}
+    if fla is not None:
+        paths["fla"] = lambda *a: fla[0](*a)
+    o_ref = {name: fn(*xs)[0].float() for name, fn in paths.items()}
+    row = {"B": B, "T": T}
+    if fla is not None:
+        row["ours_vs_fla_o"] = rel(o_ref["ours"], o_ref["fla"])
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn(*xs)
+        return run
+
+    def fwd_bwd(fn):
+        def run():
+            o, _ = fn(*xs)
+            torch.autograd.grad(o, xs, do)
+        return run
+
+    row["fwd_ms"] = _median_alternating({n: fwd(fn) for n, fn in paths.items()}, rounds=2)
+    row["fwd_bwd_ms"] = _median_alternating({n: fwd_bwd(fn) for n, fn in paths.items()}, rounds=2)
+    row["peak_GB"] = {}
+    for name, fn in paths.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd(fn)()
+        torch.cuda.synchronize()
+        row["peak_GB"][name] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    print(f"chunk {T}x{B}: fwd {row['fwd_ms']}, fwd+bwd {row['fwd_bwd_ms']}, peak {row['peak_GB']}", flush=True)
+    return row
+
+
+def bench_kernels(json_path: str | None = None, decode: bool = True, chunk: bool = True) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench kernels needs a CUDA device")
+    fla = _fla()
+    record = {"benchmark": "kernels", "environment": environment(), "fla": fla is not None}
+    if fla is not None:
+        import fla as fla_pkg
+
+        record["fla_version"] = getattr(fla_pkg, "__version__", "unknown")
+    record["decode_check"] = check_decode(fla)
+    print("decode check:", record["decode_check"], flush=True)
+    if decode:
+        record["decode"] = bench_decode(fla)
+        write_json(json_path, record)
+    if chunk:
+        record["chunk"] = bench_chunk(fla)
+    write_json(json_path, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--no-chunk", action="store_true")
+    args = parser.parse_args(argv)
+    bench_kernels(args.json, decode=not args.no_decode, chunk=not args.no_chunk)
+
+
+if __name__ == "__main__":
+    main()
