@@ -185,6 +185,35 @@ def _chunk_row(fla, B: int, T: int) -> dict:
     return row
 
 
+def tune_decode(N: int = 4096) -> list[dict]:
+    """Sweep the step kernel's value block and warps at N streams (CUDA graph replays), checking each variant."""
+    from gdn2ts.kernels.recurrent import recurrent_fwd
+
+    xs = [x.contiguous() for x in make_inputs(N, 1, seed=7)]
+    h0 = torch.randn(N, H, K, V, device="cuda")
+    ref_o, ref_s = recurrent_fwd(*xs, K**-0.5, h0, None, None)
+    state_bytes = 2 * N * H * K * V * 4
+    rows = []
+    for bv in (16, 32, 64, 128):
+        for warps in (1, 2, 4, 8):
+            out = torch.full_like(xs[2], float("nan"))
+            out_state = torch.full_like(h0, float("nan"))
+
+            def run(bv=bv, warps=warps, out=out, out_state=out_state):
+                recurrent_fwd(*xs, K**-0.5, h0, None, None, block_v=bv, num_warps=warps, out=out,
+                              out_state=out_state)
+
+            run()
+            err = max(rel(out.float(), ref_o.float()), rel(out_state, ref_s))
+            if not err < 1e-5:
+                rows.append({"BV": bv, "warps": warps, "error": err})
+                continue
+            t = _median_alternating({"v": _graphed(run)})["v"]
+            rows.append({"BV": bv, "warps": warps, "ms": t, "TBps": state_bytes / (t * 1e-3) / 1e12})
+            print(f"tune N={N} BV={bv} warps={warps}: {t * 1e3:.1f} us, {rows[-1]['TBps']:.2f} TB/s", flush=True)
+    return rows
+
+
 def bench_kernels(json_path: str | None = None, decode: bool = True, chunk: bool = True) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench kernels needs a CUDA device")
@@ -210,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--no-chunk", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="sweep the step kernel's tiling at N = 4096 first")
     args = parser.parse_args(argv)
+    if args.tune:
+        write_json(None if args.json is None else args.json.replace(".json", "_tune.json"), {"tune": tune_decode()})
     bench_kernels(args.json, decode=not args.no_decode, chunk=not args.no_chunk)
 
 

@@ -25,6 +25,7 @@ from gdn2ts.ops.validate import (
     check_scale,
     check_sequence_inputs,
     check_state,
+    check_values,
     fail,
 )
 
@@ -199,7 +200,7 @@ def _check_indices(op: str, state_indices, N: int, pool: torch.Tensor) -> None:
         fail(op, "state_indices", "dtype int32 or int64", state_indices.dtype)
     if state_indices.device != pool.device:
         fail(op, "state_indices", f"a tensor on {pool.device} (the device of the pool)", state_indices.device)
-    if pool.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not check_values(state_indices) or (state_indices.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     P = pool.shape[0]
     if bool(((state_indices < -1) | (state_indices >= P)).any()):
