@@ -143,8 +143,28 @@ def _decode_row(fla, N: int) -> dict:
     return row
 
 
+def check_chunk_fwd(fla) -> dict:
+    """Triton chunked forward vs the fp64 token loop (on the GPU) and FLA, NaN-poisoned output, fresh inputs."""
+    from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+    xs = make_inputs(2, 1500, seed=4321)
+    h0 = torch.randn(2, H, K, V, device="cuda")
+    out = torch.full_like(xs[2], float("nan"))
+    o, s = chunk_fwd(*xs, K**-0.5, h0, True, out=out)
+    o_ref, s_ref = recurrent_reference(*(x.double() for x in xs), initial_state=h0.double(), output_final_state=True)
+    result = {"o_rel_err": rel(o, o_ref), "state_rel_err": rel(s, s_ref), "all_written": bool(torch.isfinite(o).all())}
+    if fla is not None:
+        o_f, s_f = fla[0](*xs, initial_state=h0, output_final_state=True)
+        result["fla_o_rel_err"] = rel(o_f, o_ref)
+        result["fla_state_rel_err"] = rel(s_f, s_ref)
+    if not (result["all_written"] and result["o_rel_err"] < 5e-3 and result["state_rel_err"] < 5e-3):
+        raise RuntimeError(f"chunked forward check failed: {result}")
+    return result
+
+
 def bench_chunk(fla, shapes=CHUNK_SHAPES) -> list[dict]:
-    """Forward and forward+backward of chunk_gdn2 (ours: the current CUDA path) and FLA's, with peak memory."""
+    """Forward (no grad: ours runs the Triton kernels) and forward+backward (ours: the chunked PyTorch path until
+    the Triton backward lands) of chunk_gdn2 and FLA's, with the peak memory of forward+backward."""
     return [_chunk_row(fla, B, T) for B, T in shapes]
 
 
@@ -232,6 +252,8 @@ def bench_kernels(json_path: str | None = None, decode: bool = True, chunk: bool
         record["decode"] = bench_decode(fla)
         write_json(json_path, record)
     if chunk:
+        record["chunk_check"] = check_chunk_fwd(fla)
+        print("chunk forward check:", record["chunk_check"], flush=True)
         record["chunk"] = bench_chunk(fla)
     write_json(json_path, record)
     return record

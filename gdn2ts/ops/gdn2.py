@@ -33,7 +33,9 @@ __all__ = ["GDN2Options", "chunk_gdn2", "recurrent_gdn2", "BACKENDS", "l2norm"]
 
 BACKENDS = ("auto", "torch", "naive", "triton")
 # backends each op has; "auto" picks the device's fast path
-CHUNK_BACKENDS = ("auto", "torch", "naive")
+CHUNK_BACKENDS = ("auto", "torch", "naive", "triton")
+# the Triton chunked kernels so far: forward only (inference, prefill), fixed-length batches, K and V <= 128
+TRITON_CHUNK_MAX_DIM = 128
 RECURRENT_BACKENDS = ("auto", "torch", "naive", "triton")
 L2NORM_EPS = 1e-6
 
@@ -97,6 +99,18 @@ def _resolve(op: str, backend: str, device: torch.device, allowed: tuple[str, ..
     if backend == "triton" and not _triton_usable(device):
         fail(op, "backend", "'triton' only for CUDA tensors (or under TRITON_INTERPRET=1)", f"tensors on {device}")
     return backend
+
+
+def _triton_chunk_unsupported(q, k, v, g, b, w, initial_state, A_log, dt_bias, cu_seqlens) -> str:
+    """Why the Triton chunked kernels cannot take this call ('' when they can)."""
+    tensors = (q, k, v, g, b, w, initial_state, A_log, dt_bias)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return "forward only so far: no input may require grad; training runs backend='torch'"
+    if cu_seqlens is not None:
+        return "fixed-length batches only so far: no cu_seqlens"
+    if q.shape[-1] > TRITON_CHUNK_MAX_DIM or v.shape[-1] > TRITON_CHUNK_MAX_DIM:
+        return f"K and V up to {TRITON_CHUNK_MAX_DIM}"
+    return ""
 
 
 def _options(op, q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_bw_sigmoid_in_kernel, erase_max,
@@ -182,11 +196,21 @@ def chunk_gdn2(
     if opts.use_gate_in_kernel:
         check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device)
     path = _resolve(op, opts.backend, q.device, CHUNK_BACKENDS)
-    fn = reference.recurrent_reference if path == "naive" else reference.chunk_reference
+    if path == "triton":
+        why = _triton_chunk_unsupported(q, k, v, g, b, w, initial_state, A_log, dt_bias, cu_seqlens)
+        if why and opts.backend == "triton":
+            fail(op, "backend", f"'triton' only where the Triton chunked kernels apply ({why})", "'triton'")
+        path = "torch" if why else path
     # The op sets its own precision (fp32 accumulation, fp32 state); autocast must not push its products to bf16.
     with torch.autocast(q.device.type, enabled=False):
         q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
-        o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
+        if path == "triton":
+            from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+            o, final = chunk_fwd(q, k, v, g, b, w, opts.scale, initial_state, output_final_state)
+        else:
+            fn = reference.recurrent_reference if path == "naive" else reference.chunk_reference
+            o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
     if final is not None and final is initial_state:
         final = final.clone()  # no token ran: never hand back the caller's tensor itself
     return o, final

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gdn2ts.kernels.recurrent import recurrent_fwd
-from tolerances import assert_close
 
+from gdn2ts.kernels.recurrent import recurrent_fwd
 from gdn2ts.ops import recurrent_gdn2, recurrent_reference
 from gdn2ts.ops.gdn2 import GDN2Options, _activate
+
+from tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close
 
 from gdn2ts.layers import VARIANTS, GatedDeltaNet2, GDN2Config, GDN2State
+
+from tolerances import assert_close
 
 F64 = torch.float64
 PRESETS = tuple(VARIANTS)

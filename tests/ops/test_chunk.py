@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inputs import GATES, make_inputs
-from tolerances import GATE_FACTOR, assert_close
 
 from gdn2ts.ops import chunk_gdn2, chunk_reference, recurrent_reference
+
+from inputs import GATES, make_inputs
+from tolerances import GATE_FACTOR, assert_close
 
 NAMES = ("q", "k", "v", "g", "b", "w", "h0")
 

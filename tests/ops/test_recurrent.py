@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inputs import make_inputs
-from tolerances import assert_close
 
 from gdn2ts.ops import chunk_gdn2, recurrent_gdn2
+
+from inputs import make_inputs
+from tolerances import assert_close
 
 ARGS = ("q", "k", "v", "g", "b", "w")
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inputs import make_inputs
 
 from gdn2ts.ops import chunk_gdn2, recurrent_gdn2
+
+from inputs import make_inputs
 
 OPS = [chunk_gdn2, recurrent_gdn2]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close
 
 from gdn2ts.ops import chunk_gdn2, recurrent_gdn2
+
+from tolerances import assert_close
 
 B, T, H, K, V = 2, 70, 2, 6, 5
 
