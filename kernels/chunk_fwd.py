@@ -163,21 +163,19 @@ def _intra_kernel(
     I31 = -_dot(I33, _dot(T31, I11) + _dot(T32, I21))
     I30 = -_dot(I33, _dot(T30, I00) + _dot(T31, I10) + _dot(T32, I20))
 
-    # ---- Y = L^-1 (exp(G) b k), U = L^-1 (w v), by row blocks
-    E0, Z0 = _rhs(k, b, G, v, w, i_b, t0, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K, V, BC, BK, BV)
-    E1, Z1 = _rhs(k, b, G, v, w, i_b, t0 + BC, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K, V, BC, BK, BV)
-    E2, Z2 = _rhs(k, b, G, v, w, i_b, t0 + 2 * BC, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K, V, BC, BK, BV)
-    E3, Z3 = _rhs(k, b, G, v, w, i_b, t0 + 3 * BC, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K, V, BC, BK, BV)
-    _store_rows(Y, _dot(I00, E0), i_b, t0, T, HV, i_hv, K, BC, BK)
-    _store_rows(U, _dot(I00, Z0), i_b, t0, T, HV, i_hv, V, BC, BV)
-    _store_rows(Y, _dot(I10, E0) + _dot(I11, E1), i_b, t0 + BC, T, HV, i_hv, K, BC, BK)
-    _store_rows(U, _dot(I10, Z0) + _dot(I11, Z1), i_b, t0 + BC, T, HV, i_hv, V, BC, BV)
-    _store_rows(Y, _dot(I20, E0) + _dot(I21, E1) + _dot(I22, E2), i_b, t0 + 2 * BC, T, HV, i_hv, K, BC, BK)
-    _store_rows(U, _dot(I20, Z0) + _dot(I21, Z1) + _dot(I22, Z2), i_b, t0 + 2 * BC, T, HV, i_hv, V, BC, BV)
-    _store_rows(Y, _dot(I30, E0) + _dot(I31, E1) + _dot(I32, E2) + _dot(I33, E3), i_b, t0 + 3 * BC, T, HV, i_hv,
-                K, BC, BK)
-    _store_rows(U, _dot(I30, Z0) + _dot(I31, Z1) + _dot(I32, Z2) + _dot(I33, Z3), i_b, t0 + 3 * BC, T, HV, i_hv,
-                V, BC, BV)
+    # ---- Y = L^-1 (exp(G) b k), U = L^-1 (w v), one row block at a time (few tiles live at once)
+    for i in tl.static_range(4):
+        accY = tl.zeros([BC, BK], tl.float32)
+        accU = tl.zeros([BC, BV], tl.float32)
+        for j in tl.static_range(4):
+            if j <= i:
+                Iij = _pick(i, j, I00, I10, I11, I20, I21, I22, I30, I31, I32, I33)
+                Ej, Zj = _rhs(k, b, G, v, w, i_b, t0 + j * BC, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K, V, BC,
+                              BK, BV)
+                accY += _dot(Iij, Ej)
+                accU += _dot(Iij, Zj)
+        _store_rows(Y, accY, i_b, t0 + i * BC, T, HV, i_hv, K, BC, BK)
+        _store_rows(U, accU, i_b, t0 + i * BC, T, HV, i_hv, V, BC, BV)
     # the read-out Gram above the diagonal blocks is zero
     for i in tl.static_range(4):
         for j in tl.static_range(4):
@@ -190,6 +188,34 @@ def _intra_kernel(
 @triton.jit
 def _dot(a, b):
     return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _pick(i: tl.constexpr, j: tl.constexpr, I00, I10, I11, I20, I21, I22, I30, I31, I32, I33):
+    """Block (i, j) of the lower block-triangular inverse (i, j known at compile time)."""
+    if i == 0:
+        return I00
+    elif i == 1:
+        if j == 0:
+            return I10
+        else:
+            return I11
+    elif i == 2:
+        if j == 0:
+            return I20
+        elif j == 1:
+            return I21
+        else:
+            return I22
+    else:
+        if j == 0:
+            return I30
+        elif j == 1:
+            return I31
+        elif j == 2:
+            return I32
+        else:
+            return I33
 
 
 @triton.jit
@@ -226,6 +252,7 @@ def _state_kernel(
     q, k, G, Y, U, Aqk, o, h0, ht, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -246,17 +273,17 @@ def _state_kernel(
         Yt = _load_rows(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
         Ut = tl.load(U + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
                      mask=m_r[:, None] & (o_v < V)[None, :], other=0.0)
-        R = Ut - tl.dot(Yt, S)
+        R = Ut - tl.dot(Yt, S, input_precision=PRECISION)
         qt = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale
         At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
                      mask=m_r[:, None], other=0.0)
-        ot = tl.dot(qt * tl.exp(Gt), S) + tl.dot(At, R)
+        ot = tl.dot(qt * tl.exp(Gt), S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
         tl.store(o + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
                  ot.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
         # the last row of the chunk (or of the sequence) holds the chunk's total decay
         G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
         kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK) * tl.exp(G_last[None, :] - Gt)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R)
+        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R, input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht + i_bh * K * V + p_s, S, mask=m_s)
 
@@ -264,12 +291,14 @@ def _state_kernel(
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
-    block_v: int = 32, num_warps: int = 4, out: torch.Tensor | None = None,
+    block_v: int = 32, num_warps: int = 4, num_stages: int = 2, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
-    Intermediates (G, Y, U and the read-out Gram) are fp32. ``out`` may supply the output buffer (tests poison it
-    with NaN). No host synchronization.
+    Intermediates (G, Y, U and the read-out Gram) are fp32. ``block_v``, ``num_warps`` and ``num_stages`` set the
+    state kernel's tiling (its loads are pipelined ``num_stages`` deep: 2 needs about 197 KB of shared memory at
+    K = V = 128, 3 would not fit on an H100). ``out`` may supply the output buffer (tests poison it with NaN). No
+    host synchronization.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -294,6 +323,8 @@ def chunk_fwd(
     _state_kernel[(triton.cdiv(V, BV), B * HV)](
         q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
-        STORE_HT=output_final_state, num_warps=num_warps,
+        STORE_HT=output_final_state, num_warps=num_warps, num_stages=num_stages,
+        # fp32 inputs get fp32 products; bf16/fp16 inputs use tf32 tensor cores (error well under their rounding)
+        PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
     )
     return o, (ht if output_final_state else None)

@@ -162,6 +162,29 @@ def check_chunk_fwd(fla) -> dict:
     return result
 
 
+def tune_chunk_fwd(shapes=((8, 2048), (1, 16384))) -> list[dict]:
+    """Sweep the state kernel's tiling for the Triton chunked forward (each variant checked against the default)."""
+    from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+    rows = []
+    for B, T in shapes:
+        xs = make_inputs(B, T, seed=11)
+        ref, _ = chunk_fwd(*xs, K**-0.5, None, False)
+        for bv, warps, stages in ((32, 4, 2), (32, 4, 1), (64, 4, 2), (64, 8, 2), (32, 8, 2), (16, 4, 2)):
+            def run(bv=bv, warps=warps, stages=stages):
+                return chunk_fwd(*xs, K**-0.5, None, False, block_v=bv, num_warps=warps, num_stages=stages)[0]
+            try:
+                err = rel(run().float(), ref.float())
+            except Exception as e:  # a tiling that does not fit this GPU
+                rows.append({"B": B, "T": T, "BV": bv, "warps": warps, "stages": stages, "error": str(e)[:200]})
+                continue
+            t = _median_alternating({"v": run}, rounds=2)["v"]
+            rows.append({"B": B, "T": T, "BV": bv, "warps": warps, "stages": stages, "ms": t, "rel_err": err})
+            print(f"tune chunk fwd {T}x{B} BV={bv} warps={warps} stages={stages}: {t:.3f} ms (err {err:.1e})",
+                  flush=True)
+    return rows
+
+
 def bench_chunk(fla, shapes=CHUNK_SHAPES) -> list[dict]:
     """Forward (no grad: ours runs the Triton kernels) and forward+backward (ours: the chunked PyTorch path until
     the Triton backward lands) of chunk_gdn2 and FLA's, with the peak memory of forward+backward."""
@@ -267,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune", action="store_true", help="sweep the step kernel's tiling at N = 4096 first")
     args = parser.parse_args(argv)
     if args.tune:
-        write_json(None if args.json is None else args.json.replace(".json", "_tune.json"), {"tune": tune_decode()})
+        tuned = {"decode": tune_decode() if not args.no_decode else None,
+                 "chunk_fwd": tune_chunk_fwd() if not args.no_chunk else None}
+        write_json(None if args.json is None else args.json.replace(".json", "_tune.json"), tuned)
     bench_kernels(args.json, decode=not args.no_decode, chunk=not args.no_chunk)
 
 
