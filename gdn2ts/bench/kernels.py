@@ -171,7 +171,7 @@ def tune_chunk_fwd(shapes=((8, 2048), (1, 16384))) -> list[dict]:
         xs = make_inputs(B, T, seed=11)
         ref, _ = chunk_fwd(*xs, K**-0.5, None, False)
         for bv, warps, stages in ((32, 4, 2), (32, 4, 1), (64, 4, 2), (64, 8, 2), (32, 8, 2), (16, 4, 2)):
-            def run(bv=bv, warps=warps, stages=stages):
+            def run(bv=bv, warps=warps, stages=stages, xs=xs):
                 return chunk_fwd(*xs, K**-0.5, None, False, block_v=bv, num_warps=warps, num_stages=stages)[0]
             try:
                 err = rel(run().float(), ref.float())
