@@ -23,6 +23,7 @@ __all__ = ["chunk_fwd"]
 
 BT = 64  # chunk
 BC = 16  # sub-block of the in-chunk products
+SAFE_SPREAD = 40.0  # largest in-block decay spread for the one-product form of a diagonal block
 
 
 @triton.jit
@@ -75,7 +76,8 @@ def _load_G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
 def _intra_kernel(
     q, k, v, G, b, w, Y, U, Aqk, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+    SAFE_SPREAD: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -101,19 +103,31 @@ def _intra_kernel(
         ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
         qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
         bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
-        # diagonal block: pairwise decay, column by column
-        Td = tl.zeros([BC, BC], tl.float32)
-        Qd = tl.zeros([BC, BC], tl.float32)
-        for c in range(BC):
-            kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
-            Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
-            below = (o_c >= c)[:, None]
-            d = tl.exp(tl.where(below, Gi - Gc[None, :], float("-inf")))
-            kd = kc[None, :] * d
-            col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
-            col_q = tl.sum(qi * kd, axis=1)
-            Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
-            Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
+        # diagonal block: one matrix product about the block's mid-point decay when its spread is small (every
+        # factor <= exp(spread / 2)), otherwise pairwise, column by column (every exponent <= 0)
+        G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
+        G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+        if tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD:
+            mid = 0.5 * (G_top + G_bot)
+            up = tl.exp(Gi - mid[None, :])
+            kd = ki * tl.exp(mid[None, :] - Gi)
+            lower = o_c[:, None] >= o_c[None, :]
+            Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION),
+                          0.0)
+            Qd = tl.where(lower, tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
+        else:
+            Td = tl.zeros([BC, BC], tl.float32)
+            Qd = tl.zeros([BC, BC], tl.float32)
+            for c in range(BC):
+                kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
+                Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
+                below = (o_c >= c)[:, None]
+                d = tl.exp(tl.where(below, Gi - Gc[None, :], float("-inf")))
+                kd = kc[None, :] * d
+                col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
+                col_q = tl.sum(qi * kd, axis=1)
+                Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
+                Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
         tl.store(Aqk + ((i_b * T + (r0 + o_c).to(tl.int64)) * HV + i_hv)[:, None] * BT + (i * BC + o_c)[None, :],
                  Qd, mask=((r0 + o_c) < T)[:, None])
         # off-diagonal blocks (i, j < i): decay about the last row of block j
@@ -124,8 +138,8 @@ def _intra_kernel(
                 Gj = _load_G_rows(G, i_b, rj, T, HG, i_hg, K, BC, BK)
                 kj = _load_rows(k, i_b, rj, T, H, i_h, K, BC, BK) * tl.exp(ref[None, :] - Gj)
                 into = tl.exp(Gi - ref[None, :])
-                Tij = tl.dot(bki * into, tl.trans(kj), input_precision="ieee")
-                Qij = tl.dot(qi * into, tl.trans(kj), input_precision="ieee")
+                Tij = tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION)
+                Qij = tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION)
                 tl.store(Aqk + ((i_b * T + (r0 + o_c).to(tl.int64)) * HV + i_hv)[:, None] * BT
                          + (j * BC + o_c)[None, :], Qij, mask=((r0 + o_c) < T)[:, None])
                 if i == 1:
@@ -172,8 +186,8 @@ def _intra_kernel(
                 Iij = _pick(i, j, I00, I10, I11, I20, I21, I22, I30, I31, I32, I33)
                 Ej, Zj = _rhs(k, b, G, v, w, i_b, t0 + j * BC, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K, V, BC,
                               BK, BV)
-                accY += _dot(Iij, Ej)
-                accU += _dot(Iij, Zj)
+                accY += tl.dot(Iij, Ej, input_precision=PRECISION)
+                accU += tl.dot(Iij, Zj, input_precision=PRECISION)
         _store_rows(Y, accY, i_b, t0 + i * BC, T, HV, i_hv, K, BC, BK)
         _store_rows(U, accU, i_b, t0 + i * BC, T, HV, i_hv, V, BC, BV)
     # the read-out Gram above the diagonal blocks is zero
@@ -310,13 +324,16 @@ def chunk_fwd(
     dev = q.device
     NT = triton.cdiv(T, BT)
     BK, BVfull = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    # fp32 inputs get fp32 products; bf16/fp16 inputs use tf32 tensor cores (error well under their rounding)
+    precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32)
     _cumsum_kernel[(NT, B * HG)](g, G, T, HG=HG, K=K, BT=BT, BK=BK)
     Y = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
     U = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     _intra_kernel[(NT, B * HV)](q, k, v, G, b, w, Y, U, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V,
-                                BK=BK, BV=BVfull, BT=BT, BC=BC, num_warps=num_warps)
+                                BK=BK, BV=BVfull, BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
+                                num_warps=num_warps)
     o = torch.empty_like(v) if out is None else out
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     BV = min(block_v, BVfull)
@@ -324,7 +341,6 @@ def chunk_fwd(
         q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
         STORE_HT=output_final_state, num_warps=num_warps, num_stages=num_stages,
-        # fp32 inputs get fp32 products; bf16/fp16 inputs use tf32 tensor cores (error well under their rounding)
-        PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        PRECISION=precision,
     )
     return o, (ht if output_final_state else None)
