@@ -1,13 +1,15 @@
 """Triton kernels for the chunked GDN-2 forward (prefill and inference), fixed-length batches.
 
-Three launches, each over chunks of 64 tokens (notation of ``docs/gdn2.md``):
+Five launches, each over chunks of 64 tokens (notation of ``docs/gdn2.md``):
 
 1. ``_cumsum_kernel``: ``G`` = in-chunk cumulative log-decay, fp32.
-2. ``_intra_kernel``, one program per (chunk, value head): the decayed Grams ``T`` (erase) and ``A_qk`` (read-out)
-   by 16 x 16 blocks, ``L^-1 = (I + T)^-1`` by blocked forward substitution, then ``Y = L^-1 (exp(G) b k)`` and
-   ``U = L^-1 (w v)``. Off-diagonal blocks take the decay about the last position of their column block and
-   diagonal blocks pairwise, so every exponent is <= 0: no overflow for any decay.
-3. ``_state_kernel``, one program per (sequence, value head, value block): the sequential state passing
+2. ``_gram_kernel``, one program per (16-row block, chunk, value head): the decayed Grams ``T`` (erase) and
+   ``A_qk`` (read-out). Blocks left of the diagonal take the decay about the last position of their column block; a
+   diagonal block takes it about its mid-point when its decay spread is small and pairwise otherwise, so no factor
+   overflows for any decay.
+3. ``_inverse_kernel``: ``L^-1 = (I + T)^-1`` by blocked forward substitution.
+4. ``_wy_kernel``: ``Y = L^-1 (exp(G) b k)`` and ``U = L^-1 (w v)``.
+5. ``_state_kernel``, one program per (sequence, value head, value block): the sequential state passing
    ``R = U - Y S``, ``O = (exp(G) q) S + A_qk R``, ``S <- exp(G_C) S + (exp(G_C - G) k)^T R``.
 
 Plain pointer arithmetic with masks, int64 offsets, no ``tl.make_block_ptr``.
@@ -73,163 +75,117 @@ def _load_G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _intra_kernel(
-    q, k, v, G, b, w, Y, U, Aqk, scale, T,
-    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
-    SAFE_SPREAD: tl.constexpr,
+def _gram_kernel(
+    q, k, G, b, Akk, Aqk, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    """Row block i of the decayed Grams of one (chunk, value head): erase ``T`` (strictly lower) into ``Akk``,
+    read-out ``A_qk`` (lower) into ``Aqk``; blocks above the diagonal are written as zeros."""
+    i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
     t0 = i_t * BT
+    r0 = t0 + i * BC
     o_c = tl.arange(0, BC)
+    Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
+    ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
+    qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
+    bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
+    # diagonal block: one matrix product about the block's mid-point decay when its spread is small (every factor
+    # <= exp(spread / 2)), otherwise pairwise, column by column (every exponent <= 0)
+    G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
+    G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+    if tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD:
+        mid = 0.5 * (G_top + G_bot)
+        up = tl.exp(Gi - mid[None, :])
+        kd = ki * tl.exp(mid[None, :] - Gi)
+        Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION), 0.0)
+        Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
+    else:
+        Td = tl.zeros([BC, BC], tl.float32)
+        Qd = tl.zeros([BC, BC], tl.float32)
+        for c in range(BC):
+            kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
+            Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
+            d = tl.exp(tl.where((o_c >= c)[:, None], Gi - Gc[None, :], float("-inf")))
+            kd = kc[None, :] * d
+            col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
+            col_q = tl.sum(qi * kd, axis=1)
+            Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
+            Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
+    _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+    _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+    # blocks left of the diagonal: decay about the last row of the column block
+    for j in range(0, i):
+        rj = t0 + j * BC
+        ref = _load_G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, BK)
+        kj = _load_rows(k, i_b, rj, T, H, i_h, K, BC, BK) * tl.exp(ref[None, :] - _load_G_rows(G, i_b, rj, T, HG,
+                                                                                             i_hg, K, BC, BK))
+        into = tl.exp(Gi - ref[None, :])
+        _store_block(Akk, tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, j * BC, T, HV,
+                     i_hv, BT, BC)
+        _store_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, j * BC, T, HV,
+                     i_hv, BT, BC)
+    for j in range(i + 1, BT // BC):
+        _store_block(Akk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
+        _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
 
-    # ---- decayed Grams by 16 x 16 blocks (4 x 4 blocks per chunk); lower-triangular, so block (i, j) with j <= i
-    # T_ij: erase Gram (strictly lower in the diagonal blocks); Q_ij: read-out Gram (lower)
-    T00 = tl.zeros([BC, BC], tl.float32)
-    T10 = tl.zeros([BC, BC], tl.float32)
-    T11 = tl.zeros([BC, BC], tl.float32)
-    T20 = tl.zeros([BC, BC], tl.float32)
-    T21 = tl.zeros([BC, BC], tl.float32)
-    T22 = tl.zeros([BC, BC], tl.float32)
-    T30 = tl.zeros([BC, BC], tl.float32)
-    T31 = tl.zeros([BC, BC], tl.float32)
-    T32 = tl.zeros([BC, BC], tl.float32)
-    T33 = tl.zeros([BC, BC], tl.float32)
-    for i in tl.static_range(4):
-        r0 = t0 + i * BC
-        Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
-        ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
-        qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
-        bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
-        # diagonal block: one matrix product about the block's mid-point decay when its spread is small (every
-        # factor <= exp(spread / 2)), otherwise pairwise, column by column (every exponent <= 0)
-        G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
-        G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
-        if tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD:
-            mid = 0.5 * (G_top + G_bot)
-            up = tl.exp(Gi - mid[None, :])
-            kd = ki * tl.exp(mid[None, :] - Gi)
-            lower = o_c[:, None] >= o_c[None, :]
-            Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION),
-                          0.0)
-            Qd = tl.where(lower, tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-        else:
-            Td = tl.zeros([BC, BC], tl.float32)
-            Qd = tl.zeros([BC, BC], tl.float32)
-            for c in range(BC):
-                kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
-                Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
-                below = (o_c >= c)[:, None]
-                d = tl.exp(tl.where(below, Gi - Gc[None, :], float("-inf")))
-                kd = kc[None, :] * d
-                col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
-                col_q = tl.sum(qi * kd, axis=1)
-                Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
-                Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
-        tl.store(Aqk + ((i_b * T + (r0 + o_c).to(tl.int64)) * HV + i_hv)[:, None] * BT + (i * BC + o_c)[None, :],
-                 Qd, mask=((r0 + o_c) < T)[:, None])
-        # off-diagonal blocks (i, j < i): decay about the last row of block j
-        for j in tl.static_range(4):
-            if j < i:
-                rj = t0 + j * BC
-                ref = _load_G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, BK)
-                Gj = _load_G_rows(G, i_b, rj, T, HG, i_hg, K, BC, BK)
-                kj = _load_rows(k, i_b, rj, T, H, i_h, K, BC, BK) * tl.exp(ref[None, :] - Gj)
-                into = tl.exp(Gi - ref[None, :])
-                Tij = tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION)
-                Qij = tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION)
-                tl.store(Aqk + ((i_b * T + (r0 + o_c).to(tl.int64)) * HV + i_hv)[:, None] * BT
-                         + (j * BC + o_c)[None, :], Qij, mask=((r0 + o_c) < T)[:, None])
-                if i == 1:
-                    T10 = Tij
-                elif i == 2:
-                    if j == 0:
-                        T20 = Tij
-                    else:
-                        T21 = Tij
-                else:
-                    if j == 0:
-                        T30 = Tij
-                    elif j == 1:
-                        T31 = Tij
-                    else:
-                        T32 = Tij
-        if i == 0:
-            T00 = Td
-        elif i == 1:
-            T11 = Td
-        elif i == 2:
-            T22 = Td
-        else:
-            T33 = Td
 
-    # ---- L^-1 for L = I + T: invert the unit lower diagonal blocks by forward substitution, then the blocks below
-    I00 = _unit_lower_inverse(T00, BC)
-    I11 = _unit_lower_inverse(T11, BC)
-    I22 = _unit_lower_inverse(T22, BC)
-    I33 = _unit_lower_inverse(T33, BC)
+@triton.jit
+def _inverse_kernel(Akk, Linv, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """L^-1 for L = I + T of one (chunk, value head): the unit lower diagonal blocks by forward substitution,
+    then the blocks below them."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    t0 = i_t * BT
+    T10 = _load_block(Akk, i_b, t0 + BC, 0, T, HV, i_hv, BT, BC)
+    T20 = _load_block(Akk, i_b, t0 + 2 * BC, 0, T, HV, i_hv, BT, BC)
+    T21 = _load_block(Akk, i_b, t0 + 2 * BC, BC, T, HV, i_hv, BT, BC)
+    T30 = _load_block(Akk, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
+    T31 = _load_block(Akk, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
+    T32 = _load_block(Akk, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
+    I00 = _unit_lower_inverse(_load_block(Akk, i_b, t0, 0, T, HV, i_hv, BT, BC), BC)
+    I11 = _unit_lower_inverse(_load_block(Akk, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC), BC)
+    I22 = _unit_lower_inverse(_load_block(Akk, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC), BC)
+    I33 = _unit_lower_inverse(_load_block(Akk, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC), BC)
     I10 = -_dot(I11, _dot(T10, I00))
     I21 = -_dot(I22, _dot(T21, I11))
     I20 = -_dot(I22, _dot(T20, I00) + _dot(T21, I10))
     I32 = -_dot(I33, _dot(T32, I22))
     I31 = -_dot(I33, _dot(T31, I11) + _dot(T32, I21))
     I30 = -_dot(I33, _dot(T30, I00) + _dot(T31, I10) + _dot(T32, I20))
+    zero = tl.zeros([BC, BC], tl.float32)
+    _store_block(Linv, I00, i_b, t0, 0, T, HV, i_hv, BT, BC)
+    _store_block(Linv, zero, i_b, t0, BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, zero, i_b, t0, 2 * BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, zero, i_b, t0, 3 * BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I10, i_b, t0 + BC, 0, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I11, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, zero, i_b, t0 + BC, 2 * BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, zero, i_b, t0 + BC, 3 * BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I20, i_b, t0 + 2 * BC, 0, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I21, i_b, t0 + 2 * BC, BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I22, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, zero, i_b, t0 + 2 * BC, 3 * BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I30, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I31, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I32, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
+    _store_block(Linv, I33, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC)
 
-    # ---- Y = L^-1 (exp(G) b k), U = L^-1 (w v), one row block at a time (few tiles live at once)
-    for i in tl.static_range(4):
-        accY = tl.zeros([BC, BK], tl.float32)
-        accU = tl.zeros([BC, BV], tl.float32)
-        for j in tl.static_range(4):
-            if j <= i:
-                Iij = _pick(i, j, I00, I10, I11, I20, I21, I22, I30, I31, I32, I33)
-                Ej, Zj = _rhs(k, b, G, v, w, i_b, t0 + j * BC, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K, V, BC,
-                              BK, BV)
-                accY += tl.dot(Iij, Ej, input_precision=PRECISION)
-                accU += tl.dot(Iij, Zj, input_precision=PRECISION)
-        _store_rows(Y, accY, i_b, t0 + i * BC, T, HV, i_hv, K, BC, BK)
-        _store_rows(U, accU, i_b, t0 + i * BC, T, HV, i_hv, V, BC, BV)
-    # the read-out Gram above the diagonal blocks is zero
-    for i in tl.static_range(4):
-        for j in tl.static_range(4):
-            if j > i:
-                r0 = t0 + i * BC
-                tl.store(Aqk + ((i_b * T + (r0 + o_c).to(tl.int64)) * HV + i_hv)[:, None] * BT
-                         + (j * BC + o_c)[None, :], tl.zeros([BC, BC], tl.float32), mask=((r0 + o_c) < T)[:, None])
+
+@triton.jit
+def _load_block(ptr, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    o = tl.arange(0, BC)
+    rows = r0 + o
+    return tl.load(ptr + ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * BT + (c0 + o)[None, :],
+                   mask=(rows < T)[:, None], other=0.0)
 
 
 @triton.jit
 def _dot(a, b):
     return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
-def _pick(i: tl.constexpr, j: tl.constexpr, I00, I10, I11, I20, I21, I22, I30, I31, I32, I33):
-    """Block (i, j) of the lower block-triangular inverse (i, j known at compile time)."""
-    if i == 0:
-        return I00
-    elif i == 1:
-        if j == 0:
-            return I10
-        else:
-            return I11
-    elif i == 2:
-        if j == 0:
-            return I20
-        elif j == 1:
-            return I21
-        else:
-            return I22
-    else:
-        if j == 0:
-            return I30
-        elif j == 1:
-            return I31
-        elif j == 2:
-            return I32
-        else:
-            return I33
 
 
 @triton.jit
@@ -245,12 +201,36 @@ def _unit_lower_inverse(A, BC: tl.constexpr):
 
 
 @triton.jit
-def _rhs(k, b, G, v, w, i_b, r0, T, H, HB, HG, HV, i_h, i_hb, i_hg, i_hv, K: tl.constexpr, V: tl.constexpr,
-         BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    kk = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
-    E = tl.exp(_load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)) * _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * kk
-    Z = _load_rows(v, i_b, r0, T, HV, i_hv, V, BC, BV) * _load_rows(w, i_b, r0, T, HV, i_hv, V, BC, BV)
-    return E, Z
+def _store_block(ptr, x, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """Block ``x`` [BC, BC] at rows ``r0..`` and in-chunk columns ``c0..`` of a ``[B, T, heads, BT]`` buffer."""
+    o = tl.arange(0, BC)
+    rows = r0 + o
+    tl.store(ptr + ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * BT + (c0 + o)[None, :], x,
+             mask=(rows < T)[:, None])
+
+
+@triton.jit
+def _wy_kernel(
+    k, v, G, b, w, Linv, Y, U, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Y = L^-1 (exp(G) b k) and U = L^-1 (w v) for one (chunk, value head, value block)."""
+    i_t, i_bh, i_v = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
+    t0 = i_t * BT
+    L = _load_rows(Linv, i_b, t0, T, HV, i_hv, BT, BT, BT)
+    if i_v == 0:
+        E = tl.exp(_load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)) * _load_rows(b, i_b, t0, T, HB, i_hb, K, BT, BK) \
+            * _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK)
+        _store_rows(Y, tl.dot(L, E, input_precision=PRECISION), i_b, t0, T, HV, i_hv, K, BT, BK)
+    rows = t0 + tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m = (rows < T)[:, None] & (o_v < V)[None, :]
+    offs = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :]
+    Z = tl.load(v + offs, mask=m, other=0.0).to(tl.float32) * tl.load(w + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(U + offs, tl.dot(L, Z, input_precision=PRECISION), mask=m)
 
 
 @triton.jit
@@ -305,7 +285,8 @@ def _state_kernel(
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
-    block_v: int = 32, num_warps: int = 4, num_stages: int = 2, out: torch.Tensor | None = None,
+    block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 8,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
@@ -331,9 +312,15 @@ def chunk_fwd(
     Y = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
     U = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
-    _intra_kernel[(NT, B * HV)](q, k, v, G, b, w, Y, U, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V,
-                                BK=BK, BV=BVfull, BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
-                                num_warps=num_warps)
+    Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
+    Linv = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
+    _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK,
+                                            BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
+                                            num_warps=intra_warps)
+    _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, num_warps=intra_warps)
+    BVw = min(64, BVfull)
+    _wy_kernel[(NT, B * HV, triton.cdiv(V, BVw))](k, v, G, b, w, Linv, Y, U, T, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V,
+                                                   BK=BK, BV=BVw, BT=BT, PRECISION=precision, num_warps=intra_warps)
     o = torch.empty_like(v) if out is None else out
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     BV = min(block_v, BVfull)

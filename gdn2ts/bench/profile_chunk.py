@@ -1,40 +1,31 @@
-"""Time each launch of the Triton chunked forward separately (GPU): ``python -m gdn2ts.bench.profile_chunk``."""
+"""Tiling variants of the Triton chunked forward on the GPU: ``python -m gdn2ts.bench.profile_chunk``."""
 
 from __future__ import annotations
 
-import torch
-import triton
 from triton.testing import do_bench
 
-from gdn2ts.bench.kernels import H, K, V, make_inputs
-from gdn2ts.kernels import chunk_fwd as cf
+from gdn2ts.bench.kernels import K, make_inputs, rel
+from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+VARIANTS = [dict(), dict(intra_warps=4), dict(num_warps=8), dict(block_v=16), dict(block_v=64, num_stages=1)]
 
 
-def profile(B: int, T: int) -> dict:
-    q, k, v, g, b, w = make_inputs(B, T, seed=1)
-    NT = triton.cdiv(T, cf.BT)
-    G = torch.empty(B, T, H, K, device="cuda")
-    Y = torch.empty(B, T, H, K, device="cuda")
-    U = torch.empty(B, T, H, V, device="cuda")
-    A = torch.empty(B, T, H, cf.BT, device="cuda")
-    o = torch.empty_like(v)
-    ht = torch.empty(B, H, K, V, device="cuda")
-    times = {
-        "cumsum": do_bench(lambda: cf._cumsum_kernel[(NT, B * H)](g, G, T, HG=H, K=K, BT=cf.BT, BK=K),
-                           return_mode="median"),
-        "intra": do_bench(lambda: cf._intra_kernel[(NT, B * H)](q, k, v, G, b, w, Y, U, A, K**-0.5, T, H=H, HV=H,
-                                                                 HG=H, HB=H, K=K, V=V, BK=K, BV=V, BT=cf.BT,
-                                                                 BC=cf.BC, PRECISION="tf32",
-                                                                 SAFE_SPREAD=cf.SAFE_SPREAD, num_warps=4),
-                          return_mode="median"),
-        "state": do_bench(lambda: cf._state_kernel[(V // 32, B * H)](q, k, G, Y, U, A, o, o, ht, K**-0.5, T, H=H,
-                                                                      HV=H, HG=H, K=K, V=V, BK=K, BV=32, BT=cf.BT,
-                                                                      HAS_H0=False, STORE_HT=True,
-                                                                      PRECISION="tf32", num_warps=4, num_stages=2),
-                          return_mode="median"),
-    }
-    print(f"{T}x{B}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()), flush=True)
-    return times
+def profile(B: int, T: int) -> list[dict]:
+    xs = make_inputs(B, T, seed=1)
+    ref, _ = chunk_fwd(*xs, K**-0.5, None, False)
+    rows = []
+    for opts in VARIANTS:
+        def run(opts=opts):
+            return chunk_fwd(*xs, K**-0.5, None, False, **opts)[0]
+        try:
+            err = rel(run().float(), ref.float())
+        except Exception as e:  # a tiling that does not fit this GPU
+            print(f"{T}x{B} {opts}: {str(e)[:100]}", flush=True)
+            continue
+        t = do_bench(run, warmup=20, rep=100, return_mode="median")
+        rows.append({"B": B, "T": T, **opts, "ms": t, "rel_err": err})
+        print(f"{T}x{B} {opts or 'default'}: {t:.3f} ms (err {err:.1e})", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
