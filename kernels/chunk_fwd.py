@@ -285,7 +285,7 @@ def _state_kernel(
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
-    block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 8,
+    block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
