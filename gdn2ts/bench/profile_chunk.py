@@ -28,6 +28,27 @@ def profile(B: int, T: int) -> list[dict]:
     return rows
 
 
+
+
+def kernel_times(B: int, T: int) -> None:
+    """Per-launch GPU time of one chunked forward, from the PyTorch profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    xs = make_inputs(B, T, seed=2)
+    for _ in range(3):
+        chunk_fwd(*xs, K**-0.5, None, False)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            chunk_fwd(*xs, K**-0.5, None, False)
+        torch.cuda.synchronize()
+    print(f"{T}x{B} (10 calls)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+
+
 if __name__ == "__main__":
     for B, T in ((8, 2048), (1, 16384)):
         profile(B, T)
+        kernel_times(B, T)
