@@ -1,12 +1,13 @@
 """Triton kernels for the chunked GDN-2 forward (prefill and inference), fixed-length batches.
 
-Five launches, each over chunks of 64 tokens (notation of ``docs/gdn2.md``):
+Six launches, each over chunks of 64 tokens (notation of ``docs/gdn2.md``):
 
 1. ``_cumsum_kernel``: ``G`` = in-chunk cumulative log-decay, fp32.
 2. ``_gram_kernel``, one program per (16-row block, chunk, value head): the decayed Grams ``T`` (erase) and
-   ``A_qk`` (read-out). Blocks left of the diagonal take the decay about the last position of their column block; a
-   diagonal block takes it about its mid-point when its decay spread is small and pairwise otherwise, so no factor
-   overflows for any decay.
+   ``A_qk`` (read-out). Blocks left of the diagonal take the decay about the last position of their column block, a
+   diagonal block about its mid-point, so no factor overflows ...
+2b. ``_diag_fixup_kernel``: ... except in a diagonal block whose decay spreads too far for that; those few are
+   formed pairwise here.
 3. ``_inverse_kernel``: ``L^-1 = (I + T)^-1`` by blocked forward substitution.
 4. ``_wy_kernel``: ``Y = L^-1 (exp(G) b k)`` and ``U = L^-1 (w v)``.
 5. ``_state_kernel``, one program per (sequence, value head, value block): the sequential state passing
@@ -93,28 +94,17 @@ def _gram_kernel(
     ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
     qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
     bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
-    # diagonal block: one matrix product about the block's mid-point decay when its spread is small (every factor
-    # <= exp(spread / 2)), otherwise pairwise, column by column (every exponent <= 0)
+    # diagonal block: one matrix product about the block's mid-point decay (every factor <= exp(spread / 2)). A
+    # block whose decay spreads further is left to _diag_fixup_kernel, which forms it pairwise.
     G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
     G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
-    if tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD:
-        mid = 0.5 * (G_top + G_bot)
-        up = tl.exp(Gi - mid[None, :])
-        kd = ki * tl.exp(mid[None, :] - Gi)
-        Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-        Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-    else:
-        Td = tl.zeros([BC, BC], tl.float32)
-        Qd = tl.zeros([BC, BC], tl.float32)
-        for c in range(BC):
-            kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
-            Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
-            d = tl.exp(tl.where((o_c >= c)[:, None], Gi - Gc[None, :], float("-inf")))
-            kd = kc[None, :] * d
-            col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
-            col_q = tl.sum(qi * kd, axis=1)
-            Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
-            Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
+    safe = tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD
+    mid = tl.where(safe, 0.5 * (G_top + G_bot), 0.0)
+    Gs = tl.where(safe, Gi, 0.0)
+    up = tl.exp(Gs - mid[None, :])
+    kd = ki * tl.exp(mid[None, :] - Gs)
+    Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION), 0.0)
+    Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
     _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
     _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
     # blocks left of the diagonal: decay about the last row of the column block
@@ -131,6 +121,42 @@ def _gram_kernel(
     for j in range(i + 1, BT // BC):
         _store_block(Akk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
         _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
+
+
+@triton.jit
+def _diag_fixup_kernel(
+    q, k, G, b, Akk, Aqk, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr,
+):
+    """Diagonal blocks whose decay spreads too far for the one-product form: formed pairwise, column by column,
+    every exponent <= 0 (most programs only read two rows of G and return)."""
+    i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
+    r0 = i_t * BT + i * BC
+    G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
+    G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+    if tl.max(tl.abs(G_top - G_bot), axis=0) >= SAFE_SPREAD:
+        o_c = tl.arange(0, BC)
+        Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
+        ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
+        qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
+        bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
+        Td = tl.zeros([BC, BC], tl.float32)
+        Qd = tl.zeros([BC, BC], tl.float32)
+        for c in range(BC):
+            kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
+            Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
+            d = tl.exp(tl.where((o_c >= c)[:, None], Gi - Gc[None, :], float("-inf")))
+            kd = kc[None, :] * d
+            col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
+            col_q = tl.sum(qi * kd, axis=1)
+            Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
+            Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
+        _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+        _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
 
 
 @triton.jit
@@ -317,6 +343,8 @@ def chunk_fwd(
     _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK,
                                             BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
                                             num_warps=intra_warps)
+    _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
+                                                  BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD, num_warps=intra_warps)
     _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, num_warps=intra_warps)
     BVw = min(64, BVfull)
     _wy_kernel[(NT, B * HV, triton.cdiv(V, BVw))](k, v, G, b, w, Linv, Y, U, T, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V,
