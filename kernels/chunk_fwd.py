@@ -172,10 +172,10 @@ def _inverse_kernel(Akk, Linv, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.con
     T30 = _load_block(Akk, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
     T31 = _load_block(Akk, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
     T32 = _load_block(Akk, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
-    I00 = _unit_lower_inverse(_load_block(Akk, i_b, t0, 0, T, HV, i_hv, BT, BC), BC)
-    I11 = _unit_lower_inverse(_load_block(Akk, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC), BC)
-    I22 = _unit_lower_inverse(_load_block(Akk, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC), BC)
-    I33 = _unit_lower_inverse(_load_block(Akk, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC), BC)
+    I00, I11, I22, I33 = _unit_lower_inverse4(
+        _load_block(Akk, i_b, t0, 0, T, HV, i_hv, BT, BC), _load_block(Akk, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC),
+        _load_block(Akk, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC),
+        _load_block(Akk, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC), BC)
     I10 = -_dot(I11, _dot(T10, I00))
     I21 = -_dot(I22, _dot(T21, I11))
     I20 = -_dot(I22, _dot(T20, I00) + _dot(T21, I10))
@@ -215,15 +215,19 @@ def _dot(a, b):
 
 
 @triton.jit
-def _unit_lower_inverse(A, BC: tl.constexpr):
-    """(I + A)^-1 for strictly lower ``A`` [BC, BC], row by row: X_r = e_r - sum_{c<r} A[r, c] X_c."""
+def _unit_lower_inverse4(A0, A1, A2, A3, BC: tl.constexpr):
+    """(I + A)^-1 of four strictly lower ``A`` [BC, BC] at once (independent chains, interleaved), row by row:
+    X_r = e_r - sum_{c<r} A[r, c] X_c."""
     o = tl.arange(0, BC)
-    X = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    X0, X1, X2, X3 = eye, eye, eye, eye
     for r in range(1, BC):
-        a_r = tl.sum(tl.where(o[:, None] == r, A, 0.0), axis=0)  # row r of A
-        x_r = tl.sum(a_r[:, None] * X, axis=0)
-        X = tl.where(o[:, None] == r, X - x_r[None, :], X)
-    return X
+        here = o[:, None] == r
+        X0 = tl.where(here, X0 - tl.sum(tl.sum(tl.where(here, A0, 0.0), axis=0)[:, None] * X0, axis=0)[None, :], X0)
+        X1 = tl.where(here, X1 - tl.sum(tl.sum(tl.where(here, A1, 0.0), axis=0)[:, None] * X1, axis=0)[None, :], X1)
+        X2 = tl.where(here, X2 - tl.sum(tl.sum(tl.where(here, A2, 0.0), axis=0)[:, None] * X2, axis=0)[None, :], X2)
+        X3 = tl.where(here, X3 - tl.sum(tl.sum(tl.where(here, A3, 0.0), axis=0)[:, None] * X3, axis=0)[None, :], X3)
+    return X0, X1, X2, X3
 
 
 @triton.jit
@@ -351,7 +355,8 @@ def chunk_fwd(
                                                    BK=BK, BV=BVw, BT=BT, PRECISION=precision, num_warps=intra_warps)
     o = torch.empty_like(v) if out is None else out
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
-    BV = min(block_v, BVfull)
+    # few (sequence, head) pairs: narrower value blocks put more programs on the sequential state passing
+    BV = min(block_v if B * HV * triton.cdiv(V, block_v) >= 256 else 16, BVfull)
     _state_kernel[(triton.cdiv(V, BV), B * HV)](
         q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
