@@ -1,0 +1,345 @@
+"""Persistent per-stream state: the ``StateStore`` protocol, an in-memory store and the embedded SQLite store.
+
+A stream's record (:class:`StreamRecord`) holds named tensors (layer states, conv tails, scaling statistics, ...),
+the last timestamp, the step count and the fingerprint of the model that wrote it. Records are encoded with
+safetensors (tensors and string metadata only; nothing is pickled) and carry a SHA-256 checksum that is verified
+on every read.
+
+Writes are staged and become visible to other readers only at ``commit()``, all at once or not at all; reads
+through the same store see its staged writes. Stream ids are data: they are bound as SQL parameters and never
+become part of a path or an SQL string.
+
+Commit policy of :class:`SQLiteStore`: write-ahead logging (WAL) and ``synchronous=NORMAL`` by default, so a
+committed batch survives a crash of the process (SIGKILL included); ``synchronous="FULL"`` also survives a power
+loss at some cost per commit. Commit in batches (many streams per transaction): a transaction costs one log append.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = [
+    "StreamRecord",
+    "StateStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "StoreError",
+    "CorruptRecordError",
+    "FingerprintMismatchError",
+]
+
+FORMAT = "gdn2ts.stream.v1"
+SCHEMA_VERSION = "1"
+_SQL_BATCH = 500  # stream ids per SELECT ... IN (...)
+
+
+class StoreError(Exception):
+    """Base class of the state stores' errors."""
+
+
+class CorruptRecordError(StoreError):
+    """A stored record failed its checksum or could not be decoded."""
+
+
+class FingerprintMismatchError(StoreError):
+    """A stored record was written by a different model."""
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    """Everything a stream carries between observations.
+
+    Example:
+        >>> import torch
+        >>> r = StreamRecord({"layer0.recurrent": torch.zeros(1, 2, 4, 4)}, last_timestamp=3.5, steps=7,
+        ...                  fingerprint="abc")
+        >>> r.steps, r.fingerprint
+        (7, 'abc')
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named tensors (layer states, conv tails, scaling statistics); any dtype, stored on the CPU."""
+    last_timestamp: float = float("-inf")
+    """Timestamp of the last observation applied (``-inf`` before the first)."""
+    steps: int = 0
+    """Number of observations applied."""
+    fingerprint: str = ""
+    """Fingerprint of the model that wrote the record."""
+
+    def __post_init__(self):
+        if not isinstance(self.tensors, dict):
+            raise ValueError(f"StreamRecord: 'tensors' expected a dict of name -> tensor, got "
+                             f"{type(self.tensors).__name__}")
+        for name, t in self.tensors.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"StreamRecord: tensor names expected non-empty strings, got {name!r}")
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"StreamRecord: tensor {name!r} expected a torch.Tensor, got {type(t).__name__}")
+        if isinstance(self.last_timestamp, bool) or not isinstance(self.last_timestamp, (int, float)) or \
+                math.isnan(self.last_timestamp) or self.last_timestamp == math.inf:
+            raise ValueError(f"StreamRecord: 'last_timestamp' expected a number (or -inf), got "
+                             f"{self.last_timestamp!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"StreamRecord: 'steps' expected a non-negative int, got {self.steps!r}")
+        if not isinstance(self.fingerprint, str):
+            raise ValueError(f"StreamRecord: 'fingerprint' expected a string, got {type(self.fingerprint).__name__}")
+
+
+def encode(record: StreamRecord) -> bytes:
+    """safetensors bytes of the record's tensors, with the scalars in its string metadata."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in record.tensors.items()}
+    metadata = {"format": FORMAT, "last_timestamp": repr(float(record.last_timestamp)), "steps": str(record.steps),
+                "fingerprint": record.fingerprint}
+    return st_save(tensors, metadata=metadata)
+
+
+def decode(payload: bytes, stream_id: str) -> StreamRecord:
+    try:
+        tensors = st_load(payload)
+        # safetensors layout: 8-byte little-endian header length, then the JSON header holding the metadata
+        header_len = int.from_bytes(payload[:8], "little")
+        metadata = json.loads(payload[8:8 + header_len]).get("__metadata__", {})
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"unknown format {metadata.get('format')!r}")
+        return StreamRecord(tensors=dict(tensors), last_timestamp=float(metadata["last_timestamp"]),
+                            steps=int(metadata["steps"]), fingerprint=metadata["fingerprint"])
+    except Exception as e:  # any decoding failure is a corrupt record, named
+        raise CorruptRecordError(f"stream {stream_id!r}: stored record cannot be decoded ({e})") from None
+
+
+def checksum(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _check_ids(stream_ids) -> list[str]:
+    if isinstance(stream_ids, str):
+        raise ValueError("stream_ids expected a sequence of strings, got a single string (wrap it in a list)")
+    ids = list(stream_ids)
+    for sid in ids:
+        if not isinstance(sid, str):
+            raise ValueError(f"stream ids expected strings, got {type(sid).__name__} {sid!r}")
+    return ids
+
+
+def _check_fingerprint(stream_id: str, record: StreamRecord, fingerprint: str | None) -> None:
+    if fingerprint is not None and record.fingerprint != fingerprint:
+        raise FingerprintMismatchError(
+            f"stream {stream_id!r}: stored state was written by model {record.fingerprint!r}, "
+            f"not by this model {fingerprint!r}")
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Where per-stream records live. Writes are staged until ``commit()``; a networked backend implements the
+    same methods."""
+
+    def get(self, stream_ids: Sequence[str], fingerprint: str | None = None) -> dict[str, StreamRecord | None]:
+        """Records of ``stream_ids`` (None for unknown streams), staged writes included. With ``fingerprint``,
+        a record written by another model raises :class:`FingerprintMismatchError`."""
+
+    def put(self, records: Mapping[str, StreamRecord]) -> None:
+        """Stage records (replacing any earlier version)."""
+
+    def delete(self, stream_ids: Iterable[str]) -> None:
+        """Stage deletions."""
+
+    def iterate(self) -> Iterator[str]:
+        """Ids of committed streams, in sorted order."""
+
+    def commit(self) -> None:
+        """Apply every staged write at once, or none of them."""
+
+    def rollback(self) -> None:
+        """Discard staged writes."""
+
+    def close(self) -> None:
+        """Release the store (staged writes are discarded)."""
+
+
+_DELETED = object()
+
+
+class _Staging:
+    """Staged writes shared by the stores: id -> encoded payload, or the deletion marker."""
+
+    def __init__(self):
+        self.staged: dict[str, object] = {}
+
+    def put(self, records: Mapping[str, StreamRecord]) -> None:
+        if not isinstance(records, Mapping):
+            raise ValueError(f"put: 'records' expected a mapping of stream id -> StreamRecord, got "
+                             f"{type(records).__name__}")
+        encoded = {}
+        for sid, record in records.items():
+            if not isinstance(sid, str):
+                raise ValueError(f"put: stream ids expected strings, got {type(sid).__name__} {sid!r}")
+            if not isinstance(record, StreamRecord):
+                raise ValueError(f"put: stream {sid!r} expected a StreamRecord, got {type(record).__name__}")
+            encoded[sid] = encode(record)
+        # everything encoded before anything is staged: a bad record stages nothing
+        self.staged.update(encoded)
+
+    def delete(self, stream_ids: Iterable[str]) -> None:
+        for sid in _check_ids(stream_ids):
+            self.staged[sid] = _DELETED
+
+
+class MemoryStore(_Staging):
+    """An in-memory :class:`StateStore` (tests, ephemeral runs). Records are kept encoded, exactly as on disk.
+
+    Example:
+        >>> import torch
+        >>> store = MemoryStore()
+        >>> store.put({"meter-1": StreamRecord({"h": torch.ones(2)}, 1.0, 1, "m")})
+        >>> store.commit()
+        >>> store.get(["meter-1", "meter-2"])["meter-2"] is None
+        True
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.committed: dict[str, bytes] = {}
+
+    def get(self, stream_ids, fingerprint=None):
+        out = {}
+        for sid in _check_ids(stream_ids):
+            payload = self.staged.get(sid, self.committed.get(sid))
+            out[sid] = None if payload is None or payload is _DELETED else decode(payload, sid)
+            if out[sid] is not None:
+                _check_fingerprint(sid, out[sid], fingerprint)
+        return out
+
+    def iterate(self):
+        return iter(sorted(self.committed))
+
+    def commit(self):
+        for sid, payload in self.staged.items():
+            if payload is _DELETED:
+                self.committed.pop(sid, None)
+            else:
+                self.committed[sid] = payload
+        self.staged.clear()
+
+    def rollback(self):
+        self.staged.clear()
+
+    def close(self):
+        self.staged.clear()
+
+    def __len__(self):
+        return len(self.committed)
+
+
+class SQLiteStore(_Staging):
+    """The embedded default :class:`StateStore`: one SQLite file in WAL mode, one row per stream.
+
+    Args:
+        path: the database file (created if missing).
+        synchronous: SQLite's ``synchronous`` setting, ``"NORMAL"`` (survives process crashes) or ``"FULL"``
+            (also survives power loss).
+        timeout: seconds to wait for a lock held by another connection.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = tempfile.mkdtemp() + "/state.db"
+        >>> store = SQLiteStore(path)
+        >>> store.put({"turbine/7": StreamRecord({"h": torch.arange(3.0)}, 10.0, 3, "model-a")})
+        >>> store.commit(); store.close()
+        >>> SQLiteStore(path).get(["turbine/7"])["turbine/7"].steps
+        3
+    """
+
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL", timeout: float = 30.0):
+        super().__init__()
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"SQLiteStore: 'synchronous' expected 'NORMAL' or 'FULL', got {synchronous!r}")
+        self.path = Path(path)
+        self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+        try:
+            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"SQLiteStore: {self.path} cannot use write-ahead logging (journal mode {mode})")
+            self.conn.execute(f"PRAGMA synchronous={synchronous}")
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS streams (stream_id TEXT PRIMARY KEY, payload BLOB NOT NULL, "
+                              "checksum TEXT NOT NULL)")
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise StoreError(f"SQLiteStore: {self.path} is not a usable state store ({e})") from None
+        if version != SCHEMA_VERSION:
+            self.conn.close()
+            raise StoreError(f"SQLiteStore: {self.path} has schema version {version}, expected {SCHEMA_VERSION}")
+
+    def get(self, stream_ids, fingerprint=None):
+        ids = _check_ids(stream_ids)
+        out: dict[str, StreamRecord | None] = {}
+        missing = []
+        for sid in ids:
+            if sid in self.staged:
+                payload = self.staged[sid]
+                out[sid] = None if payload is _DELETED else decode(payload, sid)
+            else:
+                missing.append(sid)
+        rows = {}
+        for start in range(0, len(missing), _SQL_BATCH):
+            part = missing[start:start + _SQL_BATCH]
+            marks = ",".join("?" * len(part))
+            rows.update({sid: (payload, digest) for sid, payload, digest in self.conn.execute(
+                f"SELECT stream_id, payload, checksum FROM streams WHERE stream_id IN ({marks})", part)})
+        for sid in missing:
+            if sid not in rows:
+                out[sid] = None
+                continue
+            payload, digest = rows[sid]
+            if checksum(payload) != digest:
+                raise CorruptRecordError(f"stream {sid!r}: stored record fails its checksum")
+            out[sid] = decode(payload, sid)
+        for sid in ids:
+            if out[sid] is not None:
+                _check_fingerprint(sid, out[sid], fingerprint)
+        return {sid: out[sid] for sid in ids}
+
+    def iterate(self):
+        for (sid,) in self.conn.execute("SELECT stream_id FROM streams ORDER BY stream_id"):
+            yield sid
+
+    def commit(self):
+        if not self.staged:
+            return
+        puts = [(sid, payload, checksum(payload)) for sid, payload in self.staged.items() if payload is not _DELETED]
+        deletes = [(sid,) for sid, payload in self.staged.items() if payload is _DELETED]
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?, ?)", puts)
+            self.conn.executemany("DELETE FROM streams WHERE stream_id = ?", deletes)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        self.staged.clear()
+
+    def rollback(self):
+        self.staged.clear()
+
+    def close(self):
+        self.staged.clear()
+        self.conn.close()
+
+    def __len__(self):
+        return self.conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0]
