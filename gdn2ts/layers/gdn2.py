@@ -164,6 +164,7 @@ class GatedDeltaNet2(nn.Module):
         state: GDN2State | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        decay_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GDN2State]:
         """Whole sequences: ``x`` ``[B, T, hidden]`` -> ``(y [B, T, hidden], new_state)``; differentiable.
 
@@ -175,6 +176,8 @@ class GatedDeltaNet2(nn.Module):
                 tail pass through them unchanged, and their output is 0). Holes anywhere are allowed.
             cu_seqlens: ``[N + 1]`` offsets of ``N`` sequences packed in ``x`` (``B == 1``); each sequence's conv
                 starts from its own tail.
+            decay_scale: ``[B, T]`` non-negative multiplier of each token's log-decay: the decay over a step of
+                length ``dt`` is ``alpha ** dt`` (irregular sampling); 1 when omitted.
 
         Example:
             >>> import torch
@@ -193,12 +196,15 @@ class GatedDeltaNet2(nn.Module):
         if attention_mask is not None and cu_seqlens is not None:
             fail(op, "attention_mask", "None when cu_seqlens is given (use one of the two)",
                  f"a tensor of shape {tuple(attention_mask.shape)} together with cu_seqlens")
+        if decay_scale is not None:
+            self._check_decay_scale(op, decay_scale, (B, T), x.device)
         if attention_mask is not None:
             mask = self._check_mask(op, "attention_mask", attention_mask, (B, T), x.device)
             self._check_state(op, state, B, act, x.device)
             # compact each row's valid tokens (in order) into one packed batch: holes become sequence joins
             cu = F.pad(mask.sum(1).cumsum(0), (1, 0))
-            y_packed, new_state = self._forward_packed(x[mask][None], state, cu)
+            y_packed, new_state = self._forward_packed(x[mask][None], state, cu,
+                                                       None if decay_scale is None else decay_scale[mask][None])
             y = y_packed.new_zeros(B, T, y_packed.shape[-1])
             y[mask] = y_packed[0]
             return y, new_state
@@ -208,20 +214,22 @@ class GatedDeltaNet2(nn.Module):
                      f"shape {tuple(x.shape)}")
             N = check_cu_seqlens(op, cu_seqlens, B, T, x.device)
             self._check_state(op, state, N, act, x.device)
-            return self._forward_packed(x, state, cu_seqlens)
+            return self._forward_packed(x, state, cu_seqlens, decay_scale)
         self._check_state(op, state, B, act, x.device)
         qkv, tail = self.conv(self._project(x), None if state is None else state.conv)
-        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, None, chunk_gdn2)
+        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, None, chunk_gdn2, decay_scale)
         return y, GDN2State(recurrent, tail)
 
     @torch.no_grad()
     def step(
-        self, x_t: torch.Tensor, state: GDN2State | None = None, mask: torch.Tensor | None = None
+        self, x_t: torch.Tensor, state: GDN2State | None = None, mask: torch.Tensor | None = None,
+        decay_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GDN2State]:
         """One token per row: ``x_t`` ``[B, hidden]`` -> ``(y_t [B, hidden], new_state)``. Inference only.
 
         Runs under ``torch.no_grad()`` (the recurrent op is forward-only): use :meth:`forward` to train. Rows with
-        ``mask[i] == False`` keep their state (recurrent and conv) and output zeros. ``state`` (zeros when
+        ``mask[i] == False`` keep their state (recurrent and conv) and output zeros; ``decay_scale`` ``[B]`` scales
+        each row's log-decay (as in :meth:`forward`). ``state`` (zeros when
         omitted) is not modified.
 
         Example:
@@ -242,10 +250,13 @@ class GatedDeltaNet2(nn.Module):
         self._check_state(op, state, B, act, x_t.device)
         if mask is not None:
             mask = self._check_mask(op, "mask", mask, (B,), x_t.device)
+        if decay_scale is not None:
+            self._check_decay_scale(op, decay_scale, (B,), x_t.device)
+            decay_scale = decay_scale[:, None]
         if state is None:
             state = self.init_state(B, device=x_t.device, dtype=act)
         qkv, tail = self.conv.step(self._project(x_t), state.conv)
-        y, recurrent = self._mix(qkv[:, None], x_t[:, None], state.recurrent, None, recurrent_gdn2)
+        y, recurrent = self._mix(qkv[:, None], x_t[:, None], state.recurrent, None, recurrent_gdn2, decay_scale)
         y = y[:, 0]
         if mask is not None:
             y = torch.where(mask[:, None], y, 0.0)
@@ -260,16 +271,18 @@ class GatedDeltaNet2(nn.Module):
         """``[..., hidden]`` -> pre-conv ``q|k|v`` ``[..., C]``."""
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
-    def _forward_packed(self, x, state, cu_seqlens):
+    def _forward_packed(self, x, state, cu_seqlens, decay_scale=None):
         """``x`` ``[1, total, hidden]`` with N sequences: conv per sequence (padded to ``[N, L]``), packed op."""
         padded, index = pad_packed(self._project(x), cu_seqlens)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         conv_out, tail = self.conv(padded, None if state is None else state.conv, lengths)
         qkv = unpad_packed(conv_out, index, x.shape[1])
-        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, cu_seqlens, chunk_gdn2)
+        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, cu_seqlens, chunk_gdn2,
+                                 decay_scale)
         return y, GDN2State(recurrent, tail)
 
-    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gates(self, x: torch.Tensor, decay_scale: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` ``[B, T, hidden]`` -> activated ``g`` ``[B, T, H, K]``, ``b`` ``[B, T, H or HV, K]``,
         ``w`` ``[B, T, HV, V]``, all in fp32 (fp64 for fp64 inputs). Scalar gates are broadcast views."""
         cfg = self.config
@@ -284,6 +297,9 @@ class GatedDeltaNet2(nn.Module):
         else:
             step = F.softplus(self.a_proj(x).to(dt) + self.dt_bias.to(dt))  # [B, T, H]
             g = (-rate * step)[..., None].expand(B, T, H, K)
+        if decay_scale is not None:
+            # irregular sampling: over a step of length dt the decay is alpha ** dt
+            g = g * decay_scale.to(dt)[:, :, None, None]
         if cfg.erase == "channel":
             b = cfg.erase_max * torch.sigmoid(self.b_proj(x).to(dt).unflatten(-1, (H, K)))
         elif cfg.erase == "scalar":
@@ -302,13 +318,13 @@ class GatedDeltaNet2(nn.Module):
             w = step.repeat_interleave(HV // H, dim=-1)[..., None].expand(B, T, HV, V)
         return g, b, w
 
-    def _mix(self, qkv, x, recurrent, cu_seqlens, op):
+    def _mix(self, qkv, x, recurrent, cu_seqlens, op, decay_scale=None):
         """Post-conv ``qkv`` ``[B, T, C]`` and ``x`` ``[B, T, hidden]`` -> ``(y [B, T, hidden], final state)``."""
         cfg = self.config
         H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
         q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
         q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
-        g, b, w = self._gates(x)
+        g, b, w = self._gates(x, decay_scale)
         o, final = op(q, k, v, g, b, w, initial_state=recurrent, output_final_state=True,
                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=cfg.qk_norm == "l2")
         if self.D is not None:
@@ -360,6 +376,19 @@ class GatedDeltaNet2(nn.Module):
                 fail(op, name, f"dtype {dtype} (for {act} activations)", t.dtype)
             if t.device != device:
                 fail(op, name, f"a tensor on {device} (the device of the input)", t.device)
+
+    @staticmethod
+    def _check_decay_scale(op: str, scale, shape: tuple, device) -> None:
+        text = "[" + ", ".join(f"{k}={n}" for k, n in zip("BT"[:len(shape)], shape, strict=True)) + "]"
+        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+            fail(op, "decay_scale", f"a floating tensor {text}", type(scale).__name__ if not isinstance(
+                scale, torch.Tensor) else scale.dtype)
+        if tuple(scale.shape) != shape:
+            fail(op, "decay_scale", f"shape {text}", f"shape {tuple(scale.shape)}")
+        if scale.device != device:
+            fail(op, "decay_scale", f"a tensor on {device} (the device of the input)", scale.device)
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            fail(op, "decay_scale", "finite, non-negative values", "negative or non-finite values")
 
     @staticmethod
     def _check_mask(op: str, name: str, mask, shape: tuple, device) -> torch.Tensor:
