@@ -1,0 +1,262 @@
+"""A GDN-2 encoder for multivariate, irregularly sampled, partly missing observations, parallel or step by step.
+
+One token per timestamp: the observed values (missing ones zeroed), the observation mask, the log of the time
+elapsed since the stream's previous observation, and optional covariates. Irregular sampling lives in the
+recurrence: each layer's log-decay is multiplied by the elapsed time (in ``time_unit``), so the state decays by
+``alpha ** dt``. A step at which no channel is observed is skipped exactly: every layer's state and conv tail are
+left as they were, and the outputs there repeat the last observed step's (the model can forecast at any moment).
+
+Heads: multi-horizon quantile forecasts of every channel and a reconstruction of the current step's channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gdn2ts.layers import GatedDeltaNet2, GDN2Config, GDN2State, RMSNorm
+
+__all__ = ["EncoderConfig", "EncoderState", "StreamEncoder"]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Shape of a :class:`StreamEncoder`."""
+
+    n_channels: int
+    """Observed channels per timestamp."""
+    n_covariates: int = 0
+    """Known covariates per timestamp (never missing)."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    n_layers: int = 2
+    """GDN-2 blocks (mixer + MLP each)."""
+    num_heads: int = 2
+    """Heads per mixer."""
+    head_dim: int = 32
+    """Key and value size per head."""
+    variant: str = "gdn2"
+    """Mixer preset of :meth:`GDN2Config.variant` (gdn2, kda, gdn, mamba2, erase_only, write_only)."""
+    horizon: int = 24
+    """Steps ahead forecast from every position."""
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    """Forecast quantile levels, increasing, in (0, 1)."""
+    time_unit: float = 1.0
+    """Elapsed time equal to one regular step (the decay scale is elapsed time / time_unit)."""
+    mlp_ratio: float = 2.0
+    """Hidden width of the SwiGLU MLP over hidden_size."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+
+    def __post_init__(self):
+        for name in ("n_channels", "hidden_size", "n_layers", "num_heads", "head_dim", "horizon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EncoderConfig: '{name}' expected a positive int, got {value!r}")
+        if isinstance(self.n_covariates, bool) or not isinstance(self.n_covariates, int) or self.n_covariates < 0:
+            raise ValueError(f"EncoderConfig: 'n_covariates' expected a non-negative int, got {self.n_covariates!r}")
+        qs = tuple(self.quantiles)
+        if not qs or any(not 0 < q < 1 for q in qs) or list(qs) != sorted(set(qs)):
+            raise ValueError(f"EncoderConfig: 'quantiles' expected increasing levels in (0, 1), got {self.quantiles!r}")
+        if not (self.time_unit > 0 and math.isfinite(self.time_unit)):
+            raise ValueError(f"EncoderConfig: 'time_unit' expected a positive number, got {self.time_unit!r}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"EncoderConfig: 'mlp_ratio' expected a positive number, got {self.mlp_ratio!r}")
+
+
+class EncoderState(NamedTuple):
+    """Per-stream state of a :class:`StreamEncoder` for ``B`` streams."""
+
+    layers: tuple[GDN2State, ...]
+    """Each mixer's recurrent state and conv tail."""
+    last_time: torch.Tensor
+    """``[B]`` float64 timestamp of the last observation (``-inf`` before the first)."""
+    last_output: torch.Tensor
+    """``[B, hidden]`` the encoder output at the last observation (what forecasts read between observations)."""
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, d: int, ratio: float):
+        super().__init__()
+        h = max(1, int(d * ratio))
+        self.gate_up = nn.Linear(d, 2 * h, bias=False)
+        self.down = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class StreamEncoder(nn.Module):
+    """GDN-2 encoder over ``[B, T, channels]`` observations with NaN for missing values.
+
+    Example:
+        >>> import torch
+        >>> enc = StreamEncoder(EncoderConfig(n_channels=3, hidden_size=16, num_heads=2, head_dim=8, horizon=4))
+        >>> values = torch.randn(2, 10, 3); values[0, 4] = float("nan")       # a step with nothing observed
+        >>> times = torch.arange(10.0).expand(2, 10).double()
+        >>> out = enc(values, times)
+        >>> out["forecast"].shape, out["reconstruction"].shape
+        (torch.Size([2, 10, 4, 3, 3]), torch.Size([2, 10, 3]))
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        if not isinstance(config, EncoderConfig):
+            raise ValueError(f"StreamEncoder: 'config' expected an EncoderConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        d = cfg.hidden_size
+        self.embed = nn.Linear(2 * cfg.n_channels + 1 + cfg.n_covariates, d)
+        mixer = GDN2Config.variant(cfg.variant, hidden_size=d, num_heads=cfg.num_heads, head_k_dim=cfg.head_dim,
+                                   head_v_dim=cfg.head_dim, gate_low_rank=max(4, min(128, d // 2)))
+        self.mixers = nn.ModuleList(GatedDeltaNet2(mixer) for _ in range(cfg.n_layers))
+        self.mixer_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.mlps = nn.ModuleList(_SwiGLU(d, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.mlp_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.out_norm = RMSNorm(d, eps=cfg.norm_eps)
+        self.forecast_head = nn.Linear(d, cfg.horizon * cfg.n_channels * len(cfg.quantiles))
+        self.reconstruct_head = nn.Linear(d, cfg.n_channels)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def init_state(self, batch: int, device=None, dtype: torch.dtype | None = None) -> EncoderState:
+        """Zero state for ``batch`` streams (no observation yet)."""
+        p = self.embed.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        return EncoderState(
+            layers=tuple(m.init_state(batch, device=device, dtype=dtype) for m in self.mixers),
+            last_time=torch.full((batch,), -math.inf, dtype=torch.float64, device=device),
+            last_output=torch.zeros(batch, self.config.hidden_size, device=device, dtype=dtype),
+        )
+
+    def forward(self, values: torch.Tensor, timestamps: torch.Tensor, covariates: torch.Tensor | None = None,
+                state: EncoderState | None = None) -> dict:
+        """Whole windows, differentiable.
+
+        Args:
+            values: ``[B, T, channels]``, NaN where a channel is missing; inf is an error.
+            timestamps: ``[B, T]`` float64 (any unit; see ``time_unit``), strictly increasing along T and after
+                the state's last observation.
+            covariates: ``[B, T, n_covariates]`` finite, or None when the config has none.
+            state: the streams' state to continue from (zeros when omitted). Not modified.
+
+        Returns:
+            dict with ``forecast`` ``[B, T, horizon, channels, quantiles]``, ``reconstruction`` ``[B, T, channels]``,
+            ``observed`` ``[B, T]`` (a channel was observed) and ``state`` (:class:`EncoderState`).
+        """
+        B, T = self._check(values, timestamps, covariates, 3)
+        if state is None:
+            state = self.init_state(B, device=values.device, dtype=self.embed.weight.dtype)
+        observed = ~torch.isnan(values).all(-1)  # [B, T]
+        # time since the previous observation (of this call or the state's), for observed steps
+        obs_times = torch.where(observed, timestamps, -math.inf)
+        prev = torch.cat([state.last_time[:, None], obs_times[:, :-1]], dim=1).cummax(dim=1).values
+        self._check_order(timestamps, prev, observed)
+        elapsed = torch.where(torch.isfinite(prev), timestamps - prev, 0.0).where(observed, 0.0)
+        x = self._embed(values, elapsed, covariates)
+        layer_states = []
+        for norm, mixer, layer_state, mlp_norm, mlp in zip(self.mixer_norms, self.mixers, state.layers,
+                                                           self.mlp_norms, self.mlps, strict=True):
+            y, new = mixer(norm(x), layer_state, attention_mask=observed,
+                           decay_scale=(elapsed / self.config.time_unit).to(x.dtype))
+            x = x + y
+            x = x + mlp(mlp_norm(x))
+            layer_states.append(new)
+        h = self.out_norm(x)
+        # between observations the outputs repeat the last observed step's (from this call or the state)
+        pos = torch.arange(T, device=values.device).expand(B, T)
+        last = torch.where(observed, pos, -1).cummax(dim=1).values  # [B, T]
+        h = torch.where((last >= 0)[..., None], h.gather(1, last.clamp(min=0)[..., None].expand_as(h)),
+                        state.last_output[:, None].to(h.dtype))
+        final_time = torch.maximum(state.last_time, obs_times.max(dim=1).values) if T else state.last_time
+        new_state = EncoderState(tuple(layer_states), final_time, h[:, -1] if T else state.last_output)
+        return {**self._heads(h), "observed": observed, "state": new_state}
+
+    @torch.no_grad()
+    def step(self, values: torch.Tensor, timestamps: torch.Tensor, covariates: torch.Tensor | None = None,
+             state: EncoderState | None = None) -> dict:
+        """One timestamp per stream (inference): ``values`` ``[B, channels]``, ``timestamps`` ``[B]``; same
+        outputs as :meth:`forward` with T = 1 (without the T axis)."""
+        B, _ = self._check(values[:, None], timestamps[:, None],
+                           None if covariates is None else covariates[:, None], 3)
+        if state is None:
+            state = self.init_state(B, device=values.device, dtype=self.embed.weight.dtype)
+        observed = ~torch.isnan(values).all(-1)
+        self._check_order(timestamps[:, None], state.last_time[:, None], observed[:, None])
+        elapsed = torch.where(torch.isfinite(state.last_time), timestamps - state.last_time, 0.0).where(observed, 0.0)
+        x = self._embed(values[:, None], elapsed[:, None], None if covariates is None else covariates[:, None])[:, 0]
+        layer_states = []
+        for norm, mixer, layer_state, mlp_norm, mlp in zip(self.mixer_norms, self.mixers, state.layers,
+                                                           self.mlp_norms, self.mlps, strict=True):
+            y, new = mixer.step(norm(x), layer_state, mask=observed,
+                                decay_scale=(elapsed / self.config.time_unit).to(x.dtype))
+            x = x + y
+            x = x + mlp(mlp_norm(x))
+            layer_states.append(new)
+        h = torch.where(observed[:, None], self.out_norm(x), state.last_output.to(x.dtype))
+        last_time = torch.where(observed, timestamps.to(torch.float64), state.last_time)
+        out = self._heads(h)
+        return {**out, "observed": observed, "state": EncoderState(tuple(layer_states), last_time, h)}
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _embed(self, values, elapsed, covariates):
+        present = ~torch.isnan(values)
+        parts = [torch.nan_to_num(values, nan=0.0), present.to(values.dtype),
+                 torch.log1p(elapsed / self.config.time_unit)[..., None].to(values.dtype)]
+        if covariates is not None:
+            parts.append(covariates.to(values.dtype))
+        return self.embed(torch.cat(parts, dim=-1).to(self.embed.weight.dtype))
+
+    def _heads(self, h):
+        cfg = self.config
+        forecast = self.forecast_head(h).unflatten(-1, (cfg.horizon, cfg.n_channels, len(cfg.quantiles)))
+        # quantiles never cross: the median plus ordered, non-negative offsets
+        mid = len(cfg.quantiles) // 2
+        base = forecast[..., mid:mid + 1]
+        below = F.softplus(forecast[..., :mid]).flip(-1).cumsum(-1).flip(-1)
+        above = F.softplus(forecast[..., mid + 1:]).cumsum(-1)
+        return {"forecast": torch.cat([base - below, base, base + above], dim=-1),
+                "reconstruction": self.reconstruct_head(h)}
+
+    def _check(self, values, timestamps, covariates, ndim):
+        cfg = self.config
+        op = "StreamEncoder"
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+            raise ValueError(f"{op}: argument 'values' expected a floating tensor [B, T, {cfg.n_channels}], got "
+                             f"{getattr(values, 'dtype', type(values).__name__)}")
+        if values.dim() != ndim or values.shape[-1] != cfg.n_channels:
+            raise ValueError(f"{op}: argument 'values' expected shape [B, T, {cfg.n_channels}], got "
+                             f"{tuple(values.shape)}")
+        B, T = values.shape[:2]
+        if torch.isinf(values).any():
+            raise ValueError(f"{op}: argument 'values' expected finite values or NaN for missing, got inf")
+        if not isinstance(timestamps, torch.Tensor) or tuple(timestamps.shape) != (B, T) or \
+                not timestamps.is_floating_point():
+            raise ValueError(f"{op}: argument 'timestamps' expected a floating tensor [B={B}, T={T}], got "
+                             f"{getattr(timestamps, 'shape', type(timestamps).__name__)}")
+        if not torch.isfinite(timestamps).all():
+            raise ValueError(f"{op}: argument 'timestamps' expected finite values")
+        if (covariates is None) != (cfg.n_covariates == 0):
+            raise ValueError(f"{op}: argument 'covariates' expected "
+                             f"{'None' if cfg.n_covariates == 0 else f'[B, T, {cfg.n_covariates}]'}")
+        if covariates is not None:
+            if tuple(covariates.shape) != (B, T, cfg.n_covariates) or not torch.isfinite(covariates).all():
+                raise ValueError(f"{op}: argument 'covariates' expected finite values of shape "
+                                 f"[B={B}, T={T}, {cfg.n_covariates}], got {tuple(covariates.shape)}")
+        return B, T
+
+    @staticmethod
+    def _check_order(timestamps, prev, observed):
+        bad = observed & torch.isfinite(prev) & (timestamps <= prev)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"StreamEncoder: argument 'timestamps' expected each observation after the stream's "
+                             f"previous one; row {row}, step {col}: {float(timestamps[row, col])} is not after "
+                             f"{float(prev[row, col])}")
