@@ -378,28 +378,29 @@ class GatedDeltaNet2(nn.Module):
                 fail(op, name, f"a tensor on {device} (the device of the input)", t.device)
 
     @staticmethod
-    def _check_decay_scale(op: str, scale, shape: tuple, device) -> None:
+    def _check_per_token(op: str, name: str, t, shape: tuple, device, what: str) -> str:
+        """Type, shape and device of a per-token (``[B, T]``) or per-row (``[B]``) tensor; returns the shape text."""
         text = "[" + ", ".join(f"{k}={n}" for k, n in zip("BT"[:len(shape)], shape, strict=True)) + "]"
-        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
-            fail(op, "decay_scale", f"a floating tensor {text}", type(scale).__name__ if not isinstance(
-                scale, torch.Tensor) else scale.dtype)
-        if tuple(scale.shape) != shape:
-            fail(op, "decay_scale", f"shape {text}", f"shape {tuple(scale.shape)}")
-        if scale.device != device:
-            fail(op, "decay_scale", f"a tensor on {device} (the device of the input)", scale.device)
+        if not isinstance(t, torch.Tensor):
+            fail(op, name, f"{what} {text}", type(t).__name__)
+        if tuple(t.shape) != shape:
+            fail(op, name, f"shape {text}", f"shape {tuple(t.shape)}")
+        if t.device != device:
+            fail(op, name, f"a tensor on {device} (the device of the input)", t.device)
+        return text
+
+    @classmethod
+    def _check_decay_scale(cls, op: str, scale, shape: tuple, device) -> None:
+        text = cls._check_per_token(op, "decay_scale", scale, shape, device, "a floating tensor")
+        if not scale.is_floating_point():
+            fail(op, "decay_scale", f"a floating tensor {text}", scale.dtype)
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             fail(op, "decay_scale", "finite, non-negative values", "negative or non-finite values")
 
-    @staticmethod
-    def _check_mask(op: str, name: str, mask, shape: tuple, device) -> torch.Tensor:
+    @classmethod
+    def _check_mask(cls, op: str, name: str, mask, shape: tuple, device) -> torch.Tensor:
         """Validate a bool or 0/1 mask of ``shape``; return it as bool."""
-        text = "[" + ", ".join(f"{k}={n}" for k, n in zip("BT"[:len(shape)], shape, strict=True)) + "]"
-        if not isinstance(mask, torch.Tensor):
-            fail(op, name, f"a bool or 0/1 tensor {text}", type(mask).__name__)
-        if tuple(mask.shape) != shape:
-            fail(op, name, f"shape {text}", f"shape {tuple(mask.shape)}")
-        if mask.device != device:
-            fail(op, name, f"a tensor on {device} (the device of the input)", mask.device)
+        cls._check_per_token(op, name, mask, shape, device, "a bool or 0/1 tensor")
         if mask.dtype == torch.bool:
             return mask
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
