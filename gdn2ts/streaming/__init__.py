@@ -1,5 +1,6 @@
-"""Streaming: persistent per-stream GDN-2 state."""
+"""Streaming: persistent per-stream GDN-2 state and the online runner."""
 
+from gdn2ts.streaming.runner import ObserveResult, OnlineRunner, model_fingerprint
 from gdn2ts.streaming.store import (
     CorruptRecordError,
     FingerprintMismatchError,
@@ -11,6 +12,9 @@ from gdn2ts.streaming.store import (
 )
 
 __all__ = [
+    "ObserveResult",
+    "OnlineRunner",
+    "model_fingerprint",
     "CorruptRecordError",
     "FingerprintMismatchError",
     "MemoryStore",
