@@ -125,8 +125,13 @@ class OnlineRunner:
                 steps[sid] += 1
             result.accepted += len(active)
         touched = {sid: states[sid] for sid in rows_of}
-        self.store.put({sid: self._record(state, steps[sid]) for sid, state in touched.items()})
-        self.store.commit()
+        try:
+            self.store.put({sid: self._record(state, steps[sid]) for sid, state in touched.items()})
+            self.store.commit()
+        except BaseException:
+            # a batch that did not commit must not linger as staged writes that later reads would see
+            self.store.rollback()
+            raise
         return result
 
     def forecast(self, stream_ids: Sequence[str]) -> pl.DataFrame:

@@ -112,3 +112,22 @@ def test_unknown_stream_forecast_is_an_error():
     runner = OnlineRunner(encoder(), MemoryStore(), CHANNELS)
     with pytest.raises(KeyError, match="unknown stream 'zz'"):
         runner.forecast(["zz"])
+
+
+def test_failed_commit_leaves_no_trace():
+    class FailingStore(MemoryStore):
+        fail = True
+
+        def commit(self):
+            if self.fail:
+                raise OSError("disk full")
+            super().commit()
+
+    store = FailingStore()
+    runner = OnlineRunner(encoder(), store, CHANNELS)
+    with pytest.raises(OSError, match="disk full"):
+        runner.observe([{"stream": "a", "time": 1.0, "load": 1.0, "temp": 2.0}])
+    assert store.get(["a"])["a"] is None  # nothing staged is left to be read back
+    store.fail = False
+    assert runner.observe([{"stream": "a", "time": 1.0, "load": 1.0, "temp": 2.0}]).accepted == 1
+    assert store.get(["a"])["a"].steps == 1
