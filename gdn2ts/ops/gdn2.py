@@ -106,6 +106,8 @@ def _triton_chunk_unsupported(q, k, v, g, b, w, initial_state, A_log, dt_bias, c
     tensors = (q, k, v, g, b, w, initial_state, A_log, dt_bias)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return "forward only so far: no input may require grad; training runs backend='torch'"
+    if q.dtype == torch.float64:
+        return "fp16/bf16/fp32 inputs: fp64 runs backend='torch' with an fp64 state"
     if cu_seqlens is not None:
         return "fixed-length batches only so far: no cu_seqlens"
     if q.shape[-1] > TRITON_CHUNK_MAX_DIM or v.shape[-1] > TRITON_CHUNK_MAX_DIM:
@@ -319,6 +321,11 @@ def recurrent_gdn2(
     if opts.use_gate_in_kernel:
         check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device)
     path = _resolve(op, opts.backend, q.device, RECURRENT_BACKENDS)
+    if path == "triton" and q.dtype == torch.float64:
+        # the kernel computes in fp32 with an fp32 state; fp64 inputs keep their fp64 state on the PyTorch path
+        if opts.backend == "triton":
+            fail(op, "backend", "'triton' only for fp16/bf16/fp32 inputs (fp64 runs backend='torch')", "'triton'")
+        path = "torch"
     with torch.autocast(q.device.type, enabled=False):
         if path == "triton":
             from gdn2ts.kernels.recurrent import recurrent_fwd

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gdn2ts.kernels.recurrent import recurrent_fwd
-from gdn2ts.ops import recurrent_gdn2, recurrent_reference
+from gdn2ts.ops import chunk_gdn2, recurrent_gdn2, recurrent_reference
 from gdn2ts.ops.gdn2 import GDN2Options, _activate
 
 from tolerances import assert_close
@@ -142,3 +142,13 @@ def test_gpu_benchmark_shapes(N):
     o_ref, s_ref = truth(args, h0)
     assert_close("o", o.float().cpu(), o_ref, torch.bfloat16)
     assert_close("state", pool[slots].cpu(), s_ref, torch.bfloat16)
+
+
+def test_fp64_inputs_stay_on_the_pytorch_path():
+    args = inputs(2, 1, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'triton' only for fp16/bf16/fp32 inputs"):
+        recurrent_gdn2(*args, backend="triton")
+    with torch.no_grad(), pytest.raises(ValueError, match="fp64 runs backend='torch'"):
+        chunk_gdn2(*args, backend="triton")
+    _, s = recurrent_gdn2(*args)
+    assert s.dtype == torch.float64
