@@ -1,9 +1,12 @@
 """Streaming: persistent per-stream GDN-2 state and the online runner."""
 
+from gdn2ts.streaming.journal import CommitPolicy
 from gdn2ts.streaming.runner import ObserveResult, OnlineRunner, model_fingerprint
 from gdn2ts.streaming.store import (
+    CorruptJournalError,
     CorruptRecordError,
     FingerprintMismatchError,
+    JournaledStore,
     MemoryStore,
     SQLiteStore,
     StateStore,
@@ -12,6 +15,9 @@ from gdn2ts.streaming.store import (
 )
 
 __all__ = [
+    "CommitPolicy",
+    "CorruptJournalError",
+    "JournaledStore",
     "ObserveResult",
     "OnlineRunner",
     "model_fingerprint",

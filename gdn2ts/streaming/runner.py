@@ -1,28 +1,36 @@
-"""The online runner: observations from many streams in, per-stream state in a store, forecasts out.
+"""The online runner: observations from many streams in, per-stream state in a bounded working set over a store,
+forecasts out.
 
 Batch semantics of :meth:`OnlineRunner.observe`:
 
 * The whole batch is validated first; a bad column, an inf value or a wrong type rejects the whole batch with a
-  ``ValueError`` and changes nothing.
+  ``ValueError`` and changes nothing. So does a stored state that cannot be used (written by another model:
+  :class:`FingerprintMismatchError`; failing its checksum: :class:`CorruptRecordError`), each naming the stream.
 * Rows are applied per stream in timestamp order. A row whose timestamp is not after its stream's last applied
-  observation is rejected (listed in the result, with a message naming the stream); the stream's other rows and
-  all other streams proceed.
-* All accepted rows of the batch are committed to the store in one transaction: after a crash, a batch is either
-  fully reflected or not at all.
+  observation (or repeats an earlier row's timestamp) is rejected (listed in the result, with a message naming the
+  stream); the stream's other rows and all other streams proceed.
+* Rounds: round r steps the r-th accepted row of every stream that has one, all at once (one ``encoder.step``).
+* A call is durable when it returns, and all or nothing: with a journal (the default on a durable store) its
+  accepted rows are committed as one journal entry; otherwise the states of the streams it touched are committed
+  in one transaction. See ``docs/streaming-durability.md`` for the commit policy and recovery.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 import torch
 
-from gdn2ts.layers import GDN2State
-from gdn2ts.models import EncoderState, StreamEncoder
-from gdn2ts.streaming.store import StateStore, StreamRecord
+from gdn2ts.models import StreamEncoder
+from gdn2ts.streaming.journal import CommitPolicy, Entry, decode_entry, encode_entry
+from gdn2ts.streaming.store import JournaledStore, StateStore, StreamRecord
+from gdn2ts.streaming.workingset import STATS, StateLayout, WorkingSet
 
 __all__ = ["OnlineRunner", "ObserveResult", "model_fingerprint"]
 
@@ -46,17 +54,25 @@ class ObserveResult:
     """Rows applied."""
     rejected: list[tuple[str, float, str]] = field(default_factory=list)
     """``(stream_id, timestamp, reason)`` of rows not applied."""
+    seq: int = 0
+    """The journal entry that holds the call (0 when nothing was journaled)."""
 
 
 class OnlineRunner:
-    """Streams observations through a :class:`StreamEncoder`, one state per stream kept in a :class:`StateStore`.
+    """Streams observations through a :class:`StreamEncoder`, one state per stream, kept in a bounded working set
+    of tensor pools over a :class:`StateStore`.
 
     Args:
-        encoder: the model (its device is used for the updates).
+        encoder: the model (its device holds the working set and runs the updates).
         store: where stream states persist (``SQLiteStore`` for durability, ``MemoryStore`` otherwise).
         channels: names of the observed channels, in the encoder's channel order.
         covariates: names of covariate columns (always present in a batch), in the encoder's order.
         id_column, time_column: names of the stream id and timestamp columns.
+        capacity: streams held in memory at once (and the most one call may touch); the rest live in the store.
+        policy: when work is made durable (:class:`CommitPolicy`).
+
+    Opening a runner on a store that holds a journal replays it (the work of a process that stopped without
+    :meth:`close`). One runner writes to a store at a time.
 
     Example:
         >>> import polars as pl, torch
@@ -70,89 +86,284 @@ class OnlineRunner:
         3
         >>> runner.forecast(["a"]).shape   # 3 steps x 2 channels, one row each
         (6, 6)
+        >>> runner.stats(["a"])["mean"].to_list()
+        [0.6, 20.0]
     """
 
     def __init__(self, encoder: StreamEncoder, store: StateStore, channels: Sequence[str],
-                 covariates: Sequence[str] = (), id_column: str = "stream", time_column: str = "time"):
+                 covariates: Sequence[str] = (), id_column: str = "stream", time_column: str = "time",
+                 capacity: int = 4096, policy: CommitPolicy | None = None):
         cfg = encoder.config
         if len(channels) != cfg.n_channels or len(set(channels)) != len(channels):
             raise ValueError(f"OnlineRunner: 'channels' expected {cfg.n_channels} distinct names, got {list(channels)}")
         if len(covariates) != cfg.n_covariates:
             raise ValueError(f"OnlineRunner: 'covariates' expected {cfg.n_covariates} names, got {list(covariates)}")
+        policy = CommitPolicy() if policy is None else policy
+        if not isinstance(policy, CommitPolicy):
+            raise ValueError(f"OnlineRunner: 'policy' expected a CommitPolicy, got {type(policy).__name__}")
+        journaled = isinstance(store, JournaledStore)
+        if policy.journal and not journaled:
+            raise ValueError(f"OnlineRunner: a journal needs a JournaledStore, got {type(store).__name__}")
         self.encoder = encoder.eval()
-        self.store = store
+        self.store, self.policy = store, policy
         self.channels, self.covariates = list(channels), list(covariates)
         self.id_column, self.time_column = id_column, time_column
         self.fingerprint = model_fingerprint(encoder)
         p = next(encoder.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.layout = StateLayout(encoder.init_state(1, device=self.device, dtype=self.dtype), cfg.n_channels)
+        self.ws = WorkingSet(self.layout, capacity, store, self.fingerprint)
+        self.journaled = journaled and (policy.journal if policy.journal is not None else bool(store.durable))
+        self.seq = store.journal_head() if journaled else 0
+        self._closed = False
+        self._reset_counters()
+        if journaled:
+            self._recover()
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def observe(self, batch: pl.DataFrame | Iterable[Mapping]) -> ObserveResult:
-        """Apply a batch of observations (long format: id, time, one column per channel, nulls for missing)."""
-        frame = self._frame(batch)
+    def observe(self, batch: pl.DataFrame | Mapping | Iterable[Mapping]) -> ObserveResult:
+        """Apply a batch of observations (long format: id, time, one column per channel, nulls for missing; a
+        polars DataFrame, a dict of columns or an iterable of row dicts). Returns once the call is durable."""
+        self._check_open()
+        frame = self._frame(batch).sort([self.id_column, self.time_column], maintain_order=True)
         result = ObserveResult()
         if frame.height == 0:
             return result
-        frame = frame.sort([self.id_column, self.time_column], maintain_order=True)
-        ids = frame[self.id_column].to_list()
-        times = frame[self.time_column].to_numpy().astype("float64")
-        values = torch.tensor(frame.select(self.channels).fill_null(float("nan")).to_numpy().astype("float64"))
-        covs = (torch.tensor(frame.select(self.covariates).to_numpy().astype("float64")) if self.covariates
-                else None)
-        streams = list(dict.fromkeys(ids))
-        states, steps = self._load(streams)
-        last = {sid: float(states[sid].last_time[0]) for sid in streams}
-        # rounds: the r-th remaining row of every stream, so each round is one vectorized step
-        rows_of: dict[str, list[int]] = {}
-        for i, sid in enumerate(ids):
-            prev = times[rows_of[sid][-1]] if sid in rows_of else last[sid]
-            if not times[i] > prev:
-                result.rejected.append((sid, float(times[i]), f"stream {sid!r}: timestamp {times[i]} is not after "
-                                                                f"its last observation {prev}"))
-                continue
-            rows_of.setdefault(sid, []).append(i)
-        for r in range(max((len(v) for v in rows_of.values()), default=0)):
-            active = [sid for sid, rows in rows_of.items() if len(rows) > r]
-            idx = torch.tensor([rows_of[sid][r] for sid in active])
-            state = _stack([states[sid] for sid in active])
-            out = self.encoder.step(values[idx].to(self.device, self.dtype),
-                                    torch.tensor(times[idx.numpy()], dtype=torch.float64, device=self.device),
-                                    None if covs is None else covs[idx].to(self.device, self.dtype), state)
-            for j, sid in enumerate(active):
-                states[sid] = _row(out["state"], j)
-                steps[sid] += 1
-            result.accepted += len(active)
-        touched = {sid: states[sid] for sid in rows_of}
+        ids = frame[self.id_column]
+        first = ids.ne_missing(ids.shift(1)).to_numpy()
+        group = np.cumsum(first) - 1
+        streams = ids.filter(pl.Series(first)).to_list()
+        times = frame[self.time_column].to_numpy()
+        slots = self.ws.acquire(streams)
+        last = self.ws.last_time[slots][group]
+        repeat = np.zeros_like(first)
+        repeat[1:] = ~first[1:] & (times[1:] == times[:-1])
+        reject = (times <= last) | repeat
+        for i in np.flatnonzero(reject).tolist():
+            sid, prev = streams[group[i]], float(last[i] if times[i] <= last[i] else times[i - 1])
+            result.rejected.append((sid, float(times[i]), f"stream {sid!r}: timestamp {times[i]} is not after "
+                                                          f"its last observation {prev}"))
+        accepted = np.flatnonzero(~reject)
+        if accepted.size == 0:
+            return result
+        # rank of each accepted row within its stream; streams by descending row count, so that the streams
+        # stepped in round r are the first sizes[r] of them
+        done = np.cumsum(~reject)
+        starts = np.flatnonzero(first)
+        rank = done - 1 - (done - ~reject)[starts][group]
+        counts = np.bincount(group[accepted], minlength=len(streams))
+        active = np.flatnonzero(counts)
+        order = active[np.argsort(-counts[active], kind="stable")]
+        pos = np.empty(len(streams), dtype=np.int64)
+        pos[order] = np.arange(order.size)
+        rows = accepted[np.lexsort((pos[group[accepted]], rank[accepted]))]
+        values = frame.select(self.channels).fill_null(float("nan")).to_numpy().astype(np.float64, copy=False)
+        covs = (frame.select(self.covariates).to_numpy().astype(np.float64, copy=False) if self.covariates
+                else np.zeros((frame.height, 0)))
+        entry = Entry(self.seq + 1, self.fingerprint, (tuple(self.channels), tuple(self.covariates)),
+                      [streams[g] for g in order.tolist()], np.bincount(rank[accepted]), times[rows],
+                      np.ascontiguousarray(values[rows]), np.ascontiguousarray(covs[rows]))
+        stream_slots = slots[order]
+        flat, steps = self._run(stream_slots, entry)
         try:
-            self.store.put({sid: self._record(state, steps[sid]) for sid, state in touched.items()})
+            if self.journaled:
+                self.store.append_journal(entry.seq, encode_entry(entry))
+            else:
+                self.store.put(self._records(stream_slots, entry.stream_ids, flat, steps))
             self.store.commit()
         except BaseException:
-            # a batch that did not commit must not linger as staged writes that later reads would see
+            # a call that did not commit must not linger as staged writes that later reads would see
             self.store.rollback()
             raise
+        self.ws.scatter(stream_slots, flat, steps, entry.seq if self.journaled else self.ws.seq,
+                        dirty=self.journaled)
+        result.accepted = int(accepted.size)
+        if self.journaled:
+            self.seq = self.ws.seq = result.seq = entry.seq
+            self._calls += 1
+            self._rows += int(accepted.size)
+            p = self.policy
+            if (self._calls >= p.snapshot_every or self._rows >= p.snapshot_rows or
+                    (p.snapshot_seconds is not None and time.monotonic() - self._since >= p.snapshot_seconds)):
+                self.flush()
         return result
 
     def forecast(self, stream_ids: Sequence[str]) -> pl.DataFrame:
-        """Quantile forecasts from each stream's last observation: one row per (stream, step, channel)."""
-        states, _ = self._load(list(stream_ids), create=False)
+        """Quantile forecasts from each stream's last observation: one row per (stream, step, channel), a column
+        ``q{level}`` per quantile. Unknown streams raise ``KeyError``."""
+        ids = self._ids(stream_ids)
         cfg = self.encoder.config
-        h = torch.cat([states[sid].last_output for sid in stream_ids]) if stream_ids else torch.zeros(0, 1)
+        h = self._rows_of(ids, ["last_output"])["last_output"]
         with torch.no_grad():
             q = self.encoder._heads(h.to(self.device, self.dtype))["forecast"].cpu().double()  # [N, H, C, Q]
-        n = len(stream_ids)
-        table = {"stream": [sid for sid in stream_ids for _ in range(cfg.horizon * cfg.n_channels)],
-                 "step": [s + 1 for _ in range(n) for s in range(cfg.horizon) for _ in range(cfg.n_channels)],
-                 "channel": [c for _ in range(n * cfg.horizon) for c in self.channels]}
+        n, per = len(ids), cfg.horizon * cfg.n_channels
+        table = {"stream": pl.Series(ids, dtype=pl.String).gather(np.repeat(np.arange(n), per)),
+                 "step": np.tile(np.repeat(np.arange(1, cfg.horizon + 1), cfg.n_channels), n),
+                 "channel": pl.Series(self.channels).gather(np.tile(np.arange(cfg.n_channels), n * cfg.horizon))}
         for i, level in enumerate(cfg.quantiles):
-            table[f"q{level:g}"] = q[..., i].reshape(-1).tolist()
+            table[f"q{level:g}"] = q[..., i].reshape(-1).numpy()
         return pl.DataFrame(table)
+
+    def stats(self, stream_ids: Sequence[str]) -> pl.DataFrame:
+        """Per-stream scaling statistics: one row per (stream, channel) with the count of observed values, their
+        mean, variance and standard deviation (sample, null below two values). Unknown streams raise
+        ``KeyError``."""
+        ids = self._ids(stream_ids)
+        t = {k: v.cpu().numpy().reshape(-1) for k, v in self._rows_of(ids, list(STATS)).items()}
+        count = t["stats.count"]
+        var = np.where(count > 1, t["stats.m2"] / np.maximum(count - 1, 1), np.nan)
+        c = len(self.channels)
+        return pl.DataFrame({
+            "stream": pl.Series(ids, dtype=pl.String).gather(np.repeat(np.arange(len(ids)), c)),
+            "channel": pl.Series(self.channels).gather(np.tile(np.arange(c), len(ids))),
+            "count": count.astype(np.int64), "mean": np.where(count > 0, t["stats.mean"], np.nan),
+            "var": var, "std": np.sqrt(var)}).fill_nan(None)
+
+    def info(self, stream_ids: Sequence[str]) -> pl.DataFrame:
+        """One row per stream: ``steps`` (rows applied, 0 for an unknown stream) and ``last_time`` (the last
+        observation's timestamp, null before the first), as of the last call, flushed or not."""
+        ids = self._ids(stream_ids)
+        slots = self.ws.resident(ids)
+        steps = np.zeros(len(ids), dtype=np.int64)
+        last = np.full(len(ids), -math.inf)
+        held = np.flatnonzero(slots >= 0)
+        steps[held], last[held] = self.ws.steps[slots[held]], self.ws.last_time[slots[held]]
+        cold = [ids[i] for i in np.flatnonzero(slots < 0).tolist()]
+        records = self.store.get(cold, fingerprint=self.fingerprint) if cold else {}
+        for i in np.flatnonzero(slots < 0).tolist():
+            rec = records[ids[i]]
+            if rec is not None:
+                steps[i], last[i] = rec.steps, rec.last_timestamp
+        return pl.DataFrame({"stream": pl.Series(ids, dtype=pl.String), "steps": steps,
+                             "last_time": np.where(np.isfinite(last), last, np.nan)}).fill_nan(None)
+
+    def flush(self) -> None:
+        """Snapshot: write every changed stream's state to the store and truncate the journal it reflects."""
+        self._check_open()
+        if self.journaled or self.ws.dirty.any():
+            self.ws.seq = self.seq
+            self.ws.write_dirty()
+        if isinstance(self.store, JournaledStore) and self.seq:
+            try:
+                self.store.truncate_journal(self.seq)
+                self.store.commit()
+            except BaseException:
+                self.store.rollback()
+                raise
+        self._reset_counters()
+
+    def close(self) -> None:
+        """Flush and close the store. Calling it again does nothing."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self.store.close()
+
+    def __enter__(self) -> OnlineRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def _run(self, slots: np.ndarray, entry: Entry, skip: np.ndarray | None = None
+             ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """Step the streams in ``slots`` through an entry's rounds on copies of their states; returns the new
+        components ``{name: [M, *shape]}`` and the rows applied per stream. Nothing held changes."""
+        flat = self.ws.gather(slots)
+        M = slots.size
+        if skip is not None and skip.any():
+            # replay: these streams' stored states already reflect the entry; they still ride along so that every
+            # batch keeps its shape, from a state that accepts any timestamp, and their results are dropped
+            flat["last_time"][torch.from_numpy(skip).to(self.device)] = -math.inf
+        values = torch.from_numpy(entry.values).to(self.device)
+        times = torch.from_numpy(entry.times).to(self.device)
+        covs = torch.from_numpy(entry.covariates).to(self.device, self.dtype) if self.covariates else None
+        values_in = values.to(self.dtype)
+        start = 0
+        for n in entry.sizes.tolist():
+            rows = slice(start, start + n)
+            out = self.encoder.step(values_in[rows], times[rows], None if covs is None else covs[rows],
+                                    self.layout.unflatten({k: v[:n] for k, v in flat.items()}))
+            new = self.layout.flatten(out["state"])
+            new.update(_welford({k: flat[k][:n] for k in STATS}, values[rows]))
+            for k, t in new.items():
+                if n == M:
+                    flat[k] = t
+                else:
+                    flat[k][:n] = t
+            start += n
+        rounds = np.bincount(entry.sizes, minlength=M + 1)
+        steps = np.cumsum(rounds[::-1])[::-1][1:M + 1]  # streams i < sizes[r] step in round r
+        return flat, steps
+
+    def _recover(self) -> None:
+        """Replay the journal entries after the stored snapshots (a process that stopped without closing)."""
+        replayed = 0
+        for seq, payload in self.store.read_journal(0):
+            entry = decode_entry(seq, payload, self.fingerprint)
+            if entry.columns != (tuple(self.channels), tuple(self.covariates)):
+                raise ValueError(f"journal entry {seq}: written with channels {list(entry.columns[0])} and covariates "
+                                 f"{list(entry.columns[1])}, this runner has {self.channels} and {self.covariates}")
+            self.ws.seq = seq - 1
+            slots = self.ws.acquire(entry.stream_ids)
+            skip = self.ws.seqs[slots] >= seq
+            flat, steps = self._run(slots, entry, skip)
+            keep = np.flatnonzero(~skip)
+            index = torch.from_numpy(keep).to(self.device)
+            self.ws.scatter(slots[keep], {k: v.index_select(0, index) for k, v in flat.items()}, steps[keep], seq,
+                            dirty=True)
+            replayed += 1
+        self.ws.seq = self.seq
+        if replayed:
+            self.flush()
+
+    def _records(self, slots: np.ndarray, ids: list[str], flat: dict[str, torch.Tensor], steps: np.ndarray
+                 ) -> dict[str, StreamRecord]:
+        host = {k: v.cpu() for k, v in flat.items()}
+        last = host["last_time"].numpy()
+        total = self.ws.steps[slots] + steps
+        return {sid: StreamRecord({k: v[j:j + 1] for k, v in host.items()}, last_timestamp=float(last[j]),
+                                  steps=int(total[j]), fingerprint=self.fingerprint, journal_seq=self.ws.seq)
+                for j, sid in enumerate(ids)}
+
+    def _rows_of(self, ids: list[str], names: list[str]) -> dict[str, torch.Tensor]:
+        """``{name: [N, *shape]}`` of known streams, from the working set or straight from the store (a read does
+        not disturb the working set)."""
+        slots = self.ws.resident(ids)
+        held = np.flatnonzero(slots >= 0)
+        for i in held[self.ws.steps[slots[held]] == 0].tolist():
+            raise KeyError(f"unknown stream {ids[i]!r}")
+        out = {k: self.ws.pools[k].new_empty((len(ids), *self.ws.pools[k].shape[1:])) for k in names}
+        if held.size:
+            index, at = torch.from_numpy(slots[held]).to(self.device), torch.from_numpy(held).to(self.device)
+            for k in names:
+                out[k][at] = self.ws.pools[k].index_select(0, index)
+        cold = np.flatnonzero(slots < 0)
+        if cold.size:
+            cold_ids = [ids[i] for i in cold.tolist()]
+            records = self.store.get(cold_ids, fingerprint=self.fingerprint)
+            for sid in cold_ids:
+                if records[sid] is None:
+                    raise KeyError(f"unknown stream {sid!r}")
+                self.layout.check(sid, records[sid])
+            at = torch.from_numpy(cold).to(self.device)
+            for k in names:
+                out[k][at] = torch.cat([records[sid].tensors[k] for sid in cold_ids]).to(self.device)
+        return out
+
     def _frame(self, batch) -> pl.DataFrame:
-        frame = batch if isinstance(batch, pl.DataFrame) else pl.DataFrame(list(batch))
+        if isinstance(batch, pl.DataFrame):
+            frame = batch
+        else:
+            try:
+                frame = pl.DataFrame(dict(batch) if isinstance(batch, Mapping) else list(batch))
+            except Exception as e:  # polars' own errors on mixed types, ragged columns, ...
+                raise ValueError(f"observe: batch cannot be read as a table ({e})") from None
         need = [self.id_column, self.time_column, *self.covariates]
         missing = [c for c in need if c not in frame.columns]
         if missing:
@@ -182,43 +393,29 @@ class OnlineRunner:
                                  "(missing values are null or NaN; inf is an error)")
         return frame
 
-    def _load(self, streams: list[str], create: bool = True) -> tuple[dict[str, EncoderState], dict[str, int]]:
-        """States and step counts of ``streams`` (new streams start from zeros, unless ``create`` is False)."""
-        records = self.store.get(streams, fingerprint=self.fingerprint)
-        states, steps = {}, {}
-        for sid in streams:
-            rec = records[sid]
-            if rec is None:
-                if not create:
-                    raise KeyError(f"unknown stream {sid!r}")
-                states[sid], steps[sid] = self.encoder.init_state(1, device=self.device, dtype=self.dtype), 0
-            else:
-                states[sid], steps[sid] = self._state(rec), rec.steps
-        return states, steps
+    @staticmethod
+    def _ids(stream_ids) -> list[str]:
+        if isinstance(stream_ids, str):
+            raise ValueError("stream_ids expected a sequence of strings, got a single string (wrap it in a list)")
+        ids = list(stream_ids)
+        for sid in ids:
+            if not isinstance(sid, str):
+                raise ValueError(f"stream ids expected strings, got {type(sid).__name__} {sid!r}")
+        return ids
 
-    def _record(self, state: EncoderState, new_steps: int) -> StreamRecord:
-        tensors = {"last_output": state.last_output, "last_time": state.last_time}
-        for i, layer in enumerate(state.layers):
-            tensors[f"layer{i}.recurrent"] = layer.recurrent
-            tensors[f"layer{i}.conv"] = layer.conv
-        return StreamRecord(tensors, last_timestamp=float(state.last_time[0]), steps=int(new_steps),
-                            fingerprint=self.fingerprint)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("OnlineRunner: the runner is closed")
 
-    def _state(self, rec: StreamRecord) -> EncoderState:
-        t = {k: v.to(self.device) for k, v in rec.tensors.items()}
-        layers = tuple(GDN2State(t[f"layer{i}.recurrent"], t[f"layer{i}.conv"])
-                       for i in range(self.encoder.config.n_layers))
-        return EncoderState(layers, t["last_time"], t["last_output"])
+    def _reset_counters(self) -> None:
+        self._calls, self._rows, self._since = 0, 0, time.monotonic()
 
 
-def _stack(states: list[EncoderState]) -> EncoderState:
-    layers = tuple(GDN2State(torch.cat([s.layers[i].recurrent for s in states]),
-                             torch.cat([s.layers[i].conv for s in states])) for i in range(len(states[0].layers)))
-    return EncoderState(layers, torch.cat([s.last_time for s in states]),
-                        torch.cat([s.last_output for s in states]))
-
-
-def _row(state: EncoderState, j: int) -> EncoderState:
-    layers = tuple(GDN2State(s.recurrent[j:j + 1].clone(), s.conv[j:j + 1].clone()) for s in state.layers)
-    return EncoderState(layers, state.last_time[j:j + 1].clone(), state.last_output[j:j + 1].clone())
-
+def _welford(stats: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step of Welford's update per channel, skipping missing (NaN) values: ``x`` ``[n, C]`` float64."""
+    present = ~torch.isnan(x)
+    count = stats["stats.count"] + present
+    delta = torch.where(present, x - stats["stats.mean"], 0.0)
+    mean = stats["stats.mean"] + delta / count.clamp(min=1)
+    m2 = stats["stats.m2"] + delta * torch.where(present, x - mean, 0.0)
+    return {"stats.count": count, "stats.mean": mean, "stats.m2": m2}

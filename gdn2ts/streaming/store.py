@@ -12,6 +12,10 @@ become part of a path or an SQL string.
 Commit policy of :class:`SQLiteStore`: write-ahead logging (WAL) and ``synchronous=NORMAL`` by default, so a
 committed batch survives a crash of the process (SIGKILL included); ``synchronous="FULL"`` also survives a power
 loss at some cost per commit. Commit in batches (many streams per transaction): a transaction costs one log append.
+
+A :class:`JournaledStore` also keeps an observation journal: numbered, checksummed entries appended and truncated
+in the same transactions as the records, so that an online runner can commit one small entry per call and write
+the full states only now and then (see ``docs/streaming-durability.md``).
 """
 
 from __future__ import annotations
@@ -26,21 +30,23 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+from safetensors import TensorSpec, serialize
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 __all__ = [
     "StreamRecord",
     "StateStore",
+    "JournaledStore",
     "MemoryStore",
     "SQLiteStore",
     "StoreError",
     "CorruptRecordError",
+    "CorruptJournalError",
     "FingerprintMismatchError",
 ]
 
 FORMAT = "gdn2ts.stream.v1"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2 added the journal table; a version-1 file is upgraded in place on open
 _SQL_BATCH = 500  # stream ids per SELECT ... IN (...)
 
 
@@ -50,6 +56,10 @@ class StoreError(Exception):
 
 class CorruptRecordError(StoreError):
     """A stored record failed its checksum or could not be decoded."""
+
+
+class CorruptJournalError(StoreError):
+    """A journal entry failed its checksum or could not be decoded."""
 
 
 class FingerprintMismatchError(StoreError):
@@ -76,6 +86,8 @@ class StreamRecord:
     """Number of observations applied."""
     fingerprint: str = ""
     """Fingerprint of the model that wrote the record."""
+    journal_seq: int = 0
+    """The record reflects every journal entry numbered up to this one (0: it was written without a journal)."""
 
     def __post_init__(self):
         if not isinstance(self.tensors, dict):
@@ -94,26 +106,56 @@ class StreamRecord:
             raise ValueError(f"StreamRecord: 'steps' expected a non-negative int, got {self.steps!r}")
         if not isinstance(self.fingerprint, str):
             raise ValueError(f"StreamRecord: 'fingerprint' expected a string, got {type(self.fingerprint).__name__}")
+        if isinstance(self.journal_seq, bool) or not isinstance(self.journal_seq, int) or self.journal_seq < 0:
+            raise ValueError(f"StreamRecord: 'journal_seq' expected a non-negative int, got {self.journal_seq!r}")
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes of ``tensors`` (any device, views allowed) with string ``metadata``.
+
+    Goes through safetensors' ``serialize`` with the tensors' own buffers: rows of a state pool are views that
+    share one storage, which ``safetensors.torch.save`` would refuse (and it is several times slower per record).
+
+    Example:
+        >>> import torch
+        >>> from safetensors.torch import load
+        >>> pool = torch.arange(12.0).view(3, 4)
+        >>> load(save_tensors({"row": pool[1]}, {"k": "v"}))["row"].tolist()
+        [4.0, 5.0, 6.0, 7.0]
+    """
+    keep = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    specs = {name: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape),
+                              data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
+             for name, t in keep.items()}
+    # `keep` holds every buffer alive until serialize has copied it
+    payload = bytes(serialize(specs, metadata=metadata))
+    del keep
+    return payload
 
 
 def encode(record: StreamRecord) -> bytes:
     """safetensors bytes of the record's tensors, with the scalars in its string metadata."""
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in record.tensors.items()}
     metadata = {"format": FORMAT, "last_timestamp": repr(float(record.last_timestamp)), "steps": str(record.steps),
-                "fingerprint": record.fingerprint}
-    return st_save(tensors, metadata=metadata)
+                "fingerprint": record.fingerprint, "journal_seq": str(record.journal_seq)}
+    return save_tensors(record.tensors, metadata)
+
+
+def read_metadata(payload: bytes) -> dict[str, str]:
+    """The string metadata of safetensors bytes."""
+    # safetensors layout: 8-byte little-endian header length, then the JSON header holding the metadata
+    header_len = int.from_bytes(payload[:8], "little")
+    return json.loads(payload[8:8 + header_len]).get("__metadata__", {})
 
 
 def decode(payload: bytes, stream_id: str) -> StreamRecord:
     try:
         tensors = st_load(payload)
-        # safetensors layout: 8-byte little-endian header length, then the JSON header holding the metadata
-        header_len = int.from_bytes(payload[:8], "little")
-        metadata = json.loads(payload[8:8 + header_len]).get("__metadata__", {})
+        metadata = read_metadata(payload)
         if metadata.get("format") != FORMAT:
             raise ValueError(f"unknown format {metadata.get('format')!r}")
         return StreamRecord(tensors=dict(tensors), last_timestamp=float(metadata["last_timestamp"]),
-                            steps=int(metadata["steps"]), fingerprint=metadata["fingerprint"])
+                            steps=int(metadata["steps"]), fingerprint=metadata["fingerprint"],
+                            journal_seq=int(metadata.get("journal_seq", "0")))
     except Exception as e:  # any decoding failure is a corrupt record, named
         raise CorruptRecordError(f"stream {stream_id!r}: stored record cannot be decoded ({e})") from None
 
@@ -142,7 +184,7 @@ def _check_fingerprint(stream_id: str, record: StreamRecord, fingerprint: str | 
 @runtime_checkable
 class StateStore(Protocol):
     """Where per-stream records live. Writes are staged until ``commit()``; a networked backend implements the
-    same methods."""
+    same seven methods (and the four of :class:`JournaledStore` to serve a journaling runner)."""
 
     def get(self, stream_ids: Sequence[str], fingerprint: str | None = None) -> dict[str, StreamRecord | None]:
         """Records of ``stream_ids`` (None for unknown streams), staged writes included. With ``fingerprint``,
@@ -167,14 +209,39 @@ class StateStore(Protocol):
         """Release the store (staged writes are discarded)."""
 
 
+@runtime_checkable
+class JournaledStore(StateStore, Protocol):
+    """A :class:`StateStore` that also keeps a journal of numbered entries, committed in the same transactions
+    as the records (a networked backend: one transaction or batch of its own, holding both)."""
+
+    durable: bool
+    """Whether a commit survives the death of the process (SQLite: yes; memory: no)."""
+
+    def append_journal(self, seq: int, payload: bytes) -> None:
+        """Stage entry ``seq`` (greater than :meth:`journal_head`); it gets a checksum."""
+
+    def read_journal(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Entries numbered above ``after``, in order, each verified against its checksum
+        (:class:`CorruptJournalError`, naming the entry, on failure)."""
+
+    def truncate_journal(self, through: int) -> None:
+        """Stage the removal of every entry numbered up to ``through``."""
+
+    def journal_head(self) -> int:
+        """The highest entry number ever appended (0 when none), staged entries included; truncation keeps it."""
+
+
 _DELETED = object()
 
 
 class _Staging:
-    """Staged writes shared by the stores: id -> encoded payload, or the deletion marker."""
+    """Staged writes shared by the stores: id -> encoded payload (or the deletion marker), journal entries to
+    append and the journal truncation point."""
 
     def __init__(self):
         self.staged: dict[str, object] = {}
+        self.staged_journal: list[tuple[int, bytes, str]] = []
+        self.staged_truncate: int | None = None
 
     def put(self, records: Mapping[str, StreamRecord]) -> None:
         if not isinstance(records, Mapping):
@@ -194,9 +261,44 @@ class _Staging:
         for sid in _check_ids(stream_ids):
             self.staged[sid] = _DELETED
 
+    def append_journal(self, seq: int, payload: bytes) -> None:
+        head = self.journal_head()
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq <= head:
+            raise ValueError(f"append_journal: 'seq' expected an int above the journal head {head}, got {seq!r}")
+        if not isinstance(payload, (bytes, bytearray)):
+            raise ValueError(f"append_journal: entry {seq} expected bytes, got {type(payload).__name__}")
+        self.staged_journal.append((seq, bytes(payload), checksum(payload)))
+
+    def truncate_journal(self, through: int) -> None:
+        if isinstance(through, bool) or not isinstance(through, int) or through < 0:
+            raise ValueError(f"truncate_journal: 'through' expected a non-negative int, got {through!r}")
+        self.staged_truncate = max(through, self.staged_truncate or 0)
+
+    def journal_head(self) -> int:
+        return max([self._committed_head(), *(seq for seq, _, _ in self.staged_journal)])
+
+    def rollback(self) -> None:
+        self.staged.clear()
+        self.staged_journal.clear()
+        self.staged_truncate = None
+
+    def _committed_head(self) -> int:
+        raise NotImplementedError
+
+    def _staged_entries(self, after: int) -> Iterator[tuple[int, bytes]]:
+        for seq, payload, _ in self.staged_journal:
+            if seq > after and (self.staged_truncate is None or seq > self.staged_truncate):
+                yield seq, payload
+
+
+def _verified(seq: int, payload: bytes, digest: str) -> tuple[int, bytes]:
+    if checksum(payload) != digest:
+        raise CorruptJournalError(f"journal entry {seq}: stored entry fails its checksum")
+    return seq, payload
+
 
 class MemoryStore(_Staging):
-    """An in-memory :class:`StateStore` (tests, ephemeral runs). Records are kept encoded, exactly as on disk.
+    """An in-memory :class:`JournaledStore` (tests, ephemeral runs). Records are kept encoded, exactly as on disk.
 
     Example:
         >>> import torch
@@ -207,9 +309,13 @@ class MemoryStore(_Staging):
         True
     """
 
+    durable = False
+
     def __init__(self):
         super().__init__()
         self.committed: dict[str, bytes] = {}
+        self.journal: dict[int, tuple[bytes, str]] = {}
+        self.head = 0
 
     def get(self, stream_ids, fingerprint=None):
         out = {}
@@ -223,26 +329,39 @@ class MemoryStore(_Staging):
     def iterate(self):
         return iter(sorted(self.committed))
 
+    def read_journal(self, after: int = 0):
+        for seq in sorted(s for s in self.journal if s > after):
+            if self.staged_truncate is None or seq > self.staged_truncate:
+                yield _verified(seq, *self.journal[seq])
+        yield from self._staged_entries(after)
+
     def commit(self):
         for sid, payload in self.staged.items():
             if payload is _DELETED:
                 self.committed.pop(sid, None)
             else:
                 self.committed[sid] = payload
-        self.staged.clear()
-
-    def rollback(self):
-        self.staged.clear()
+        for seq, payload, digest in self.staged_journal:
+            self.journal[seq] = (payload, digest)
+            self.head = max(self.head, seq)
+        if self.staged_truncate is not None:
+            for seq in [s for s in self.journal if s <= self.staged_truncate]:
+                del self.journal[seq]
+        self.rollback()
 
     def close(self):
-        self.staged.clear()
+        self.rollback()
+
+    def _committed_head(self):
+        return self.head
 
     def __len__(self):
         return len(self.committed)
 
 
 class SQLiteStore(_Staging):
-    """The embedded default :class:`StateStore`: one SQLite file in WAL mode, one row per stream.
+    """The embedded default :class:`JournaledStore`: one SQLite file in WAL mode, one row per stream, one row
+    per journal entry.
 
     Args:
         path: the database file (created if missing).
@@ -255,10 +374,14 @@ class SQLiteStore(_Staging):
         >>> path = tempfile.mkdtemp() + "/state.db"
         >>> store = SQLiteStore(path)
         >>> store.put({"turbine/7": StreamRecord({"h": torch.arange(3.0)}, 10.0, 3, "model-a")})
+        >>> store.append_journal(1, b"observations")
         >>> store.commit(); store.close()
-        >>> SQLiteStore(path).get(["turbine/7"])["turbine/7"].steps
-        3
+        >>> again = SQLiteStore(path)
+        >>> again.get(["turbine/7"])["turbine/7"].steps, list(again.read_journal()), again.journal_head()
+        (3, [(1, b'observations')], 1)
     """
+
+    durable = True
 
     def __init__(self, path: str | Path, synchronous: str = "NORMAL", timeout: float = 30.0):
         super().__init__()
@@ -275,8 +398,15 @@ class SQLiteStore(_Staging):
             self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.conn.execute("CREATE TABLE IF NOT EXISTS streams (stream_id TEXT PRIMARY KEY, payload BLOB NOT NULL, "
                               "checksum TEXT NOT NULL)")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL, "
+                              "checksum TEXT NOT NULL)")
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('journal_head', '0')")
             version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            if version == "1":
+                # version 1 had no journal: the tables above complete it
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+                version = SCHEMA_VERSION
             self.conn.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             self.conn.close()
@@ -318,8 +448,19 @@ class SQLiteStore(_Staging):
         for (sid,) in self.conn.execute("SELECT stream_id FROM streams ORDER BY stream_id"):
             yield sid
 
+    def read_journal(self, after: int = 0):
+        # entries are fetched one at a time (the journal can be large) and each statement is finished before the
+        # next, so that a caller may commit between entries
+        floor = max(after, self.staged_truncate or 0)
+        seqs = [seq for (seq,) in self.conn.execute("SELECT seq FROM journal WHERE seq > ? ORDER BY seq", (floor,))]
+        for seq in seqs:
+            row = self.conn.execute("SELECT payload, checksum FROM journal WHERE seq = ?", (seq,)).fetchone()
+            if row is not None:
+                yield _verified(seq, *row)
+        yield from self._staged_entries(after)
+
     def commit(self):
-        if not self.staged:
+        if not (self.staged or self.staged_journal or self.staged_truncate is not None):
             return
         puts = [(sid, payload, checksum(payload)) for sid, payload in self.staged.items() if payload is not _DELETED]
         deletes = [(sid,) for sid, payload in self.staged.items() if payload is _DELETED]
@@ -327,19 +468,25 @@ class SQLiteStore(_Staging):
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?, ?)", puts)
             self.conn.executemany("DELETE FROM streams WHERE stream_id = ?", deletes)
+            if self.staged_journal:
+                self.conn.executemany("INSERT INTO journal VALUES (?, ?, ?)", self.staged_journal)
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'journal_head'",
+                                  (str(max(seq for seq, _, _ in self.staged_journal)),))
+            if self.staged_truncate is not None:
+                self.conn.execute("DELETE FROM journal WHERE seq <= ?", (self.staged_truncate,))
             self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
-        self.staged.clear()
-
-    def rollback(self):
-        self.staged.clear()
+        self.rollback()
 
     def close(self):
-        self.staged.clear()
+        self.rollback()
         self.conn.close()
+
+    def _committed_head(self):
+        return int(self.conn.execute("SELECT value FROM meta WHERE key = 'journal_head'").fetchone()[0])
 
     def __len__(self):
         return self.conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0]

@@ -64,6 +64,9 @@ def test_restart_continues_exactly(tmp_path):
     ids = [f"s{i}" for i in range(4)]
     a, b = uninterrupted.forecast(ids), second.forecast(ids)
     assert a.equals(b)
+    # the third call is in the journal until the next snapshot; flush writes the states themselves
+    assert second.info(["s0"])["steps"].to_list() == [12]
+    second.flush()
     assert second.store.get(["s0"])["s0"].steps == 12
 
 
@@ -102,10 +105,14 @@ def test_bad_batches_change_nothing(rows, pattern):
 
 
 def test_state_written_by_another_model_is_refused(tmp_path):
-    OnlineRunner(encoder(seed=0), SQLiteStore(tmp_path / "s.db"), CHANNELS).observe(batches()[0])
+    with OnlineRunner(encoder(seed=0), SQLiteStore(tmp_path / "s.db"), CHANNELS) as first:  # close: snapshot
+        first.observe(batches()[0])
     other = OnlineRunner(encoder(seed=1), SQLiteStore(tmp_path / "s.db"), CHANNELS)
     with pytest.raises(FingerprintMismatchError, match="stream 's0': stored state was written by model"):
         other.forecast(["s0"])
+    with pytest.raises(FingerprintMismatchError, match="stream 's0': stored state was written by model"):
+        other.observe(batches()[1])
+    assert other.store.get(["s0"])["s0"].steps == first.info(["s0"])["steps"][0]
 
 
 def test_unknown_stream_forecast_is_an_error():
