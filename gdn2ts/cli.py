@@ -6,6 +6,7 @@
     gdn2ts quickstart         train on real data, stream the held-out part with persisted per-stream state
     gdn2ts stream             observations from a file or stdin into a state store, forecasts out
     gdn2ts audit              what each layer's state forgot: an eviction audit of synthetic streams, with a plot
+    gdn2ts probe              rare-regime recall probes: GDN-2, KDA, GDN and a GRU of equal state size
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, 
 
 def main(args: list[str] | None = None) -> None:
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels}, "quickstart": quickstart,
-              "stream": stream, "audit": audit}, args=args, as_positional=False)
+    # imported here: the probe command's typed configs must be importable for the parser, the rest stay lazy
+    from gdn2ts.streaming.probes_report import probe
+
+              "stream": stream, "audit": audit, "probe": probe}, args=args, as_positional=False)
 
 
 if __name__ == "__main__":
