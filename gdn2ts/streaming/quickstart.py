@@ -261,11 +261,8 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(), quiet: bool = 
                             str(plot_rolling_error(scored, "price", out / "rolling_error.png",
                                                    steps=(1, ckpt.encoder.config.horizon)))]
     if audit_summary is not None:
-        store = SQLiteStore(out / "state.db")
-        try:
-            text = audit_summary(OnlineRunner(ckpt.encoder, store, CHANNELS, covariates=CALENDAR), list(STREAMS))
-        finally:
-            store.close()
+        with OnlineRunner(ckpt.encoder, SQLiteStore(out / "state.db"), CHANNELS, covariates=CALENDAR) as runner:
+            text = audit_summary(runner, list(STREAMS))
         summary["audit"] = text
         console.print(text)
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -279,17 +276,16 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
     """Warm up new streams on the end of the training part, then stream the held-out rows hour by hour, logging
     each stream's forecast after each of its observations; forecast log parts are written (and the week's
     error printed) once a week."""
-    store = SQLiteStore(out / "state.db")
+    runner = OnlineRunner(ckpt.encoder, SQLiteStore(out / "state.db"), CHANNELS, covariates=CALENDAR)
     # one observe call steps a handful of streams through tiny matrices: a second intra-op thread costs more in
     # hand-offs than it saves (several times slower on a busy 2-core machine)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runner = OnlineRunner(ckpt.encoder, store, CHANNELS, covariates=CALENDAR)
-        records = store.get(list(STREAMS), fingerprint=runner.fingerprint)
-        last = {s: (-math.inf if r is None else r.last_timestamp) for s, r in records.items()}
-        info = {"resumed": any(r is not None for r in records.values()), "warmup_rows": 0}
-        fresh_streams = [s for s, r in records.items() if r is None]
+        known = runner.info(list(STREAMS))
+        last = {s: (-math.inf if t is None else t) for s, t in zip(known["stream"], known["last_time"], strict=True)}
+        info = {"resumed": bool((known["steps"] > 0).any()), "warmup_rows": 0}
+        fresh_streams = [s for s, t in last.items() if t == -math.inf]
         if fresh_streams:
             warm = kept.filter(pl.col("stream").is_in(fresh_streams) & (pl.col("time") >= split - config.warmup_hours)
                                & (pl.col("time") < split))
@@ -336,4 +332,4 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
         return info
     finally:
         torch.set_num_threads(threads)
-        store.close()
+        runner.close()

@@ -123,6 +123,10 @@ def plot_forecasts(scored: pl.DataFrame, channel: str, path: Path, days: int = 7
         part = part.filter(pl.col("target_time") > end - days * DAY)
         one = part.filter(pl.col("step") == 1).sort("target_time")
         far = part.filter(pl.col("step") == horizon).sort("target_time")
+        ax.set_title(f"{stream}: {channel}")
+        if one.height == 0:
+            ax.text(0.5, 0.5, "no one-step forecast scored yet", ha="center", transform=ax.transAxes)
+            continue
         x0 = float(one["target_time"].min())
         days_one = ((one["target_time"] - x0) / DAY).to_numpy()
         days_far = ((far["target_time"] - x0) / DAY).to_numpy()
@@ -131,7 +135,6 @@ def plot_forecasts(scored: pl.DataFrame, channel: str, path: Path, days: int = 7
                         label="q0.1-q0.9, 1 step ahead")
         ax.plot(days_one, one["q0.5"].to_numpy(), color="tab:blue", lw=1, label="median, 1 step")
         ax.plot(days_far, far["q0.5"].to_numpy(), color="tab:orange", lw=1, ls="--", label=f"median, {horizon} steps")
-        ax.set_title(f"{stream}: {channel}")
         ax.set_xlabel("days")
         ax.legend(loc="upper left", fontsize=8, ncols=4)
     fig.tight_layout()
@@ -150,6 +153,8 @@ def plot_rolling_error(scored: pl.DataFrame, channel: str, path: Path, steps=(1,
     fig, axes = plt.subplots(1, len(steps), figsize=(11, 3.5), squeeze=False)
     for ax, step in zip(axes[0], steps, strict=True):
         roll = rolling_error(scored, channel, step)
+        if roll.height == 0:
+            ax.text(0.5, 0.5, "no scored forecast yet", ha="center", transform=ax.transAxes)
         for i, stream in enumerate(sorted(roll["stream"].unique().to_list())):
             part = roll.filter(pl.col("stream") == stream)
             day = (part["day"] - part["day"].min()).to_numpy()
@@ -157,7 +162,8 @@ def plot_rolling_error(scored: pl.DataFrame, channel: str, path: Path, steps=(1,
             ax.plot(day, part["naive_day"].to_numpy(), color=f"C{i}", ls=":", label=f"{stream} naive 1 day")
         ax.set_title(f"{channel}: 7-day rolling MAE, {step} step{'s' if step > 1 else ''} ahead")
         ax.set_xlabel("day of held-out period")
-        ax.legend(fontsize=8)
+        if roll.height:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

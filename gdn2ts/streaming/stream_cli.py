@@ -122,9 +122,9 @@ def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None
     prepared = prepare_rows(frame, ckpt, id_column, time_column)
     _validate(prepared, ckpt.scaler.channels, ckpt.covariates, id_column, time_column)
     started = time.perf_counter()
-    db = SQLiteStore(store)
+    runner = OnlineRunner(ckpt.encoder, SQLiteStore(store), ckpt.scaler.channels, ckpt.covariates, id_column,
+                          time_column)
     try:
-        runner = OnlineRunner(ckpt.encoder, db, ckpt.scaler.channels, ckpt.covariates, id_column, time_column)
         accepted, rejected = 0, []
         for start in range(0, prepared.height, batch_rows):
             result = runner.observe(prepared.slice(start, batch_rows))
@@ -136,15 +136,15 @@ def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None
             print(f"rejected: ... and {len(rejected) - 20} more rows", file=sys.stderr)
         streams = list(dict.fromkeys(prepared[id_column].cast(pl.String).to_list()))
         if forecast_out is not None:
-            records = db.get(streams, fingerprint=runner.fingerprint)
-            known = [s for s in streams if records[s] is not None]
-            origin = {s: records[s].last_timestamp for s in known}
+            info = runner.info(streams).filter(pl.col("steps") > 0)
+            known = info["stream"].to_list()
+            origin = dict(zip(known, info["last_time"].to_list(), strict=True))
             table = unscale_forecast(runner.forecast(known), ckpt.scaler)
             table = table.with_columns(pl.col("stream").replace_strict(origin, return_dtype=pl.Float64)
                                        .alias("origin")).select("stream", "origin", pl.exclude("stream", "origin"))
             write_table(table, forecast_out)
     finally:
-        db.close()
+        runner.close()
     summary = {"rows": prepared.height, "accepted": accepted, "rejected": len(rejected), "streams": len(streams),
                "seconds": round(time.perf_counter() - started, 3)}
     if not quiet:

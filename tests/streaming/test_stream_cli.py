@@ -1,0 +1,162 @@
+"""``gdn2ts stream``: CSV, JSON lines, Parquet and standard input through a checkpoint into a store; forecasts
+out; bad files stop with a named error and leave the store as it was."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import polars as pl
+import pytest
+import torch
+
+from gdn2ts.cli import main
+from gdn2ts.models import EncoderConfig, StreamEncoder
+from gdn2ts.models.checkpoint import Scaler, load_checkpoint, save_checkpoint
+from gdn2ts.streaming import MemoryStore, OnlineRunner, SQLiteStore
+from gdn2ts.streaming.features import CALENDAR, prepare_rows
+from gdn2ts.streaming.stream_cli import run_stream
+
+CHANNELS = ("load", "temp")
+ROWS = {
+    "stream": ["a", "b", "a", "b", "a", "c"],
+    "time": ["2020-03-02 00:00", "2020-03-02 00:00", "2020-03-02 01:00", "2020-03-02 03:00", "2020-03-02 02:00",
+             "2020-03-01 23:00"],
+    "load": [520.0, 610.0, None, 605.0, 530.0, 100.0],
+    "temp": [11.5, 9.0, 12.0, None, 12.5, 3.0],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    enc = StreamEncoder(EncoderConfig(n_channels=2, n_covariates=4, hidden_size=16, num_heads=2, head_dim=8,
+                                      horizon=3))
+    return save_checkpoint(tmp_path / "model.safetensors", enc, Scaler(CHANNELS, (500.0, 10.0), (50.0, 5.0)),
+                           CALENDAR, time_unit_seconds=3600.0)
+
+
+def _stored(path, ids=("a", "b", "c")):
+    store = SQLiteStore(path)
+    try:
+        return {sid: rec for sid, rec in store.get(list(ids)).items() if rec is not None}
+    finally:
+        store.close()
+
+
+def test_csv_stream_matches_the_runner_and_writes_forecasts(tmp_path, ckpt):
+    src = tmp_path / "obs.csv"
+    pl.DataFrame(ROWS).write_csv(src)
+    out = tmp_path / "fc.csv"
+    main(["stream", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.db"), "--input", str(src),
+          "--forecast_out", str(out), "--batch_rows", "2", "--quiet", "true"])
+    fc = pl.read_csv(out)
+    assert fc.columns == ["stream", "origin", "step", "channel", "q0.1", "q0.5", "q0.9"]
+    assert fc.height == 3 * 3 * 2 and set(fc["stream"]) == {"a", "b", "c"}
+    # the same rows through the runner by hand (scaled, calendar covariates) give the same forecasts
+    loaded = load_checkpoint(ckpt)
+    runner = OnlineRunner(loaded.encoder, MemoryStore(), CHANNELS, CALENDAR)
+    runner.observe(prepare_rows(pl.DataFrame(ROWS), loaded))
+    ref = runner.forecast(["a", "b", "c"])
+    mine = fc.sort(["stream", "step", "channel"])
+    ref = ref.sort(["stream", "step", "channel"])
+    scale = ref["channel"].replace_strict({"load": 50.0, "temp": 5.0}, return_dtype=pl.Float64)
+    loc = ref["channel"].replace_strict({"load": 500.0, "temp": 10.0}, return_dtype=pl.Float64)
+    # (float32 states; batches of two rows group the streams' steps differently than one call does)
+    assert ((mine["q0.5"] - (ref["q0.5"] * scale + loc)).abs().max()) < 1e-4
+    # origins are the last timestamps, in hours since the epoch (2020-03-02 02:00 for a)
+    a_origin = fc.filter(pl.col("stream") == "a")["origin"][0]
+    assert a_origin == (18323 * 24 + 2) and _stored(tmp_path / "s.db")["a"].steps == 3
+
+
+def test_jsonl_parquet_and_stdin_agree_with_csv(tmp_path, ckpt, monkeypatch):
+    frame = pl.DataFrame(ROWS)
+    results = {}
+    for fmt in ("csv", "jsonl", "parquet", "stdin"):
+        if fmt == "stdin":
+            buf = io.BytesIO()
+            frame.write_csv(buf)
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(buf.getvalue())))
+            src = "-"
+        else:
+            src = str(tmp_path / f"obs.{fmt}")
+            {"csv": frame.write_csv, "jsonl": frame.write_ndjson, "parquet": frame.write_parquet}[fmt](src)
+        out = tmp_path / f"fc-{fmt}.parquet"
+        summary = run_stream(str(ckpt), str(tmp_path / f"{fmt}.db"), input=src, forecast_out=str(out), quiet=True)
+        assert summary == {**summary, "rows": 6, "accepted": 6, "rejected": 0, "streams": 3}
+        results[fmt] = pl.read_parquet(out)
+    for fmt in ("jsonl", "parquet", "stdin"):
+        assert results[fmt].equals(results["csv"]), fmt
+
+
+def test_numeric_timestamps_and_explicit_format(tmp_path, ckpt):
+    src = tmp_path / "obs.txt"
+    src.write_text("stream,time,load,temp\nx,100.0,510,10\nx,101.5,,11\n")
+    summary = run_stream(str(ckpt), str(tmp_path / "s.db"), input=str(src), format="csv", quiet=True)
+    assert summary["accepted"] == 2 and _stored(tmp_path / "s.db", ["x"])["x"].last_timestamp == 101.5
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        run_stream(str(ckpt), str(tmp_path / "s.db"), input=str(src), quiet=True)
+
+
+def test_out_of_order_rows_are_reported_and_the_rest_applied(tmp_path, ckpt, capsys):
+    src = tmp_path / "obs.csv"
+    src.write_text("stream,time,load,temp\na,10,510,10\na,10,520,10\nb,5,500,9\n")
+    main(["stream", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.db"), "--input", str(src)])
+    err = capsys.readouterr().err
+    assert "rejected: " in err and "'a'" in err and "applied 2 of 3 rows" in err
+    assert set(_stored(tmp_path / "s.db")) == {"a", "b"}
+
+
+@pytest.mark.parametrize("content, fmt, message", [
+    ("stream,time,load,temp,pressure\na,1,1,1,1\n", "csv", "unknown columns ['pressure']"),
+    ("stream,time,load,temp\na,1,1,1\na,2,inf,1\n", "csv", "'load' holds inf for stream 'a'"),
+    ("stream,time,load,temp\na,1,high,1\n", "csv", "'load' expected numbers"),
+    ("stream,when,load,temp\na,1,1,1\n", "csv", "lack the column 'time'"),
+    ("stream,time,load,temp\na,yesterday,1,1\n", "csv", "timestamps expected numbers or ISO-8601"),
+    ("stream,time,load,temp\na,1,1,1\n,2,1,1\n", "csv", "every row needs a stream id"),
+    ("not parquet at all", "parquet", "cannot be read as parquet"),
+    ('{"stream": "a", "time": 1, "load": 1}\n{broken', "jsonl", "cannot be read as jsonl"),
+])
+def test_bad_files_stop_with_a_named_error_and_change_nothing(tmp_path, ckpt, capsys, content, fmt, message):
+    db = tmp_path / "s.db"
+    good = tmp_path / "good.csv"
+    good.write_text("stream,time,load,temp\na,0.5,500,10\n")
+    run_stream(str(ckpt), str(db), input=str(good), quiet=True)
+    before = _stored(db)["a"]
+    bad = tmp_path / f"bad.{fmt}"
+    bad.write_text(content)
+    with pytest.raises(SystemExit, match="gdn2ts stream: .*" + message.replace("[", r"\[").replace("]", r"\]")):
+        main(["stream", "--checkpoint", str(ckpt), "--store", str(db), "--input", str(bad), "--batch_rows", "1"])
+    after = _stored(db)
+    assert set(after) == {"a"} and after["a"].steps == before.steps
+    assert torch.equal(after["a"].tensors["last_output"], before.tensors["last_output"])
+
+
+def test_missing_files_and_foreign_stores(tmp_path, ckpt):
+    with pytest.raises(SystemExit, match="input file .* does not exist"):
+        main(["stream", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.db"), "--input",
+              str(tmp_path / "none.csv")])
+    with pytest.raises(SystemExit, match="checkpoint .* does not exist"):
+        main(["stream", "--checkpoint", str(tmp_path / "none.safetensors"), "--store", str(tmp_path / "s.db")])
+    with pytest.raises(SystemExit, match="cannot tell the format of .*fc.xlsx"):
+        main(["stream", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.db"), "--forecast_out",
+              str(tmp_path / "fc.xlsx")])
+    # a store written by another model is refused, naming the stream
+    src = tmp_path / "obs.csv"
+    src.write_text("stream,time,load,temp\na,1,500,10\n")
+    run_stream(str(ckpt), str(tmp_path / "s.db"), input=str(src), quiet=True)
+    enc = StreamEncoder(EncoderConfig(n_channels=2, n_covariates=4, hidden_size=16, num_heads=2, head_dim=8,
+                                      horizon=3))
+    other = save_checkpoint(tmp_path / "other.safetensors", enc, Scaler(CHANNELS, (0.0, 0.0), (1.0, 1.0)),
+                            CALENDAR, time_unit_seconds=3600.0)
+    src.write_text("stream,time,load,temp\na,2,500,10\n")
+    with pytest.raises(SystemExit, match="stream 'a'.*written by model"):
+        main(["stream", "--checkpoint", str(other), "--store", str(tmp_path / "s.db"), "--input", str(src)])
