@@ -17,11 +17,11 @@ from torch import nn
 from gdn2ts.layers.config import GDN2Config
 from gdn2ts.layers.conv import ShortConv
 from gdn2ts.layers.norm import GatedRMSNorm
-from gdn2ts.ops import chunk_gdn2, recurrent_gdn2
+from gdn2ts.ops import chunk_gdn2, l2norm, recurrent_gdn2
 from gdn2ts.ops.reference import compute_dtype, pad_packed, state_dtype, unpad_packed
 from gdn2ts.ops.validate import check_cu_seqlens, fail
 
-__all__ = ["GatedDeltaNet2", "GDN2State"]
+__all__ = ["GatedDeltaNet2", "GDN2Inputs", "GDN2State"]
 
 INIT_GAIN = 2**-2.5
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -42,6 +42,27 @@ class GDN2State(NamedTuple):
     """``[N, HV, K, V]`` the op's state, fp32 (fp64 when the layer runs in fp64)."""
     conv: torch.Tensor
     """``[N, C, W - 1]`` the last ``W - 1`` pre-conv q|k|v inputs of each sequence, in the activation dtype."""
+
+
+class GDN2Inputs(NamedTuple):
+    """What the GDN-2 op receives for a window, after every activation (see :meth:`GatedDeltaNet2.op_inputs`).
+
+    In the compute dtype (fp32, fp64 for fp64 activations); a skipped (masked) token holds the identity step,
+    zeros everywhere. ``recurrent_reference(*inputs)`` replays the layer's recurrence.
+    """
+
+    q: torch.Tensor
+    """``[B, T, H, K]`` queries after the short conv (L2-normalized when ``qk_norm == "l2"``)."""
+    k: torch.Tensor
+    """``[B, T, H, K]`` keys after the short conv (L2-normalized when ``qk_norm == "l2"``)."""
+    v: torch.Tensor
+    """``[B, T, HV, V]`` values after the short conv."""
+    g: torch.Tensor
+    """``[B, T, H, K]`` log-decay (``<= 0``), already multiplied by ``decay_scale``."""
+    b: torch.Tensor
+    """``[B, T, H or HV, K]`` erase gate."""
+    w: torch.Tensor
+    """``[B, T, HV, V]`` write gate."""
 
 
 def _linear(n_in: int, n_out: int, bias: bool = False) -> nn.Linear:
@@ -263,6 +284,54 @@ class GatedDeltaNet2(nn.Module):
             recurrent = torch.where(mask[:, None, None, None], recurrent, state.recurrent)
             tail = torch.where(mask[:, None, None], tail, state.conv)
         return y, GDN2State(recurrent, tail)
+
+    @torch.no_grad()
+    def op_inputs(
+        self, x: torch.Tensor, state: GDN2State | None = None, attention_mask: torch.Tensor | None = None,
+        decay_scale: torch.Tensor | None = None,
+    ) -> GDN2Inputs:
+        """The op's activated inputs for a window, exactly as :meth:`forward` (same arguments) feeds the op.
+
+        ``x`` ``[B, T, hidden]`` -> :class:`GDN2Inputs` (q, k, v, g, b, w). For inspecting what the recurrence
+        saw (state audits); nothing is modified and no gradient is kept. Masked tokens get the identity step.
+
+        Example:
+            >>> import torch
+            >>> from gdn2ts.layers import GatedDeltaNet2, GDN2Config
+            >>> from gdn2ts.ops import recurrent_reference
+            >>> layer = GatedDeltaNet2(GDN2Config(32, 2, head_k_dim=8, head_v_dim=8, gate_low_rank=4)).double()
+            >>> x, mask = torch.randn(2, 6, 32).double(), torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+            >>> _, state = layer(x, attention_mask=mask)
+            >>> inputs = layer.op_inputs(x, attention_mask=mask)
+            >>> _, replayed = recurrent_reference(*inputs, output_final_state=True)
+            >>> inputs.g.shape, bool(torch.allclose(replayed, state.recurrent, atol=1e-10))
+            (torch.Size([2, 6, 2, 8]), True)
+        """
+        op = "GatedDeltaNet2.op_inputs"
+        act = self._check_x(op, "x", x, 3)
+        B, T = x.shape[:2]
+        if decay_scale is not None:
+            self._check_decay_scale(op, decay_scale, (B, T), x.device)
+        mask = (torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None
+                else self._check_mask(op, "attention_mask", attention_mask, (B, T), x.device))
+        self._check_state(op, state, B, act, x.device)
+        cfg = self.config
+        H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
+        # the conv runs over each row's kept tokens only, as in forward's masked path
+        cu = F.pad(mask.sum(1).cumsum(0), (1, 0))
+        padded, index = pad_packed(self._project(x[mask])[None], cu)
+        conv_out, _ = self.conv(padded, None if state is None else state.conv, cu[1:] - cu[:-1])
+        qkv = conv_out.new_zeros(B, T, cfg.conv_channels)
+        qkv[mask] = unpad_packed(conv_out, index, int(cu[-1]))[0]
+        q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
+        q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
+        dt = compute_dtype(q.dtype)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        if cfg.qk_norm == "l2":
+            q, k = l2norm(q, dt), l2norm(k, dt)
+        g, b, w = self._gates(x, decay_scale)
+        keep = mask[:, :, None, None]
+        return GDN2Inputs(*(torch.where(keep, t, 0.0).to(dt) for t in (q, k, v, g, b, w)))
 
     # ----------------------------------------------------------------------------------------------------------
     # internals

@@ -1,0 +1,317 @@
+"""Eviction audits: energy terms sum exactly and follow the layers' actual states, unobserved steps are identity,
+agreement with explicit matrices in float64, recall and half-lives, no side effects, bad input, Parquet logs,
+summary, plot and the command."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from gdn2ts.cli import main
+from gdn2ts.models import EncoderConfig, StreamEncoder
+from gdn2ts.streaming.audit import SCHEMAS, audit_encoder
+from gdn2ts.streaming.audit_report import (
+    append_audit_log,
+    append_parquet,
+    audit_summary_text,
+    plot_audit,
+    summarize_audit,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: one thread avoids oversubscribing the cores that other test processes share
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def encoder(variant="gdn2", head_dim=4, seed=0):
+    torch.manual_seed(seed)
+    cfg = EncoderConfig(n_channels=2, hidden_size=8, n_layers=2, num_heads=2, head_dim=head_dim, variant=variant,
+                        horizon=2, time_unit=1.5)
+    return StreamEncoder(cfg).double()
+
+
+def data(B=2, T=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(B, T, 2, generator=gen, dtype=torch.float64)
+    values[torch.rand(B, T, 2, generator=gen) < 0.25] = math.nan
+    values[:, 3] = math.nan  # nothing observed
+    values[1, 9:11] = math.nan
+    values[:, [0, 5, 12]] = torch.randn(B, 3, 2, generator=gen, dtype=torch.float64)  # fully observed
+    times = 100.0 + torch.cumsum(torch.rand(B, T, generator=gen, dtype=torch.float64) * 3 + 0.1, dim=1)
+    return values, times
+
+
+def warm_state(enc, seed=2):
+    """A non-zero starting state from an earlier window, ending before ``data``'s times."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(2, 6, 2, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        return enc(values, torch.arange(6.0, dtype=torch.float64).expand(2, 6).contiguous())["state"]
+
+
+def head_energy(state):
+    return [s.recurrent.square().sum((-2, -1)) for s in state.layers]  # per layer [B, HV]
+
+
+def table(frame, *keys):
+    """A column of a long table as an array indexed by ``keys`` (their values are dense 0-based ints)."""
+    return frame.sort(list(keys))
+
+
+@pytest.mark.parametrize("variant", ["gdn2", "kda", "gdn", "mamba2"])
+def test_energy_terms_sum_exactly_and_follow_the_layers_states(variant):
+    enc = encoder(variant)
+    values, times = data()
+    state = warm_state(enc)
+    audit = audit_encoder(enc, values, times, state=state)
+    e = audit.energy
+    residual = (e["energy_before"] - e["decay_removed"] + e["erase_change"] + e["write_change"]
+                - e["energy_after"]).abs().to_numpy()
+    assert (residual <= 1e-12 * np.maximum(1.0, e["energy_after"].to_numpy())).all()
+    assert (e["decay_removed"].to_numpy() >= -1e-15).all()
+    B, T = values.shape[:2]
+    before = e.sort("stream", "layer", "head", "step")["energy_before"].to_numpy().reshape(B, 2, 2, T)
+    after = e.sort("stream", "layer", "head", "step")["energy_after"].to_numpy().reshape(B, 2, 2, T)
+    # the encoder's own step-by-step states, step after step
+    for layer, energy in enumerate(head_energy(state)):
+        np.testing.assert_allclose(before[:, layer, :, 0], energy.numpy(), rtol=1e-12, atol=1e-14)
+    s = state
+    for t in range(T):
+        s = enc.step(values[:, t], times[:, t], state=s)["state"]
+        for layer, energy in enumerate(head_energy(s)):
+            np.testing.assert_allclose(after[:, layer, :, t], energy.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(before[..., 1:], after[..., :-1])
+    # the per-channel erase changes add up to the erase term
+    by_step = (audit.channels.group_by("stream", "layer", "head", "step").agg(pl.col("erase_change").sum())
+               .sort("stream", "layer", "head", "step"))
+    np.testing.assert_allclose(by_step["erase_change"].to_numpy(),
+                               e.sort("stream", "layer", "head", "step")["erase_change"].to_numpy(), atol=1e-13)
+
+
+def test_unobserved_steps_are_identity():
+    enc = encoder()
+    values, times = data()
+    audit = audit_encoder(enc, values, times, state=warm_state(enc))
+    idle = audit.energy.filter(~pl.col("observed"))
+    unobserved = torch.isnan(values).all(-1)
+    assert bool(unobserved[:, 3].all()) and bool(unobserved[1, 9:11].all())
+    assert idle.height == int(unobserved.sum()) * 2 * 2  # layers x heads
+    assert (idle["decay_removed"] == 0).all() and (idle["erase_change"] == 0).all()
+    assert (idle["write_change"] == 0).all() and (idle["energy_before"] == idle["energy_after"]).all()
+    assert (idle["energy_before"] > 0).all()
+    idle_channels = audit.channels.join(idle.select("stream", "layer", "head", "step"),
+                                        on=["stream", "layer", "head", "step"])
+    assert idle_channels.height == idle.height * 4
+    assert (idle_channels["erase_mass"] == 0).all() and (idle_channels["erase_change"] == 0).all()
+
+
+def mixer_inputs(enc, values, times, state):
+    """The op inputs of every mixer, captured independently of the audit module."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: calls.append((args, kw)), with_kwargs=True)
+             for m in enc.mixers]
+    with torch.no_grad():
+        enc(values, times, state=state)
+    for h in hooks:
+        h.remove()
+    out = []
+    for m, (args, kw) in zip(enc.mixers, calls, strict=True):
+        out.append([t.numpy() for t in m.op_inputs(*args, **kw)])
+    return out
+
+
+def test_agrees_with_explicit_matrices_in_float64():
+    enc = encoder()
+    values, times = data()
+    state = warm_state(enc)
+    tags = {"early": ("a", 1), "mid": (1, 6), "last": ("b", 15)}
+    audit = audit_encoder(enc, values, times, state=state, tags=tags, stream_ids=["a", "b"])
+    B, T = values.shape[:2]
+    observed = ~torch.isnan(values).all(-1).numpy()
+    tn = times.numpy()
+    rows = {"a": 0, "b": 1}
+    energy = audit.energy.sort("stream", "layer", "head", "step")
+    channels = audit.channels.sort("stream", "layer", "head", "step", "channel")
+    recall = audit.recall.sort("tag", "layer", "head", "step")
+    n_half = 0
+    for layer, (_q, k, v, g, b, w) in enumerate(mixer_inputs(enc, values, times, state)):
+        for n in range(B):
+            for h in range(2):
+                S = state.layers[layer].recurrent[n, h].numpy().copy()
+                Ss = []
+                for t in range(T):
+                    kt = k[n, t, h]
+                    D = np.diag(np.exp(g[n, t, h]))
+                    M = np.eye(4) - np.outer(kt, b[n, t, h] * kt)
+                    S1 = D @ S
+                    S2 = M @ S1
+                    S3 = S2 + np.outer(kt, w[n, t, h] * v[n, t, h])
+                    i = ((n * 2 + layer) * 2 + h) * T + t
+                    got = energy.row(i, named=True)
+                    assert (got["stream"], got["layer"], got["head"], got["step"]) == ("ab"[n], layer, h, t)
+                    np.testing.assert_allclose(
+                        [got["energy_before"], got["decay_removed"], got["erase_change"], got["write_change"],
+                         got["energy_after"]],
+                        [np.sum(S**2), np.sum(S**2) - np.sum(S1**2), np.sum(S2**2) - np.sum(S1**2),
+                         np.sum(S3**2) - np.sum(S2**2), np.sum(S3**2)], rtol=1e-10, atol=1e-14)
+                    r = S1.T @ (b[n, t, h] * kt)
+                    np.testing.assert_allclose(channels["erase_mass"].to_numpy()[i * 4:(i + 1) * 4],
+                                               kt**2 * (r @ r), rtol=1e-10, atol=1e-15)
+                    np.testing.assert_allclose(channels["erase_change"].to_numpy()[i * 4:(i + 1) * 4],
+                                               (S2**2).sum(1) - (S1**2).sum(1), rtol=1e-10, atol=1e-14)
+                    S = S3
+                    Ss.append(S3)
+                for name, (stream, step) in tags.items():
+                    if rows.get(stream, stream) != n:
+                        continue
+                    ke, ue = k[n, step, h], w[n, step, h] * v[n, step, h]
+                    A = np.outer(ke, ue)
+                    want_ret, want_rec = [], []
+                    for t in range(step, T):
+                        if t > step:
+                            A = (np.eye(4) - np.outer(k[n, t, h], b[n, t, h] * k[n, t, h])) @ np.diag(
+                                np.exp(g[n, t, h])) @ A
+                        norm = (ke @ ke) * (ue @ ue)
+                        want_ret.append(ke @ A @ ue / norm)
+                        want_rec.append(ke @ Ss[t] @ ue / norm)
+                    which = (pl.col("tag") == name) & (pl.col("layer") == layer) & (pl.col("head") == h)
+                    sel = recall.filter(which)
+                    np.testing.assert_array_equal(sel["step"].to_numpy(), np.arange(step, T))
+                    np.testing.assert_allclose(sel["retention"].to_numpy(), want_ret, rtol=1e-9, atol=1e-12)
+                    np.testing.assert_allclose(sel["recall"].to_numpy(), want_rec, rtol=1e-9, atol=1e-12)
+                    np.testing.assert_allclose(sel["since"].to_numpy(), tn[n, step:] - tn[n, step])
+                    below = [t for t in range(step + 1, T) if observed[n, t] and want_ret[t - step] <= 0.5]
+                    half = audit.associations.filter(which)["half_life"].item()
+                    if below:
+                        n_half += 1
+                        assert half == pytest.approx(tn[n, below[0]] - tn[n, step], rel=1e-12)
+                    else:
+                        assert half is None
+    assert n_half > 0
+
+
+def test_recall_is_one_at_the_event_and_half_life_is_none_when_it_never_falls():
+    enc = encoder()
+    values, times = data()
+    column = torch.zeros(2, 16, dtype=torch.bool)
+    column[0, 2], column[1, 15] = True, True
+    audit = audit_encoder(enc, values, times, tags=column, stream_ids=["x", "y"])
+    assert sorted(audit.associations["tag"].unique().to_list()) == ["x@2", "y@15"]
+    at_event = audit.recall.filter(pl.col("since") == 0)
+    assert at_event.height == 2 * 2 * 2
+    np.testing.assert_allclose(at_event["retention"].to_numpy(), 1.0, rtol=1e-12)
+    last = audit.associations.filter(pl.col("tag") == "y@15")
+    assert last["half_life"].is_null().all()  # the window ends at the event
+    assert (audit.associations["key_norm"] > 0.99).all() and (audit.associations["value_norm"] > 0).all()
+
+
+def test_audit_changes_neither_model_nor_state():
+    enc = encoder()
+    values, times = data()
+    state = warm_state(enc)
+    params = {k: v.clone() for k, v in enc.state_dict().items()}
+    saved = [t.clone() for s in state.layers for t in s] + [state.last_time.clone(), state.last_output.clone()]
+    before = enc(values, times, state=state)["forecast"]
+    audit_encoder(enc, values, times, state=state, tags={"t": (0, 5)})
+    with pytest.raises(ValueError):
+        audit_encoder(enc, values, times.flip(1), state=state)  # fails inside the forward, after hooks are set
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in params.items())
+    now = [t for s in state.layers for t in s] + [state.last_time, state.last_output]
+    assert all(torch.equal(a, b) for a, b in zip(saved, now, strict=True))
+    assert all(not m._forward_pre_hooks for m in enc.mixers)
+    assert all(p.grad is None for p in enc.parameters())
+    torch.testing.assert_close(enc(values, times, state=state)["forecast"], before, rtol=0, atol=0)
+
+
+def test_bad_input_is_named():
+    enc = encoder()
+    values, times = data()
+    bad_inf = values.clone()
+    bad_inf[0, 2, 1] = math.inf
+    cases = [
+        (dict(values=values[..., :1]), "values"),
+        (dict(values=bad_inf), "inf"),
+        (dict(timestamps=times[:, :5]), "timestamps"),
+        (dict(values=values[:, :0], timestamps=times[:, :0]), "at least one step"),
+        (dict(tags={"t": ("nope", 2)}, stream_ids=["a", "b"]), "unknown stream 'nope'"),
+        (dict(tags={"t": (2, 2)}), "unknown stream 2"),
+        (dict(tags={"t": (0, 16)}), "step 16 out of range"),
+        (dict(tags={"t": (0, -1)}), "step -1 out of range"),
+        (dict(tags={"t": (0, 3)}), "nothing is observed"),
+        (dict(tags={"t": 3}), "tag 't'"),
+        (dict(tags=torch.zeros(2, 15, dtype=torch.bool)), "tags"),
+        (dict(tags=torch.zeros(2, 16)), "tags"),
+        (dict(stream_ids=["a"]), "stream_ids"),
+        (dict(stream_ids=["a", "a"]), "stream_ids"),
+        (dict(encoder=torch.nn.Linear(2, 2)), "encoder"),
+    ]
+    for overrides, message in cases:
+        kwargs = {"encoder": enc, "values": values, "timestamps": times, **overrides}
+        with pytest.raises(ValueError, match=message):
+            audit_encoder(**kwargs)
+    assert all(not m._forward_pre_hooks for m in enc.mixers)
+
+
+def test_parquet_logs_append_with_schema_check(tmp_path):
+    enc = encoder()
+    values, times = data()
+    audit = audit_encoder(enc, values, times, tags={"t": (0, 4)})
+    paths = append_audit_log(audit, tmp_path)
+    append_audit_log(audit, tmp_path)
+    for name, frame in audit.tables().items():
+        logged = pl.read_parquet(paths[name])
+        assert dict(logged.schema) == SCHEMAS[name] and logged.height == 2 * frame.height
+        assert logged.equals(pl.concat([frame, frame]))
+    # a file with other columns is refused and left as it was, and so are the other logs
+    bad = tmp_path / "audit_recall.parquet"
+    pl.DataFrame({"x": [1]}).write_parquet(bad)
+    kept = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="audit_recall.parquet holds columns"):
+        append_audit_log(audit, tmp_path)
+    with pytest.raises(ValueError, match="holds columns"):
+        append_parquet(audit.recall, bad)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == kept  # no temporary file left either
+
+
+def test_summary_and_plot(tmp_path):
+    enc = encoder()
+    values, times = data()
+    audit = audit_encoder(enc, values, times, tags={"a": (0, 1), "b": (1, 2)})
+    summary = summarize_audit(audit)
+    assert summary["layer"].to_list() == [0, 1]
+    e = audit.energy.filter(pl.col("observed") & (pl.col("layer") == 1) & (pl.col("energy_before") > 0))
+    row = summary.row(1, named=True)
+    assert row["decay_removed"] == pytest.approx((e["decay_removed"] / e["energy_before"]).mean())
+    assert row["erase_removed"] == pytest.approx((-e["erase_change"] / e["energy_before"]).mean())
+    assert row["write_added"] == pytest.approx((e["write_change"] / e["energy_before"]).mean())
+    half = audit.associations.filter(pl.col("layer") == 1)["half_life"]
+    assert (row["tagged"], row["pairs"], row["fell_to_half"]) == (2, 4, half.is_not_null().sum())
+    assert row["median_half_life"] == half.median()
+    text = audit_summary_text(audit)
+    assert "layer 0: decay removes" in text and "layer 1:" in text
+    fig = plot_audit(audit, tmp_path / "audit.png", stream="1")
+    assert (tmp_path / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 2 * 2 + 2  # a flows panel (and its energy twin) per layer, channels, recall
+    with pytest.raises(ValueError, match="unknown stream 'zz'"):
+        plot_audit(audit, stream="zz")
+
+
+def test_audit_command(tmp_path, capsys):
+    out = tmp_path / "fig" / "audit.png"
+    main(["audit", "--out", str(out), "--steps", "90", "--train_steps", "2", "--streams", "2",
+          "--parquet", str(tmp_path / "logs")])
+    text = capsys.readouterr().out
+    assert "layer 1: decay removes" in text and out.exists()
+    recall = pl.read_parquet(tmp_path / "logs" / "audit_recall.parquet")
+    assert recall.height > 0 and recall["tag"].str.contains("regime").all()
+    with pytest.raises(SystemExit, match="streams"):
+        main(["audit", "--out", str(out), "--streams", "0", "--quiet", "true"])
