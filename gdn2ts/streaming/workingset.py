@@ -45,6 +45,7 @@ class StateLayout:
     """
 
     def __init__(self, template: EncoderState, n_channels: int):
+        self.state_type = type(template)
         self.layer_types = [type(layer) for layer in template.layers]
         flat = self.flatten(template)
         for name in STATS:
@@ -56,18 +57,23 @@ class StateLayout:
 
     @staticmethod
     def flatten(state: EncoderState) -> dict[str, torch.Tensor]:
-        """``{name: [N, *shape]}`` views of a state of N streams (no copies)."""
-        flat = {f"layer{i}.{f}": t for i, layer in enumerate(state.layers) for f, t in zip(layer._fields, layer,
-                                                                                            strict=True)}
+        """``{name: [N, *shape]}`` views of a state of N streams (no copies). A layer's state is a named tuple of
+        tensors (``layer{i}.{field}``) or one tensor (``layer{i}``)."""
+        flat = {}
+        for i, layer in enumerate(state.layers):
+            if isinstance(layer, torch.Tensor):
+                flat[f"layer{i}"] = layer
+            else:
+                flat.update({f"layer{i}.{f}": t for f, t in zip(layer._fields, layer, strict=True)})
         flat["last_time"] = state.last_time
         flat["last_output"] = state.last_output
         return flat
 
     def unflatten(self, flat: dict[str, torch.Tensor]) -> EncoderState:
-        """The :class:`EncoderState` made of the state components of ``flat`` (statistics are left out)."""
-        layers = tuple(kind(*(flat[f"layer{i}.{f}"] for f in kind._fields))
-                       for i, kind in enumerate(self.layer_types))
-        return EncoderState(layers, flat["last_time"], flat["last_output"])
+        """The state (of the template's type) made of the state components of ``flat`` (statistics left out)."""
+        layers = tuple(flat[f"layer{i}"] if issubclass(kind, torch.Tensor) else
+                       kind(*(flat[f"layer{i}.{f}"] for f in kind._fields)) for i, kind in enumerate(self.layer_types))
+        return self.state_type(layers, flat["last_time"], flat["last_output"])
 
     def check(self, stream_id: str, record: StreamRecord) -> None:
         """Raise :class:`CorruptRecordError` naming the stream when a record's tensors do not fit this layout."""
