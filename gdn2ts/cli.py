@@ -119,8 +119,8 @@ def stream(checkpoint: str, store: str, input: str = "-", format: str | None = N
         raise SystemExit(f"gdn2ts stream: {e}") from None
 
 
-def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, train_steps: int = 60,
-          streams: int = 4, parquet: str | None = None, quiet: bool = False) -> None:
+def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, train_steps: int = 150,
+          streams: int = 4, parquet: str | None = None, threads: int = 1, quiet: bool = False) -> None:
     """Eviction audit of a small encoder on seeded synthetic streams with rare regimes: energy removed by decay
     and erase and added by write per layer, erased key channels, recall of each regime onset; draws the plot.
 
@@ -131,13 +131,14 @@ def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, 
         train_steps: training steps of the encoder before the audit.
         streams: audited streams.
         parquet: folder whose audit_<table>.parquet logs the tables are appended to.
+        threads: torch CPU threads.
         quiet: print nothing.
     """
     from gdn2ts.streaming.audit_demo import run_audit_demo
 
     try:
         run_audit_demo(out=out, seed=seed, steps=steps, train_steps=train_steps, streams=streams, parquet=parquet,
-                       quiet=quiet)
+                       threads=threads, quiet=quiet)
     except ValueError as e:
         raise SystemExit(f"gdn2ts audit: {e}") from None
 
