@@ -42,7 +42,7 @@ from gdn2ts.streaming.quickstart_report import (
     summarize,
 )
 from gdn2ts.streaming.runner import OnlineRunner
-from gdn2ts.streaming.store import SQLiteStore
+from gdn2ts.streaming.stream_cli import open_runner
 from gdn2ts.streaming.train import TrainConfig, fit
 
 __all__ = ["DataError", "QuickstartConfig", "load_epf", "make_irregular", "run_quickstart", "CHANNELS", "UNITS"]
@@ -50,8 +50,8 @@ __all__ = ["DataError", "QuickstartConfig", "load_epf", "make_irregular", "run_q
 CHANNELS = ("price", "load", "generation")
 UNITS = {"price": "EUR/MWh", "load": "MW", "generation": "MW"}
 STREAMS = ("BE", "FR")
-_FILES = ("model.safetensors", "run.json", "summary.json", "forecast.png", "rolling_error.png", "state.db",
-          "state.db-wal", "state.db-shm")
+_FILES = ("model.safetensors", "run.json", "training.json", "summary.json", "forecast.png", "rolling_error.png",
+          "state.db", "state.db-wal", "state.db-shm")
 
 
 class DataError(RuntimeError):
@@ -239,9 +239,12 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(), quiet: bool = 
         training.update(steps=len(history), seconds=round(history[-1]["seconds"], 1),
                         final_loss=round(sum(h["loss"] for h in history[-20:]) / len(history[-20:]), 4),
                         parameters=sum(p.numel() for p in encoder.parameters()))
+        (out / "training.json").write_text(json.dumps(training, indent=1))
         console.print(f"trained {training['parameters']:,} parameters for {len(history)} steps in "
                       f"{training['seconds']} s (loss {training['final_loss']}); saved {ckpt_path}")
     else:
+        if (out / "training.json").exists():
+            training = {**json.loads((out / "training.json").read_text()), "reused_checkpoint": True}
         console.print(f"reusing the checkpoint {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path)
     actual = full.unpivot(index=["stream", "time"], variable_name="channel")
@@ -261,7 +264,7 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(), quiet: bool = 
                             str(plot_rolling_error(scored, "price", out / "rolling_error.png",
                                                    steps=(1, ckpt.encoder.config.horizon)))]
     if audit_summary is not None:
-        with OnlineRunner(ckpt.encoder, SQLiteStore(out / "state.db"), CHANNELS, covariates=CALENDAR) as runner:
+        with open_runner(ckpt, out / "state.db") as runner:
             text = audit_summary(runner, list(STREAMS))
         summary["audit"] = text
         console.print(text)
@@ -276,7 +279,7 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
     """Warm up new streams on the end of the training part, then stream the held-out rows hour by hour, logging
     each stream's forecast after each of its observations; forecast log parts are written (and the week's
     error printed) once a week."""
-    runner = OnlineRunner(ckpt.encoder, SQLiteStore(out / "state.db"), CHANNELS, covariates=CALENDAR)
+    runner = open_runner(ckpt, out / "state.db")
     # one observe call steps a handful of streams through tiny matrices: a second intra-op thread costs more in
     # hand-offs than it saves (several times slower on a busy 2-core machine)
     threads = torch.get_num_threads()

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import polars as pl
+import torch
 
-from gdn2ts.models.checkpoint import load_checkpoint
+from gdn2ts.models.checkpoint import Checkpoint, load_checkpoint
 from gdn2ts.streaming.features import prepare_rows, unscale_forecast
 from gdn2ts.streaming.runner import OnlineRunner
 from gdn2ts.streaming.store import SQLiteStore
 
-__all__ = ["FORMATS", "read_observations", "write_table", "run_stream"]
+__all__ = ["FORMATS", "read_observations", "write_table", "open_runner", "run_stream"]
 
 FORMATS = ("csv", "parquet", "jsonl")
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -103,15 +104,29 @@ def _validate(frame: pl.DataFrame, channels, covariates, id_column: str, time_co
         raise ValueError(f"column {time_column!r}: every row needs a finite timestamp")
 
 
+def open_runner(ckpt: Checkpoint, store: str | Path, id_column: str = "stream",
+                time_column: str = "time") -> OnlineRunner:
+    """An :class:`OnlineRunner` of the checkpoint's encoder over the SQLite store at ``store`` (closed again if the
+    runner refuses it, e.g. a store written by another model)."""
+    db = SQLiteStore(store)
+    try:
+        return OnlineRunner(ckpt.encoder, db, ckpt.scaler.channels, ckpt.covariates, id_column, time_column)
+    except BaseException:
+        db.close()
+        raise
+
+
 def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 10_000,
                forecast_out: str | None = None, id_column: str = "stream", time_column: str = "time",
-               quiet: bool = False) -> dict:
+               quiet: bool = False, threads: int | None = 1) -> dict:
     """Apply the observations of ``input`` to the states in ``store`` and optionally write forecasts.
 
     Returns ``{"rows", "accepted", "rejected", "streams", "seconds"}``; rejected rows are listed on standard error.
     ``forecast_out`` (CSV, Parquet or JSON lines, by suffix) receives, for every stream of the input that has a
     state, the forecast from its last observation: stream, origin (its last timestamp, in time units), step,
-    channel and one column per quantile, in raw units.
+    channel and one column per quantile, in raw units. ``threads``: torch CPU threads while applying (None: torch's
+    choice); one by default, since a call steps small matrices and a second intra-op thread made each step several
+    times slower on a busy 2-core machine (measured).
     """
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows expected a positive int, got {batch_rows!r}")
@@ -122,8 +137,10 @@ def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None
     prepared = prepare_rows(frame, ckpt, id_column, time_column)
     _validate(prepared, ckpt.scaler.channels, ckpt.covariates, id_column, time_column)
     started = time.perf_counter()
-    runner = OnlineRunner(ckpt.encoder, SQLiteStore(store), ckpt.scaler.channels, ckpt.covariates, id_column,
-                          time_column)
+    runner = open_runner(ckpt, store, id_column, time_column)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         accepted, rejected = 0, []
         for start in range(0, prepared.height, batch_rows):
@@ -145,6 +162,7 @@ def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None
             write_table(table, forecast_out)
     finally:
         runner.close()
+        torch.set_num_threads(previous_threads)
     summary = {"rows": prepared.height, "accepted": accepted, "rejected": len(rejected), "streams": len(streams),
                "seconds": round(time.perf_counter() - started, 3)}
     if not quiet:

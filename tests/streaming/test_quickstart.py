@@ -53,7 +53,8 @@ def test_dataset_is_the_real_one():
 
 def test_first_run_trains_streams_and_reports(first_run):
     out, summary = first_run
-    for name in ("model.safetensors", "state.db", "summary.json", "forecast.png", "rolling_error.png", "run.json"):
+    for name in ("model.safetensors", "state.db", "summary.json", "forecast.png", "rolling_error.png", "run.json",
+                 "training.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "summary.json").read_text())["streaming"] == summary["streaming"]
     s = summary["streaming"]
@@ -105,6 +106,7 @@ def test_second_run_continues_where_the_first_stopped(first_run, tmp_path):
     assert s["hours_streamed"] == whole["streaming"]["hours_streamed"] - 20
     assert _forecasts(out).equals(_forecasts(other))
     assert resumed["errors"] == whole["errors"]
+    assert resumed["training"] == {**first_run[1]["training"], "reused_checkpoint": True}
     # a finished run only reports again
     again = run_quickstart(QuickstartConfig(out=str(out), **TINY), quiet=True)
     assert again["streaming"]["hours_streamed"] == 0 and again["errors"] == whole["errors"]
