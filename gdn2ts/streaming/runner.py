@@ -274,8 +274,9 @@ class OnlineRunner:
              ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """Step the streams in ``slots`` through an entry's rounds on copies of their states; returns the new
         components ``{name: [M, *shape]}`` and the rows applied per stream. Nothing held changes."""
-        flat = self.ws.gather(slots)
         M = slots.size
+        # one round replaces every component by the step's new tensors, so it may read the pools in place
+        flat = self.ws.gather(slots, copy=entry.sizes.size > 1 or (skip is not None and skip.any()))
         if skip is not None and skip.any():
             # replay: these streams' stored states already reflect the entry; they still ride along so that every
             # batch keeps its shape, from a state that accepts any timestamp, and their results are dropped

@@ -110,6 +110,16 @@ class StreamRecord:
             raise ValueError(f"StreamRecord: 'journal_seq' expected a non-negative int, got {self.journal_seq!r}")
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
 def save_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes of ``tensors`` (any device, views allowed) with string ``metadata``.
 
@@ -123,9 +133,9 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) 
         >>> load(save_tensors({"row": pool[1]}, {"k": "v"}))["row"].tolist()
         [4.0, 5.0, 6.0, 7.0]
     """
-    keep = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    specs = {name: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape),
-                              data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
+    keep = {name: t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
+            for name, t in tensors.items()}
+    specs = {name: TensorSpec(dtype=_dtype_name(t.dtype), shape=t.shape, data_ptr=t.data_ptr(), data_len=t.nbytes)
              for name, t in keep.items()}
     # `keep` holds every buffer alive until serialize has copied it
     payload = bytes(serialize(specs, metadata=metadata))

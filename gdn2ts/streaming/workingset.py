@@ -161,8 +161,12 @@ class WorkingSet:
         """Slots of ``stream_ids`` held now (-1 for the others); loads nothing."""
         return np.fromiter((self.slot_of.get(s, -1) for s in stream_ids), dtype=np.int64, count=len(stream_ids))
 
-    def gather(self, slots: np.ndarray) -> dict[str, torch.Tensor]:
-        """Copies ``{name: [len(slots), *shape]}`` of the slots' components."""
+    def gather(self, slots: np.ndarray, copy: bool = True) -> dict[str, torch.Tensor]:
+        """``{name: [len(slots), *shape]}`` of the slots' components: copies, or with ``copy=False`` views of the
+        pools when the slots are consecutive (the caller must then not write to them)."""
+        run = _consecutive(slots)
+        if run is not None and not copy:
+            return {name: pool[run] for name, pool in self.pools.items()}
         index = torch.from_numpy(slots).to(next(iter(self.pools.values())).device)
         return {name: pool.index_select(0, index) for name, pool in self.pools.items()}
 
@@ -171,9 +175,13 @@ class WorkingSet:
         """Write ``flat`` (rows in the order of ``slots``) back into the pools; add ``steps`` to the step counts."""
         if slots.size == 0:
             return
+        run = _consecutive(slots)
         index = torch.from_numpy(slots).to(next(iter(self.pools.values())).device)
         for name, pool in self.pools.items():
-            pool.index_copy_(0, index, flat[name])
+            if run is not None:
+                pool[run].copy_(flat[name])
+            else:
+                pool.index_copy_(0, index, flat[name])
         self.last_time[slots] = flat["last_time"].cpu().numpy()
         self.steps[slots] += steps
         self.seqs[slots] = seq
@@ -249,3 +257,10 @@ class WorkingSet:
         for sid, s in zip(ids, slots.tolist(), strict=True):
             self.slot_of[sid] = s
             self.id_of[s] = sid
+
+
+def _consecutive(slots: np.ndarray) -> slice | None:
+    """``slots`` as a slice when they are consecutive and increasing (a call over streams created together)."""
+    if slots.size and slots[-1] - slots[0] == slots.size - 1 and (slots.size == 1 or (np.diff(slots) == 1).all()):
+        return slice(int(slots[0]), int(slots[-1]) + 1)
+    return None

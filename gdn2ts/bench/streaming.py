@@ -1,0 +1,222 @@
+"""Throughput of the online runner with durability on: GDN-2 encoder against a GRU of equal state size.
+
+Both models go through the same ingestion path (validation, grouping into rounds, the working set, the SQLite
+journal and snapshots); only ``encoder.step`` differs. For each number of streams the runner first sees every
+stream once (untimed), then ``calls`` timed ``observe`` calls of one observation per stream, then one timed
+snapshot (``flush``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from gdn2ts.bench.common import environment
+from gdn2ts.layers import RMSNorm
+from gdn2ts.models import EncoderConfig, EncoderState, StreamEncoder
+from gdn2ts.models.encoder import _SwiGLU
+from gdn2ts.streaming import CommitPolicy, OnlineRunner, SQLiteStore, StreamRecord
+from gdn2ts.streaming.store import encode
+
+__all__ = ["GRUCellEncoder", "bench_streaming", "layer_state_floats"]
+
+
+def layer_state_floats(encoder: StreamEncoder) -> int:
+    """Floats of state one stream carries per GDN-2 layer (recurrent state plus conv tail).
+
+    Example:
+        >>> layer_state_floats(StreamEncoder(EncoderConfig(n_channels=2, hidden_size=32, num_heads=2, head_dim=16)))
+        800
+    """
+    layer = encoder.init_state(1).layers[0]
+    return sum(t.numel() for t in layer)
+
+
+class GRUCellEncoder(nn.Module):
+    """The baseline: the encoder's blocks with an ``nn.GRUCell`` of ``state_size`` in place of each GDN-2 mixer
+    (the same tokens, norms, MLPs and heads); step only. A step with nothing observed leaves the state as it was.
+
+    Example:
+        >>> cfg = EncoderConfig(n_channels=2, hidden_size=16, num_heads=2, head_dim=8, horizon=3)
+        >>> gru = GRUCellEncoder(cfg, state_size=24)
+        >>> out = gru.step(torch.randn(4, 2), torch.ones(4, dtype=torch.float64), None, gru.init_state(4))
+        >>> out["forecast"].shape, out["state"].layers[0].shape
+        (torch.Size([4, 3, 2, 3]), torch.Size([4, 24]))
+    """
+
+    # the token embedding and the heads are the encoder's, shared rather than copied
+    _embed = StreamEncoder._embed
+    _heads = StreamEncoder._heads
+
+    def __init__(self, config: EncoderConfig, state_size: int):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.hidden_size
+        self.embed = nn.Linear(2 * cfg.n_channels + 1 + cfg.n_covariates, d)
+        self.cells = nn.ModuleList(nn.GRUCell(d, state_size) for _ in range(cfg.n_layers))
+        self.outs = nn.ModuleList(nn.Linear(state_size, d, bias=False) for _ in range(cfg.n_layers))
+        self.mixer_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.mlps = nn.ModuleList(_SwiGLU(d, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.mlp_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.out_norm = RMSNorm(d, eps=cfg.norm_eps)
+        self.forecast_head = nn.Linear(d, cfg.horizon * cfg.n_channels * len(cfg.quantiles))
+        self.reconstruct_head = nn.Linear(d, cfg.n_channels)
+
+    def init_state(self, batch: int, device=None, dtype=None) -> EncoderState:
+        p = self.embed.weight
+        device, dtype = p.device if device is None else device, p.dtype if dtype is None else dtype
+        return EncoderState(tuple(torch.zeros(batch, c.hidden_size, device=device, dtype=dtype) for c in self.cells),
+                            torch.full((batch,), -float("inf"), dtype=torch.float64, device=device),
+                            torch.zeros(batch, self.config.hidden_size, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def step(self, values, timestamps, covariates=None, state=None) -> dict:
+        state = self.init_state(values.shape[0]) if state is None else state
+        observed = ~torch.isnan(values).all(-1)
+        elapsed = torch.where(torch.isfinite(state.last_time), timestamps - state.last_time, 0.0).where(observed, 0.0)
+        x = self._embed(values[:, None], elapsed[:, None], None if covariates is None else covariates[:, None])[:, 0]
+        layers = []
+        for norm, cell, out, mlp_norm, mlp, h in zip(self.mixer_norms, self.cells, self.outs, self.mlp_norms,
+                                                     self.mlps, state.layers, strict=True):
+            h = torch.where(observed[:, None], cell(norm(x), h), h)
+            x = x + out(h)
+            x = x + mlp(mlp_norm(x))
+            layers.append(h)
+        h = torch.where(observed[:, None], self.out_norm(x), state.last_output)
+        last_time = torch.where(observed, timestamps.to(torch.float64), state.last_time)
+        return {**self._heads(h), "observed": observed, "state": EncoderState(tuple(layers), last_time, h)}
+
+
+def _frames(n_streams: int, n_calls: int, channels: list[str], seed: int) -> list[pl.DataFrame]:
+    """One observation per stream per call at irregular times, 20% of the values missing."""
+    rng = np.random.default_rng(seed)
+    ids = pl.Series("stream", [f"meter-{i:07d}" for i in range(n_streams)])
+    frames = []
+    for c in range(n_calls):
+        values = rng.standard_normal((n_streams, len(channels)))
+        values[rng.random(values.shape) < 0.2] = np.nan
+        cols = {name: pl.Series(name, values[:, j]).fill_nan(None) for j, name in enumerate(channels)}
+        frames.append(pl.DataFrame([ids, pl.Series("time", c + rng.uniform(0.0, 0.5, n_streams)), *cols.values()]))
+    return frames
+
+
+def _measure(model: nn.Module, n_streams: int, calls: int, channels: list[str], root: Path, name: str,
+             policy: CommitPolicy) -> dict:
+    frames = _frames(n_streams, calls + 1, channels, seed=n_streams)
+    runner = OnlineRunner(model, SQLiteStore(root / f"{name}-{n_streams}.db"), channels, capacity=max(n_streams, 1),
+                          policy=policy)
+    runner.observe(frames[0])  # every stream's first observation: creates the streams
+    latencies = []
+    for frame in frames[1:]:
+        t0 = time.perf_counter()
+        result = runner.observe(frame)
+        latencies.append(time.perf_counter() - t0)
+        if result.accepted != frame.height:
+            raise RuntimeError(f"bench: {frame.height - result.accepted} rows were rejected")
+    t0 = time.perf_counter()
+    runner.flush()
+    flush_s = time.perf_counter() - t0
+    slot = runner.ws.resident([frames[0]["stream"][0]])
+    record = next(iter(runner.ws.records(slot, runner.seq).values()))
+    runner.close()
+    lat = np.array(latencies)
+    per_call = float(lat.mean())
+    every = policy.snapshot_every
+    return {
+        "model": name, "streams": n_streams, "calls": calls, "observations": n_streams * calls,
+        "obs_per_s": n_streams * calls / float(lat.sum()),
+        "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
+        "snapshot_ms": flush_s * 1e3,
+        # a snapshot every `every` calls (the policy), its cost spread over them
+        "obs_per_s_with_snapshots": n_streams * every / (every * per_call + flush_s),
+        "state_bytes_per_stream": _state_bytes(record),
+        "record_bytes_per_stream": len(encode(record)),
+    }
+
+
+def _state_bytes(record: StreamRecord) -> int:
+    return sum(t.numel() * t.element_size() for t in record.tensors.values())
+
+
+def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, single_calls: int = 300,
+                    hidden: int = 32, heads: int = 2, head_dim: int = 16, layers: int = 2, channels: int = 4,
+                    models: tuple[str, ...] = ("gdn2", "gru"), threads: int | None = 1,
+                    json_path: str | None = None, quiet: bool = False) -> dict:
+    """Observations per second, latency of one ``observe`` call and bytes of state per stream, durability on.
+
+    Args:
+        streams: numbers of streams (one observation each per call).
+        calls: timed calls per stream count above one.
+        single_calls: timed calls with one stream.
+        hidden, heads, head_dim, layers: the encoder (the GRU gets the same blocks and equal state per layer).
+        channels: observed channels per row.
+        models: ``gdn2`` and/or ``gru``.
+        threads: torch CPU threads during the run (None: leave torch's setting).
+        json_path: where to write the record.
+        quiet: print nothing.
+    """
+    cfg = EncoderConfig(n_channels=channels, hidden_size=hidden, n_layers=layers, num_heads=heads,
+                        head_dim=head_dim, horizon=8)
+    torch.manual_seed(0)
+    gdn2 = StreamEncoder(cfg)
+    state_size = layer_state_floats(gdn2)
+    built = {"gdn2": gdn2, "gru": GRUCellEncoder(cfg, state_size)}
+    names = [f"c{j}" for j in range(channels)]
+    policy = CommitPolicy()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in streams:
+                for name in models:
+                    rows.append(_measure(built[name], n, single_calls if n == 1 else calls, names, Path(tmp), name,
+                                         policy))
+                    if not quiet:
+                        r = rows[-1]
+                        print(f"{name:>5} {n:>7} streams: {r['obs_per_s']:>10,.0f} obs/s  p50 {r['p50_ms']:.2f} ms  "
+                              f"p99 {r['p99_ms']:.2f} ms  snapshot {r['snapshot_ms']:.0f} ms  "
+                              f"{r['state_bytes_per_stream']} B/stream", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    for n in streams:
+        by = {r["model"]: r for r in rows if r["streams"] == n}
+        if "gdn2" in by and "gru" in by:
+            by["gdn2"]["speedup_over_gru"] = by["gdn2"]["obs_per_s"] / by["gru"]["obs_per_s"]
+    record = {"bench": "streaming", "env": {**environment(), "threads": threads or before},
+              "config": {"hidden": hidden, "heads": heads, "head_dim": head_dim, "layers": layers,
+                         "channels": channels, "gru_state_per_layer": state_size,
+                         "policy": {"snapshot_every": policy.snapshot_every, "snapshot_rows": policy.snapshot_rows,
+                                    "snapshot_seconds": policy.snapshot_seconds}, "store": "SQLiteStore (WAL, NORMAL)"},
+              "results": rows, "median_p50_ms": statistics.median(r["p50_ms"] for r in rows)}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(record, indent=1))
+    if not quiet:
+        _print_table(rows)
+    return record
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="online runner, durability on (SQLite journal + snapshots)")
+    for col in ("model", "streams", "obs/s", "obs/s incl. snapshots", "p50 ms", "p99 ms", "snapshot ms",
+                "state B/stream", "x GRU"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        speedup = f"{r['speedup_over_gru']:.1f}" if "speedup_over_gru" in r else ""
+        table.add_row(r["model"], f"{r['streams']:,}", f"{r['obs_per_s']:,.0f}",
+                      f"{r['obs_per_s_with_snapshots']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['snapshot_ms']:.0f}", f"{r['state_bytes_per_stream']:,}", speedup)
+    Console().print(table)
