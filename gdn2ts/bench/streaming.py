@@ -9,6 +9,7 @@ snapshot (``flush``).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -172,6 +173,7 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
     names = [f"c{j}" for j in range(channels)]
     policy = CommitPolicy()
     before = torch.get_num_threads()
+    load_before = os.getloadavg()[0]  # the machine is shared: its load goes with the figures
     if threads is not None:
         torch.set_num_threads(threads)
     rows = []
@@ -192,7 +194,8 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
         by = {r["model"]: r for r in rows if r["streams"] == n}
         if "gdn2" in by and "gru" in by:
             by["gdn2"]["speedup_over_gru"] = by["gdn2"]["obs_per_s"] / by["gru"]["obs_per_s"]
-    record = {"bench": "streaming", "env": {**environment(), "threads": threads or before},
+    record = {"bench": "streaming", "env": {**environment(), "threads": threads or before,
+                                            "load_avg_1min": [load_before, os.getloadavg()[0]]},
               "config": {"hidden": hidden, "heads": heads, "head_dim": head_dim, "layers": layers,
                          "channels": channels, "gru_state_per_layer": state_size,
                          "policy": {"snapshot_every": policy.snapshot_every, "snapshot_rows": policy.snapshot_rows,
@@ -219,4 +222,4 @@ def _print_table(rows: list[dict]) -> None:
         table.add_row(r["model"], f"{r['streams']:,}", f"{r['obs_per_s']:,.0f}",
                       f"{r['obs_per_s_with_snapshots']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                       f"{r['snapshot_ms']:.0f}", f"{r['state_bytes_per_stream']:,}", speedup)
-    Console().print(table)
+    Console(width=130).print(table)
