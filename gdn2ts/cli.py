@@ -3,6 +3,7 @@
     gdn2ts example            a short tour of the op and the layer on the CPU
     gdn2ts bench cpu          CPU speed of the chunked path against the token loop
     gdn2ts bench kernels      GPU: the kernels against flash-linear-attention
+    gdn2ts bench streaming    online runner throughput, durability on: GDN-2 against a GRU of equal state size
     gdn2ts quickstart         train on real data, stream the held-out part with persisted per-stream state
     gdn2ts stream             observations from a file or stdin into a state store, forecasts out
     gdn2ts audit              what each layer's state forgot: an eviction audit of synthetic streams, with a plot
@@ -59,6 +60,27 @@ def bench_kernels(json: str | None = None, decode: bool = True, chunk: bool = Tr
     from gdn2ts.bench.kernels import bench_kernels as run
 
     run(json, decode=decode, chunk=chunk)
+
+
+def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, single_calls: int = 300,
+                    threads: int | None = 1, json: str | None = "docs/results/bench_streaming.json",
+                    quiet: bool = False) -> None:
+    """Online runner throughput, durability on: GDN-2 against a GRU of equal state size.
+
+    Both models go through the same ingestion path (validation, rounds, working set, SQLite journal, snapshots).
+
+    Args:
+        streams: numbers of streams, one observation each per observe call.
+        calls: timed calls per stream count above one.
+        single_calls: timed calls with one stream.
+        threads: torch CPU threads (None: torch's choice).
+        json: path of the JSON record to write.
+        quiet: print nothing.
+    """
+    from gdn2ts.bench.streaming import bench_streaming as run
+
+    run(streams=tuple(streams), calls=calls, single_calls=single_calls, threads=threads, json_path=json,
+        quiet=quiet)
 
 
 def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, max_seconds: float = 110.0,
@@ -151,7 +173,8 @@ def main(args: list[str] | None = None) -> None:
     # imported here: the probe command's typed configs must be importable for the parser, the rest stay lazy
     from gdn2ts.streaming.probes_report import probe
 
-    auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels}, "quickstart": quickstart,
+    auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
+                                                "streaming": bench_streaming}, "quickstart": quickstart,
               "stream": stream, "audit": audit, "probe": probe}, args=args, as_positional=False)
 
 
