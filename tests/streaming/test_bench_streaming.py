@@ -19,3 +19,13 @@ def test_bench_streaming_records_both_models(tmp_path):
     # equal state per stream by construction: the GRU's state per layer is the GDN-2 layer's
     assert rows["gdn2", 40]["state_bytes_per_stream"] == rows["gru", 40]["state_bytes_per_stream"]
     assert rows["gdn2", 40]["speedup_over_gru"] > 0
+
+
+def test_bench_streaming_command(tmp_path, capsys):
+    from gdn2ts.cli import main
+
+    out = tmp_path / "b.json"
+    main(["bench", "streaming", "--streams", "[3]", "--calls", "2", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["model"] for r in record["results"]] == ["gdn2", "gru"] and record["env"]["threads"] == 1
+    assert "online runner, durability on" in capsys.readouterr().out
