@@ -273,11 +273,13 @@ def _store_rows(ptr, x, i_b, r0, T, heads, i_h, D: tl.constexpr, BR: tl.constexp
 
 @triton.jit
 def _state_kernel(
-    q, k, G, Y, U, Aqk, o, h0, ht, scale, T,
+    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """With ``SAVE`` it also keeps, for the backward, each chunk's entry state in ``h`` ``[B, NT, HV, K, V]`` and
+    the corrections ``R`` in ``Rs`` ``[B, T, HV, V]``."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
@@ -298,6 +300,11 @@ def _state_kernel(
         Ut = tl.load(U + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
                      mask=m_r[:, None] & (o_v < V)[None, :], other=0.0)
         R = Ut - tl.dot(Yt, S, input_precision=PRECISION)
+        if SAVE:
+            NT = tl.cdiv(T, BT)
+            tl.store(h + ((i_b * NT + i_t) * HV + i_hv) * K * V + p_s, S, mask=m_s)
+            tl.store(Rs + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :], R,
+                     mask=m_r[:, None] & (o_v < V)[None, :])
         qt = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale
         At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
                      mask=m_r[:, None], other=0.0)
@@ -316,19 +323,21 @@ def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
     block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out: torch.Tensor | None = None, save: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
     Intermediates (G, Y, U and the read-out Gram) are fp32. ``block_v``, ``num_warps`` and ``num_stages`` set the
     state kernel's tiling (its loads are pipelined ``num_stages`` deep: 2 needs about 197 KB of shared memory at
-    K = V = 128, 3 would not fit on an H100). ``out`` may supply the output buffer (tests poison it with NaN). No
-    host synchronization.
+    K = V = 128, 3 would not fit on an H100). ``out`` may supply the output buffer (tests poison it with NaN).
+    ``save=True`` also returns what ``chunk_bwd`` needs (a dict of fp32 intermediates). No host synchronization.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     if T == 0:
         h0 = torch.zeros(B, HV, K, V, device=q.device) if initial_state is None else initial_state.clone()
+        if save:
+            raise ValueError("chunk_fwd: save=True needs at least one token")
         return v.new_empty(B, 0, HV, V), (h0 if output_final_state else None)
     HG, HB = g.shape[2], b.shape[2]
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
@@ -357,10 +366,14 @@ def chunk_fwd(
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     # few (sequence, head) pairs: narrower value blocks put more programs on the sequential state passing
     BV = min(block_v if B * HV * triton.cdiv(V, block_v) >= 256 else 16, BVfull)
+    h = torch.empty(B, NT, HV, K, V, device=dev, dtype=torch.float32) if save else o
+    Rs = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), B * HV)](
-        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, scale, T,
+        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
-        STORE_HT=output_final_state, num_warps=num_warps, num_stages=num_stages,
+        STORE_HT=output_final_state, SAVE=save, num_warps=num_warps, num_stages=num_stages,
         PRECISION=precision,
     )
+    if save:
+        return o, (ht if output_final_state else None), dict(G=G, Y=Y, U=U, Aqk=Aqk, Linv=Linv, h=h, R=Rs)
     return o, (ht if output_final_state else None)

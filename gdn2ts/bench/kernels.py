@@ -162,6 +162,34 @@ def check_chunk_fwd(fla) -> dict:
     return result
 
 
+def check_chunk_bwd(fla) -> dict:
+    """Every gradient of the Triton chunked path (forward + backward) against the fp64 chunked PyTorch path (itself
+    tested against the token loop), on fresh inputs, with the final state's gradient included."""
+    from gdn2ts.ops import chunk_reference
+
+    xs = make_inputs(2, 1500, seed=8765)
+    h0 = torch.randn(2, H, K, V, device="cuda")
+    do, dht = torch.randn_like(xs[2]), torch.randn_like(h0)
+
+    def grads(fn, inputs, h, **kw):
+        leaves = [x.detach().clone().requires_grad_() for x in (*inputs, h)]
+        o, s = fn(*leaves[:6], initial_state=leaves[6], output_final_state=True, **kw)
+        ((o.double() * do.double()).sum() + (s.double() * dht.double()).sum()).backward()
+        return [t.grad for t in leaves]
+
+    got = grads(chunk_gdn2, xs, h0, backend="triton")
+    want = grads(chunk_reference, [x.double() for x in xs], h0.double())
+    names = ("dq", "dk", "dv", "dg", "db", "dw", "dh0")
+    result = {n: rel(a, e) for n, a, e in zip(names, got, want, strict=True)}
+    if fla is not None:
+        fla_got = grads(fla[0], xs, h0)
+        result.update({f"fla_{n}": rel(a, e) for n, a, e in zip(names, fla_got, want, strict=True)})
+    bounds = {"dq": 1e-2, "dk": 1e-2, "dv": 1e-2, "dh0": 1e-2, "dg": 2e-2, "db": 2e-2, "dw": 2e-2}
+    if not all(result[n] < bound for n, bound in bounds.items()):
+        raise RuntimeError(f"chunked backward check failed: {result}")
+    return result
+
+
 def tune_chunk_fwd(shapes=((8, 2048), (1, 16384))) -> list[dict]:
     """Sweep the state kernel's tiling for the Triton chunked forward (each variant checked against the default)."""
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
@@ -186,8 +214,8 @@ def tune_chunk_fwd(shapes=((8, 2048), (1, 16384))) -> list[dict]:
 
 
 def bench_chunk(fla, shapes=CHUNK_SHAPES) -> list[dict]:
-    """Forward (no grad: ours runs the Triton kernels) and forward+backward (ours: the chunked PyTorch path until
-    the Triton backward lands) of chunk_gdn2 and FLA's, with the peak memory of forward+backward."""
+    """Forward (no grad) and forward+backward of chunk_gdn2 (Triton kernels) and FLA's, with the peak memory of
+    forward+backward."""
     return [_chunk_row(fla, B, T) for B, T in shapes]
 
 
@@ -277,6 +305,8 @@ def bench_kernels(json_path: str | None = None, decode: bool = True, chunk: bool
     if chunk:
         record["chunk_check"] = check_chunk_fwd(fla)
         print("chunk forward check:", record["chunk_check"], flush=True)
+        record["chunk_bwd_check"] = check_chunk_bwd(fla)
+        print("chunk backward check:", record["chunk_bwd_check"], flush=True)
         record["chunk"] = bench_chunk(fla)
     write_json(json_path, record)
     return record

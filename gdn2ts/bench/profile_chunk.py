@@ -30,25 +30,36 @@ def profile(B: int, T: int) -> list[dict]:
 
 
 
-def kernel_times(B: int, T: int) -> None:
-    """Per-launch GPU time of one chunked forward, from the PyTorch profiler."""
+def kernel_times(B: int, T: int, backward: bool = False) -> None:
+    """Per-launch GPU time of one chunked forward (or forward + backward), from the PyTorch profiler."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    xs = make_inputs(B, T, seed=2)
+    from gdn2ts.ops import chunk_gdn2
+
+    xs = make_inputs(B, T, seed=2, requires_grad=backward)
+    do = torch.randn_like(xs[2])
+
+    def call():
+        if backward:
+            torch.autograd.grad(chunk_gdn2(*xs)[0], xs, do)
+        else:
+            chunk_fwd(*xs, K**-0.5, None, False)
+
     for _ in range(3):
-        chunk_fwd(*xs, K**-0.5, None, False)
+        call()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            chunk_fwd(*xs, K**-0.5, None, False)
+            call()
         torch.cuda.synchronize()
-    print(f"{T}x{B} (10 calls)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+    print(f"{T}x{B} (10 calls{', forward + backward' if backward else ''})")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16))
 
 
 if __name__ == "__main__":
     for B, T in ((8, 2048), (1, 16384)):
         profile(B, T)
         kernel_times(B, T)
+        kernel_times(B, T, backward=True)

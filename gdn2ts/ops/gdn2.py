@@ -34,7 +34,7 @@ __all__ = ["GDN2Options", "chunk_gdn2", "recurrent_gdn2", "BACKENDS", "l2norm"]
 BACKENDS = ("auto", "torch", "naive", "triton")
 # backends each op has; "auto" picks the device's fast path
 CHUNK_BACKENDS = ("auto", "torch", "naive", "triton")
-# the Triton chunked kernels so far: forward only (inference, prefill), fixed-length batches, K and V <= 128
+# the Triton chunked kernels so far: forward and backward for fixed-length batches, K and V <= 128
 TRITON_CHUNK_MAX_DIM = 128
 RECURRENT_BACKENDS = ("auto", "torch", "naive", "triton")
 L2NORM_EPS = 1e-6
@@ -103,9 +103,6 @@ def _resolve(op: str, backend: str, device: torch.device, allowed: tuple[str, ..
 
 def _triton_chunk_unsupported(q, k, v, g, b, w, initial_state, A_log, dt_bias, cu_seqlens) -> str:
     """Why the Triton chunked kernels cannot take this call ('' when they can)."""
-    tensors = (q, k, v, g, b, w, initial_state, A_log, dt_bias)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return "forward only so far: no input may require grad; training runs backend='torch'"
     if q.dtype == torch.float64:
         return "fp16/bf16/fp32 inputs: fp64 runs backend='torch' with an fp64 state"
     if cu_seqlens is not None:
@@ -170,7 +167,8 @@ def chunk_gdn2(
         dt_bias: ``[heads of g * K]`` (or ``[heads, K]``) bias of the decay pre-activation.
         use_bw_sigmoid_in_kernel: ``b`` and ``w`` are logits; the op applies ``erase_max * sigmoid`` / ``sigmoid``.
         erase_max: range of the erase gate with logits; 2.0 is the negative-eigenvalue variant.
-        backend: ``auto``, ``torch`` (chunked PyTorch) or ``naive`` (token-by-token reference).
+        backend: ``auto`` (Triton on CUDA where the kernels apply, else ``torch``), ``torch`` (chunked PyTorch),
+            ``naive`` (token-by-token reference) or ``triton`` (fixed-length batches, K and V up to 128).
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, HV, V]`` in v's dtype; ``final_state`` ``[N, HV, K, V]`` or None.
@@ -205,11 +203,14 @@ def chunk_gdn2(
         path = "torch" if why else path
     # The op sets its own precision (fp32 accumulation, fp32 state); autocast must not push its products to bf16.
     with torch.autocast(q.device.type, enabled=False):
+        dtypes = (q.dtype, k.dtype, b.dtype, w.dtype)
         q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
         if path == "triton":
-            from gdn2ts.kernels.chunk_fwd import chunk_fwd
+            from gdn2ts.ops.chunk_triton import triton_chunk
 
-            o, final = chunk_fwd(q, k, v, g, b, w, opts.scale, initial_state, output_final_state)
+            # activations are computed in fp32; the kernels read them back in the inputs' dtypes (as they came)
+            q, k, b, w = (t.to(dt) for t, dt in zip((q, k, b, w), dtypes, strict=True))
+            o, final = triton_chunk(q, k, v, g, b, w, opts.scale, initial_state, output_final_state)
         else:
             fn = reference.recurrent_reference if path == "naive" else reference.chunk_reference
             o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)

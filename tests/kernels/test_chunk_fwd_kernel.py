@@ -50,13 +50,6 @@ def test_grouped_value_heads_without_initial_state(HV, g_heads):
     assert_close("state", s.cpu(), s_ref, torch.float32)
 
 
-def test_triton_chunk_backend_is_forward_only_for_now():
-    x = on(make_inputs(B=1, T=5, H=1, K=16, V=16, dtype=torch.float32))
-    q = x["q"].clone().requires_grad_()
-    with pytest.raises(ValueError, match="forward only so far"):
-        chunk_gdn2(q, *(x[n] for n in ARGS[1:]), backend="triton")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T", [(2, 2048), (1, 1000)])
 def test_gpu_benchmark_shapes(B, T):

@@ -1,0 +1,38 @@
+"""The Triton chunked path as one autograd Function: ``chunk_fwd`` forward (keeping what the backward needs only
+when a gradient is wanted) and ``chunk_bwd`` backward."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["triton_chunk"]
+
+_SAVED = ("G", "Y", "U", "Aqk", "Linv", "h", "R")
+
+
+class _TritonChunkGDN2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, b, w, h0, scale, output_final_state):
+        from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+        if not any(ctx.needs_input_grad[:7]):
+            return chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state)
+        o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True)
+        ctx.save_for_backward(q, k, v, g, b, w, *(saved[n] for n in _SAVED))
+        ctx.scale, ctx.has_h0 = scale, h0 is not None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        from gdn2ts.kernels.chunk_bwd import chunk_bwd
+
+        q, k, v, g, b, w, *rest = ctx.saved_tensors
+        grads = chunk_bwd(q, k, v, g, b, w, ctx.scale, dict(zip(_SAVED, rest, strict=True)), do, dht,
+                          need_dh0=ctx.has_h0 and ctx.needs_input_grad[6])
+        return (*grads, None, None)
+
+
+def triton_chunk(q, k, v, g, b, w, scale: float, initial_state, output_final_state: bool):
+    """``(o, final_state)`` of the chunked forward on the Triton kernels, differentiable in q, k, v, g, b, w and the
+    initial state (validated, activated, fixed-length inputs with K, V <= 128)."""
+    return _TritonChunkGDN2.apply(q, k, v, g, b, w, initial_state, scale, output_final_state)
