@@ -381,15 +381,17 @@ def _group_sum(x: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
 def chunk_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, saved: dict, do: torch.Tensor, dht: torch.Tensor | None, need_dh0: bool,
-    block_v: int = 32, num_warps: int = 8, num_stages: int = 2, intra_warps: int = 8,
+    block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4, dk_block_v: int = 32,
+    gram_warps: int = 8,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients ``(dq, dk, dv, dg, db, dw, dh0)`` of the chunked forward from what ``chunk_fwd(..., save=True)``
     kept (``saved``), the output gradient ``do`` and the final-state gradient ``dht`` (None: zero). ``dh0`` is
     None unless ``need_dh0``. Gradients come in the inputs' dtypes; ``dh0`` is fp32. No host synchronization.
 
-    Tiling (measured with ptxas for K = V = 128 on sm_90): the sequential state kernel and the per-chunk kernels
-    over the value axis run 8 warps (4 spill registers), the state kernel's loads 2 stages deep (3 would need
-    more shared memory than an H100 has); the Gram kernels 4 warps."""
+    Tiling (K = V = 128, chosen by ``python -m gdn2ts.bench.profile_chunk`` on an H100): 4 warps for the state
+    and value-axis kernels (8 spill fewer registers but ran 2-4 % slower), the state kernel's loads 2 stages deep
+    (3, or value blocks of 64, need more shared memory than an H100 has); 8 warps for the whole-chunk Gram kernel
+    (4 ran 20 % slower)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     HG, HB = g.shape[2], b.shape[2]
@@ -429,16 +431,18 @@ def chunk_bwd(
     stride_p = B * T * HV * BT
     _dk_kernel[(NT, B * HV, NKB)](q, k, b, G, Y, Linv, h, dSn, R, dR, do, P, dq_part, dbk_part, dk_part, dg_part,
                                   scale, T, NT, stride_p, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V, BKB=BKB,
-                                  BV=min(32, BVfull), BT=BT, PRECISION=precision, num_warps=intra_warps,
+                                  BV=min(dk_block_v, BVfull), BT=BT, PRECISION=precision, num_warps=intra_warps,
                                   num_stages=num_stages)
 
+    del dSn, dR  # (their memory serves the gradients below)
     dq, dk, db = grad_buffer(H, q.dtype, K), grad_buffer(H, k.dtype, K), grad_buffer(HB, b.dtype, K)
     dg = grad_buffer(HG, g.dtype, K)
     # chunks of tame decay in one program each; the others by 16-row blocks, then their dg (each kernel decides
     # per (chunk, key block) from G alone, so exactly one of the two paths writes every element)
     _dgram_chunk_kernel[(NT, B * HV, NKB)](
         q, k, b, G, P, dAkv, dAqk, dq_part, dbk_part, dk_part, dg_part, dq, dk, db, dg, scale, T, stride_p, H=H, HV=HV,
-        HG=HG, HB=HB, K=K, NKB=NKB, BKB=BKB, BT=BT, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD, num_warps=8)
+        HG=HG, HB=HB, K=K, NKB=NKB, BKB=BKB, BT=BT, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
+        num_warps=gram_warps)
     dGg = dbk_part  # each element is read (by its own program) before it is overwritten
     _dgram_kernel[(NT * (BT // BC), B * HV, NKB)](
         q, k, b, G, P, dAkv, dAqk, dq_part, dbk_part, dk_part, dq, dk, db, dGg, scale, T, stride_p, H=H, HV=HV, HG=HG,

@@ -359,6 +359,7 @@ def chunk_fwd(
     _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
                                                   BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD, num_warps=intra_warps)
     _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, num_warps=intra_warps)
+    del Akk
     BVw = min(64, BVfull)
     _wy_kernel[(NT, B * HV, triton.cdiv(V, BVw))](k, v, G, b, w, Linv, Y, U, T, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V,
                                                    BK=BK, BV=BVw, BT=BT, PRECISION=precision, num_warps=intra_warps)

@@ -8,6 +8,7 @@ from gdn2ts.bench.kernels import K, make_inputs, rel
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
 VARIANTS = [dict(), dict(intra_warps=4), dict(num_warps=8), dict(block_v=16), dict(block_v=64, num_stages=1)]
+BWD_VARIANTS = [dict(), dict(num_warps=8), dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]
 
 
 def profile(B: int, T: int) -> list[dict]:
@@ -28,6 +29,53 @@ def profile(B: int, T: int) -> list[dict]:
     return rows
 
 
+
+
+def profile_bwd(B: int, T: int) -> list[dict]:
+    """Tiling variants of the Triton backward (each checked against the default tiling's gradients)."""
+    import torch
+
+    from gdn2ts.kernels.chunk_bwd import chunk_bwd
+
+    xs = make_inputs(B, T, seed=3)
+    h0 = torch.randn(B, xs[2].shape[2], K, xs[2].shape[3], device="cuda")
+    o, ht, saved = chunk_fwd(*xs, K**-0.5, h0, True, save=True)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    ref = chunk_bwd(*xs, K**-0.5, saved, do, dht, True)
+    rows = []
+    for opts in BWD_VARIANTS:
+        def run(opts=opts):
+            return chunk_bwd(*xs, K**-0.5, saved, do, dht, True, **opts)
+        try:
+            err = max(rel(a.float(), r.float()) for a, r in zip(run(), ref, strict=True))
+        except Exception as e:  # a tiling that does not fit this GPU
+            print(f"bwd {T}x{B} {opts}: {str(e)[:100]}", flush=True)
+            continue
+        t = do_bench(run, warmup=10, rep=60, return_mode="median")
+        rows.append({"B": B, "T": T, **opts, "ms": t, "rel_err": err})
+        print(f"bwd {T}x{B} {opts or 'default'}: {t:.3f} ms (max grad rel diff {err:.1e})", flush=True)
+    return rows
+
+
+def layer_times(B: int, T: int) -> None:
+    """Per-kernel GPU time of the GatedDeltaNet2 layer's forward + backward at the paper's width (bf16)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from gdn2ts.layers import GatedDeltaNet2, GDN2Config
+
+    layer = GatedDeltaNet2(GDN2Config(2304, 16, head_k_dim=128, head_v_dim=128)).to("cuda", torch.bfloat16)
+    x = torch.randn(B, T, 2304, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(3):
+        layer(x)[0].sum().backward()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            layer(x)[0].sum().backward()
+        torch.cuda.synchronize()
+    print(f"layer {T}x{B} (5 calls, forward + backward)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
 def kernel_times(B: int, T: int, backward: bool = False) -> None:
