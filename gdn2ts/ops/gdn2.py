@@ -36,6 +36,7 @@ BACKENDS = ("auto", "torch", "naive", "triton")
 CHUNK_BACKENDS = ("auto", "torch", "naive", "triton")
 # the Triton chunked kernels so far: forward and backward for fixed-length batches, K and V <= 128
 TRITON_CHUNK_MAX_DIM = 128
+TRITON_CHUNK_MAX_PAIRS = 65_535
 RECURRENT_BACKENDS = ("auto", "torch", "naive", "triton")
 L2NORM_EPS = 1e-6
 
@@ -109,6 +110,9 @@ def _triton_chunk_unsupported(q, k, v, g, b, w, initial_state, A_log, dt_bias, c
         return "fixed-length batches only so far: no cu_seqlens"
     if q.shape[-1] > TRITON_CHUNK_MAX_DIM or v.shape[-1] > TRITON_CHUNK_MAX_DIM:
         return f"K and V up to {TRITON_CHUNK_MAX_DIM}"
+    if q.shape[0] * v.shape[2] > TRITON_CHUNK_MAX_PAIRS:
+        # the chunked kernels put (sequence, value head) pairs on the second grid axis
+        return f"at most {TRITON_CHUNK_MAX_PAIRS:,} (sequence, value head) pairs, got {q.shape[0] * v.shape[2]:,}"
     return ""
 
 

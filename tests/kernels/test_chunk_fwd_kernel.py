@@ -95,3 +95,13 @@ def test_causality_future_inputs_never_change_past_outputs(backend):
     assert rms < 1e-5, f"past outputs moved by {rms:.2e} (relative RMS)"
     later, _ = errors(o2[:, t + 1:].cpu(), o1[:, t + 1:].cpu())
     assert later > 1e-2
+
+
+def test_more_sequence_head_pairs_than_one_grid_axis_takes_are_refused_by_name():
+    """The chunked kernels' second grid axis holds at most 65,535 (sequence, value head) pairs: an explicit
+    backend='triton' call beyond that is refused with a clear error (backend='auto' takes the PyTorch path)."""
+    B, H = 65_536, 1
+    q = torch.zeros(B, 1, H, 16, device=DEVICE)
+    v = torch.zeros(B, 1, H, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="65,535"):
+        chunk_gdn2(q, q, v, q, q, v, backend="triton")
