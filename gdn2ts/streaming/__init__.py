@@ -1,8 +1,10 @@
 """Streaming: persistent per-stream GDN-2 state and the online runner."""
 
 from gdn2ts.streaming.journal import CommitPolicy
-from gdn2ts.streaming.runner import ObserveResult, OnlineRunner, model_fingerprint
+from gdn2ts.streaming.learn import LearnConfig, LearnResult
+from gdn2ts.streaming.runner import ObserveResult, OnlineRunner, UnknownStreamError, model_fingerprint
 from gdn2ts.streaming.store import (
+    BlobStore,
     CorruptJournalError,
     CorruptRecordError,
     FingerprintMismatchError,
@@ -15,7 +17,11 @@ from gdn2ts.streaming.store import (
 )
 
 __all__ = [
+    "BlobStore",
     "CommitPolicy",
+    "LearnConfig",
+    "LearnResult",
+    "UnknownStreamError",
     "CorruptJournalError",
     "JournaledStore",
     "ObserveResult",

@@ -13,12 +13,18 @@ Batch semantics of :meth:`OnlineRunner.observe`:
 * A call is durable when it returns, and all or nothing: with a journal (the default on a durable store) its
   accepted rows are committed as one journal entry; otherwise the states of the streams it touched are committed
   in one transaction. See ``docs/streaming-durability.md`` for the commit policy and recovery.
+
+Learning (``learning=LearnConfig(...)``; see :mod:`gdn2ts.streaming.learn` and ``docs/streaming-learning.md``):
+every stream also keeps a bounded history of its observed rows, and :meth:`OnlineRunner.learn` updates the
+weights from windows whose whole forecast horizon has been observed. The store keeps the learned weights with a
+version; states and journal entries stay tied to the model's lineage (its fingerprint before any learning).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +33,22 @@ import numpy as np
 import polars as pl
 import torch
 
-from gdn2ts.models import StreamEncoder
+from gdn2ts.models import EncoderState, StreamEncoder
 from gdn2ts.streaming.journal import CommitPolicy, Entry, decode_entry, encode_entry
+from gdn2ts.streaming.learn import (
+    MODEL_BLOB,
+    THROUGH,
+    LearnConfig,
+    LearnResult,
+    append_history,
+    history_template,
+    open_learning,
+    plan_windows,
+)
 from gdn2ts.streaming.store import JournaledStore, StateStore, StreamRecord
 from gdn2ts.streaming.workingset import STATS, StateLayout, WorkingSet
 
-__all__ = ["OnlineRunner", "ObserveResult", "model_fingerprint"]
+__all__ = ["OnlineRunner", "ObserveResult", "UnknownStreamError", "model_fingerprint"]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -44,6 +60,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+class UnknownStreamError(KeyError, ValueError):
+    """A stream id the runner has never seen (a ``KeyError`` and a ``ValueError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -70,6 +93,9 @@ class OnlineRunner:
         id_column, time_column: names of the stream id and timestamp columns.
         capacity: streams held in memory at once (and the most one call may touch); the rest live in the store.
         policy: when work is made durable (:class:`CommitPolicy`).
+        learning: learn online (:class:`~gdn2ts.streaming.learn.LearnConfig`; the store must be new or already
+            learning with the same configuration), or None: continue as the store does (learning if it holds
+            learned weights, loaded into ``encoder``), else no learning.
 
     Opening a runner on a store that holds a journal replays it (the work of a process that stopped without
     :meth:`close`). One runner writes to a store at a time.
@@ -92,7 +118,7 @@ class OnlineRunner:
 
     def __init__(self, encoder: StreamEncoder, store: StateStore, channels: Sequence[str],
                  covariates: Sequence[str] = (), id_column: str = "stream", time_column: str = "time",
-                 capacity: int = 4096, policy: CommitPolicy | None = None):
+                 capacity: int = 4096, policy: CommitPolicy | None = None, learning: LearnConfig | None = None):
         cfg = encoder.config
         if len(channels) != cfg.n_channels or len(set(channels)) != len(channels):
             raise ValueError(f"OnlineRunner: 'channels' expected {cfg.n_channels} distinct names, got {list(channels)}")
@@ -112,6 +138,15 @@ class OnlineRunner:
         p = next(encoder.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.layout = StateLayout(encoder.init_state(1, device=self.device, dtype=self.dtype), cfg.n_channels)
+        # the lineage fingerprint stays the runner's (and every record's) while learning moves the weights
+        self.learner = open_learning(encoder, store, learning, self.fingerprint, model_fingerprint)
+        self.learning = None if self.learner is None else self.learner.config
+        if self.learner is not None:
+            self.fingerprint = self.learner.lineage
+            extra = history_template(self.learning, cfg.n_channels, cfg.n_covariates, self.device)
+            self.layout.template.update(extra)
+            self.layout.shapes.update({k: tuple(t.shape[1:]) for k, t in extra.items()})
+            self.layout.dtypes.update({k: t.dtype for k, t in extra.items()})
         self.ws = WorkingSet(self.layout, capacity, store, self.fingerprint)
         self.journaled = journaled and (policy.journal if policy.journal is not None else bool(store.durable))
         self.seq = store.journal_head() if journaled else 0
@@ -161,7 +196,7 @@ class OnlineRunner:
         values = frame.select(self.channels).fill_null(float("nan")).to_numpy().astype(np.float64, copy=False)
         covs = (frame.select(self.covariates).to_numpy().astype(np.float64, copy=False) if self.covariates
                 else np.zeros((frame.height, 0)))
-        entry = Entry(self.seq + 1, self.fingerprint, (tuple(self.channels), tuple(self.covariates)),
+        entry = Entry(self.seq + 1, self._entry_fingerprint, (tuple(self.channels), tuple(self.covariates)),
                       [streams[g] for g in order.tolist()], np.bincount(rank[accepted]), times[rows],
                       np.ascontiguousarray(values[rows]), np.ascontiguousarray(covs[rows]))
         stream_slots = slots[order]
@@ -238,6 +273,145 @@ class OnlineRunner:
         return pl.DataFrame({"stream": pl.Series(ids, dtype=pl.String), "steps": steps,
                              "last_time": np.where(np.isfinite(last), last, np.nan)}).fill_nan(None)
 
+    def learn(self, stream_ids: Sequence[str]) -> LearnResult:
+        """Update the weights from the matured, not yet learned forecast positions of ``stream_ids`` (see
+        :mod:`gdn2ts.streaming.learn`): one AdamW step per ``batch_streams`` windows. Durable when it returns.
+
+        The call snapshots first (the journal so far was applied with the old weights), then commits the new
+        weights, their version and the learned streams' progress in one transaction; if anything fails, the
+        weights, the optimizer and every state are as they were. Streams with nothing matured are left alone.
+        Unknown streams raise :class:`UnknownStreamError`; a runner without learning raises ``ValueError``.
+        """
+        self._check_open()
+        learner = self._learner("learn")
+        ids = self._ids(stream_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"learn: stream ids expected distinct, got {ids}")
+        if not ids:
+            return LearnResult(version=learner.version)
+        slots = self.ws.acquire(ids)
+        for i in np.flatnonzero(self.ws.steps[slots] == 0).tolist():
+            raise UnknownStreamError(f"learn: unknown stream {ids[i]!r}")
+        names = [k for k in self.layout.shapes if k.startswith("hist.")] + [THROUGH]
+        host = {k: v.cpu().numpy() for k, v in self.ws.gather(slots).items() if k in names}
+        cfg = self.encoder.config
+        plan = plan_windows(host, self.ws.last_time[slots], self.learning, cfg.horizon, cfg.time_unit)
+        if plan is None:
+            return LearnResult(version=learner.version)
+        index = torch.from_numpy(slots).to(self.device)
+        before, backup = self.ws.pools[THROUGH].index_select(0, index), learner.backup()
+        try:
+            steps, targets, loss = learner.step(plan)
+            self.flush()
+            self.ws.pools[THROUGH].index_copy_(0, index, torch.from_numpy(plan.through).to(self.device))
+            self.store.put(self.ws.records(slots, self.seq))
+            self.store.put_blob(MODEL_BLOB, learner.encode(learner.version + 1, model_fingerprint(self.encoder)))
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            learner.restore(backup)
+            self.ws.pools[THROUGH].index_copy_(0, index, before)
+            raise
+        self.ws.dirty[slots], self.ws.seqs[slots] = False, self.seq
+        learner.version += 1
+        return LearnResult(steps, len(plan.rows), targets, loss, learner.version)
+
+    def learn_one(self, stream_id: str, timestamp: float, values: Mapping[str, float | None],
+                  covariates: Mapping[str, float] | None = None) -> LearnResult:
+        """Observe one row of one stream, then :meth:`learn` from what matured for it (river's ``learn_one``).
+
+        ``values`` maps channel names to numbers (None or NaN: missing; absent channels are missing);
+        ``covariates`` maps every covariate name to a number. An unknown channel or covariate, a non-numeric
+        value, inf, or a timestamp not after the stream's last observation raise ``ValueError`` naming it, and
+        change nothing.
+
+        Example:
+            >>> from gdn2ts.models import EncoderConfig, StreamEncoder
+            >>> from gdn2ts.streaming import MemoryStore
+            >>> from gdn2ts.streaming.learn import LearnConfig
+            >>> enc = StreamEncoder(EncoderConfig(n_channels=2, hidden_size=8, head_dim=4, horizon=2))
+            >>> runner = OnlineRunner(enc, MemoryStore(), ["load", "temp"],
+            ...                       learning=LearnConfig(history=16, context=8, min_context=0))
+            >>> [runner.learn_one("a", float(t), {"load": t / 10, "temp": None}).steps for t in range(1, 6)]
+            [0, 0, 0, 1, 1]
+            >>> runner.learn_one("a", 6.0, {"pressure": 1.0})
+            Traceback (most recent call last):
+            ...
+            ValueError: learn_one: unknown channel 'pressure' (channels are ['load', 'temp'])
+        """
+        self._check_open()
+        self._learner("learn_one")
+        self.observe_one(stream_id, timestamp, values, covariates, op="learn_one")
+        return self.learn([stream_id])
+
+    def observe_one(self, stream_id: str, timestamp: float, values: Mapping[str, float | None],
+                    covariates: Mapping[str, float] | None = None, op: str = "observe_one") -> ObserveResult:
+        """Observe one row of one stream (arguments as :meth:`learn_one`); a rejected row raises ``ValueError``."""
+        self._check_open()
+        if not isinstance(stream_id, str):
+            raise ValueError(f"{op}: 'stream_id' expected a string, got {type(stream_id).__name__}")
+        if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or not math.isfinite(timestamp):
+            raise ValueError(f"{op}: 'timestamp' expected a finite number, got {timestamp!r}")
+        row = {self.id_column: stream_id, self.time_column: float(timestamp)}
+        for kind, given, names in (("channel", values, self.channels), ("covariate", covariates or {},
+                                                                        self.covariates)):
+            if not isinstance(given, Mapping):
+                raise ValueError(f"{op}: {kind} values expected a mapping of name -> number, got "
+                                 f"{type(given).__name__}")
+            for name, v in given.items():
+                if name not in names:
+                    raise ValueError(f"{op}: unknown {kind} {name!r} ({kind}s are {names})")
+                if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                    raise ValueError(f"{op}: {kind} {name!r} expected a number or None, got {v!r}")
+            row.update({name: None if given.get(name) is None else float(given[name]) for name in names})
+        result = self.observe(pl.DataFrame([row], schema={self.id_column: pl.String,
+                                                          **dict.fromkeys(list(row)[1:], pl.Float64)}))
+        if result.rejected:
+            raise ValueError(f"{op}: {result.rejected[0][2]}")
+        return result
+
+    def forecast_one(self, stream_id: str, horizon: int | None = None) -> dict[str, list[dict[float, float]]]:
+        """One stream's forecast from its last observation, as ``{channel: [{level: value}, ...]}`` with one dict
+        per step (the first ``horizon`` steps; all by default), in the model's units (river's ``forecast``).
+
+        Example:
+            >>> from gdn2ts.models import EncoderConfig, StreamEncoder
+            >>> from gdn2ts.streaming import MemoryStore
+            >>> enc = StreamEncoder(EncoderConfig(n_channels=1, hidden_size=8, head_dim=4, horizon=3))
+            >>> runner = OnlineRunner(enc, MemoryStore(), ["load"])
+            >>> _ = runner.observe_one("a", 1.0, {"load": 0.5})
+            >>> out = runner.forecast_one("a", horizon=2)
+            >>> len(out["load"]), sorted(out["load"][0])
+            (2, [0.1, 0.5, 0.9])
+            >>> runner.forecast_one("b")
+            Traceback (most recent call last):
+            ...
+            gdn2ts.streaming.runner.UnknownStreamError: unknown stream 'b'
+        """
+        if not isinstance(stream_id, str):
+            raise ValueError(f"forecast_one: 'stream_id' expected a string, got {type(stream_id).__name__}")
+        H = self.encoder.config.horizon
+        if horizon is None:
+            horizon = H
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= H:
+            raise ValueError(f"forecast_one: 'horizon' expected an int in [1, {H}], got {horizon!r}")
+        table = self.forecast([stream_id]).filter(pl.col("step") <= horizon)
+        levels = self.encoder.config.quantiles
+        out: dict[str, list[dict[float, float]]] = {c: [] for c in self.channels}
+        for row in table.iter_rows(named=True):
+            out[row["channel"]].append({q: row[f"q{q:g}"] for q in levels})
+        return out
+
+    def audit(self, batch: pl.DataFrame | Mapping | Iterable[Mapping], tags=None):
+        """Audit what new observations would do to their streams' states, starting from each stream's current
+        state, without applying them (read-only: no state, journal or weight changes). Returns a
+        :class:`~gdn2ts.streaming.audit.StateAudit` (see :func:`gdn2ts.streaming.batch_audit.audit_batch` for
+        ``tags`` and the errors)."""
+        from gdn2ts.streaming.batch_audit import audit_batch
+
+        self._check_open()
+        return audit_batch(self, batch, tags)
+
     def flush(self) -> None:
         """Snapshot: write every changed stream's state to the store and truncate the journal it reflects."""
         self._check_open()
@@ -292,6 +466,10 @@ class OnlineRunner:
                                     self.layout.unflatten({k: v[:n] for k, v in flat.items()}))
             new = self.layout.flatten(out["state"])
             new.update(_welford({k: flat[k][:n] for k in STATS}, values[rows]))
+            if self.learner is not None:
+                hist = {k: flat[k][:n] for k in flat if k.startswith("hist.")}
+                new.update(append_history(hist, times[rows], values[rows], None if covs is None else
+                                          torch.from_numpy(entry.covariates[rows]).to(self.device)))
             for k, t in new.items():
                 if n == M:
                     flat[k] = t
@@ -306,7 +484,7 @@ class OnlineRunner:
         """Replay the journal entries after the stored snapshots (a process that stopped without closing)."""
         replayed = 0
         for seq, payload in self.store.read_journal(0):
-            entry = decode_entry(seq, payload, self.fingerprint)
+            entry = decode_entry(seq, payload, self._entry_fingerprint)
             if entry.columns != (tuple(self.channels), tuple(self.covariates)):
                 raise ValueError(f"journal entry {seq}: written with channels {list(entry.columns[0])} and covariates "
                                  f"{list(entry.columns[1])}, this runner has {self.channels} and {self.covariates}")
@@ -338,7 +516,7 @@ class OnlineRunner:
         slots = self.ws.resident(ids)
         held = np.flatnonzero(slots >= 0)
         for i in held[self.ws.steps[slots[held]] == 0].tolist():
-            raise KeyError(f"unknown stream {ids[i]!r}")
+            raise UnknownStreamError(f"unknown stream {ids[i]!r}")
         out = {k: self.ws.pools[k].new_empty((len(ids), *self.ws.pools[k].shape[1:])) for k in names}
         if held.size:
             index, at = torch.from_numpy(slots[held]).to(self.device), torch.from_numpy(held).to(self.device)
@@ -350,7 +528,7 @@ class OnlineRunner:
             records = self.store.get(cold_ids, fingerprint=self.fingerprint)
             for sid in cold_ids:
                 if records[sid] is None:
-                    raise KeyError(f"unknown stream {sid!r}")
+                    raise UnknownStreamError(f"unknown stream {sid!r}")
                 self.layout.check(sid, records[sid])
             at = torch.from_numpy(cold).to(self.device)
             for k in names:
@@ -403,6 +581,36 @@ class OnlineRunner:
             if not isinstance(sid, str):
                 raise ValueError(f"stream ids expected strings, got {type(sid).__name__} {sid!r}")
         return ids
+
+    @property
+    def version(self) -> int:
+        """The weights' learning version (0: as given, or no learning)."""
+        return 0 if self.learner is None else self.learner.version
+
+    @property
+    def _entry_fingerprint(self) -> str:
+        # journal entries name the weight version that applied them: a replay with other weights is refused
+        return self.fingerprint if self.version == 0 else f"{self.fingerprint}@v{self.version}"
+
+    def _learner(self, op: str):
+        if self.learner is None:
+            raise ValueError(f"{op}: this runner does not learn; open it with learning=LearnConfig(...) on a new "
+                             "store")
+        return self.learner
+
+    def _states_of(self, ids: list[str]) -> tuple[EncoderState, np.ndarray]:
+        """The current states of ``ids`` (known or not: unknown streams get the empty state) and their step
+        counts, read without loading anything into the working set."""
+        known = self.info(ids)["steps"].to_numpy()
+        old = [ids[i] for i in np.flatnonzero(known > 0).tolist()]
+        names = list(self.layout.template)
+        flat = {k: t.expand(len(ids), *t.shape[1:]).clone() for k, t in self.layout.template.items()}
+        if old:
+            at = torch.from_numpy(np.flatnonzero(known > 0)).to(self.device)
+            rows = self._rows_of(old, names)
+            for k in names:
+                flat[k][at] = rows[k]
+        return self.layout.unflatten(flat), known
 
     def _check_open(self) -> None:
         if self._closed:

@@ -16,6 +16,9 @@ loss at some cost per commit. Commit in batches (many streams per transaction): 
 A :class:`JournaledStore` also keeps an observation journal: numbered, checksummed entries appended and truncated
 in the same transactions as the records, so that an online runner can commit one small entry per call and write
 the full states only now and then (see ``docs/streaming-durability.md``).
+
+A :class:`BlobStore` also keeps a few named payloads (an online runner's learned weights and optimizer state),
+staged and committed in the same transactions as the records (see ``docs/streaming-learning.md``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "StreamRecord",
     "StateStore",
     "JournaledStore",
+    "BlobStore",
     "MemoryStore",
     "SQLiteStore",
     "StoreError",
@@ -46,7 +50,9 @@ __all__ = [
 ]
 
 FORMAT = "gdn2ts.stream.v1"
-SCHEMA_VERSION = "2"  # 2 added the journal table; a version-1 file is upgraded in place on open
+# 2 added the journal table, 3 the blobs table (learned weights); older files are upgraded in place on open, and
+# an older gdn2ts refuses a version-3 file rather than stream it with the wrong weights
+SCHEMA_VERSION = "3"
 _SQL_BATCH = 500  # stream ids per SELECT ... IN (...)
 
 
@@ -241,6 +247,19 @@ class JournaledStore(StateStore, Protocol):
         """The highest entry number ever appended (0 when none), staged entries included; truncation keeps it."""
 
 
+@runtime_checkable
+class BlobStore(StateStore, Protocol):
+    """A :class:`StateStore` that also keeps named payloads (bytes, each with a checksum), staged like records
+    and committed in the same transactions (a networked backend: in the same transaction or ordered log)."""
+
+    def put_blob(self, name: str, payload: bytes) -> None:
+        """Stage ``payload`` under ``name`` (replacing any earlier one)."""
+
+    def get_blob(self, name: str) -> bytes | None:
+        """The payload under ``name`` (staged writes included), None when there is none; verified against its
+        checksum (:class:`CorruptRecordError`, naming the blob, on failure)."""
+
+
 _DELETED = object()
 
 
@@ -252,6 +271,7 @@ class _Staging:
         self.staged: dict[str, object] = {}
         self.staged_journal: list[tuple[int, bytes, str]] = []
         self.staged_truncate: int | None = None
+        self.staged_blobs: dict[str, tuple[bytes, str]] = {}
 
     def put(self, records: Mapping[str, StreamRecord]) -> None:
         if not isinstance(records, Mapping):
@@ -279,6 +299,24 @@ class _Staging:
             raise ValueError(f"append_journal: entry {seq} expected bytes, got {type(payload).__name__}")
         self.staged_journal.append((seq, bytes(payload), checksum(payload)))
 
+    def put_blob(self, name: str, payload: bytes) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"put_blob: 'name' expected a non-empty string, got {name!r}")
+        if not isinstance(payload, (bytes, bytearray)):
+            raise ValueError(f"put_blob: blob {name!r} expected bytes, got {type(payload).__name__}")
+        self.staged_blobs[name] = (bytes(payload), checksum(payload))
+
+    def get_blob(self, name: str) -> bytes | None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"get_blob: 'name' expected a non-empty string, got {name!r}")
+        row = self.staged_blobs.get(name) or self._committed_blob(name)
+        if row is None:
+            return None
+        payload, digest = row
+        if checksum(payload) != digest:
+            raise CorruptRecordError(f"blob {name!r}: stored payload fails its checksum")
+        return payload
+
     def truncate_journal(self, through: int) -> None:
         if isinstance(through, bool) or not isinstance(through, int) or through < 0:
             raise ValueError(f"truncate_journal: 'through' expected a non-negative int, got {through!r}")
@@ -291,8 +329,12 @@ class _Staging:
         self.staged.clear()
         self.staged_journal.clear()
         self.staged_truncate = None
+        self.staged_blobs.clear()
 
     def _committed_head(self) -> int:
+        raise NotImplementedError
+
+    def _committed_blob(self, name: str) -> tuple[bytes, str] | None:
         raise NotImplementedError
 
     def _staged_entries(self, after: int) -> Iterator[tuple[int, bytes]]:
@@ -308,7 +350,8 @@ def _verified(seq: int, payload: bytes, digest: str) -> tuple[int, bytes]:
 
 
 class MemoryStore(_Staging):
-    """An in-memory :class:`JournaledStore` (tests, ephemeral runs). Records are kept encoded, exactly as on disk.
+    """An in-memory :class:`JournaledStore` and :class:`BlobStore` (tests, ephemeral runs). Records are kept
+    encoded, exactly as on disk.
 
     Example:
         >>> import torch
@@ -325,6 +368,7 @@ class MemoryStore(_Staging):
         super().__init__()
         self.committed: dict[str, bytes] = {}
         self.journal: dict[int, tuple[bytes, str]] = {}
+        self.blobs: dict[str, tuple[bytes, str]] = {}
         self.head = 0
 
     def get(self, stream_ids, fingerprint=None):
@@ -357,6 +401,7 @@ class MemoryStore(_Staging):
         if self.staged_truncate is not None:
             for seq in [s for s in self.journal if s <= self.staged_truncate]:
                 del self.journal[seq]
+        self.blobs.update(self.staged_blobs)
         self.rollback()
 
     def close(self):
@@ -365,13 +410,16 @@ class MemoryStore(_Staging):
     def _committed_head(self):
         return self.head
 
+    def _committed_blob(self, name):
+        return self.blobs.get(name)
+
     def __len__(self):
         return len(self.committed)
 
 
 class SQLiteStore(_Staging):
-    """The embedded default :class:`JournaledStore`: one SQLite file in WAL mode, one row per stream, one row
-    per journal entry.
+    """The embedded default :class:`JournaledStore` and :class:`BlobStore`: one SQLite file in WAL mode, one row
+    per stream, one row per journal entry, one row per blob.
 
     Args:
         path: the database file (created if missing).
@@ -410,11 +458,13 @@ class SQLiteStore(_Staging):
                               "checksum TEXT NOT NULL)")
             self.conn.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL, "
                               "checksum TEXT NOT NULL)")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, payload BLOB NOT NULL, "
+                              "checksum TEXT NOT NULL)")
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('journal_head', '0')")
             version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-            if version == "1":
-                # version 1 had no journal: the tables above complete it
+            if version in ("1", "2"):
+                # version 1 had no journal, version 2 no blobs: the tables above complete them
                 self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
                 version = SCHEMA_VERSION
             self.conn.execute("COMMIT")
@@ -470,7 +520,7 @@ class SQLiteStore(_Staging):
         yield from self._staged_entries(after)
 
     def commit(self):
-        if not (self.staged or self.staged_journal or self.staged_truncate is not None):
+        if not (self.staged or self.staged_journal or self.staged_truncate is not None or self.staged_blobs):
             return
         puts = [(sid, payload, checksum(payload)) for sid, payload in self.staged.items() if payload is not _DELETED]
         deletes = [(sid,) for sid, payload in self.staged.items() if payload is _DELETED]
@@ -484,6 +534,8 @@ class SQLiteStore(_Staging):
                                   (str(max(seq for seq, _, _ in self.staged_journal)),))
             if self.staged_truncate is not None:
                 self.conn.execute("DELETE FROM journal WHERE seq <= ?", (self.staged_truncate,))
+            self.conn.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
+                                  [(name, payload, digest) for name, (payload, digest) in self.staged_blobs.items()])
             self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:
@@ -497,6 +549,9 @@ class SQLiteStore(_Staging):
 
     def _committed_head(self):
         return int(self.conn.execute("SELECT value FROM meta WHERE key = 'journal_head'").fetchone()[0])
+
+    def _committed_blob(self, name):
+        return self.conn.execute("SELECT payload, checksum FROM blobs WHERE name = ?", (name,)).fetchone()
 
     def __len__(self):
         return self.conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0]
