@@ -86,10 +86,10 @@ def _state_tile(ptr, i_b, i_t, NT, i_hv, HV: tl.constexpr, K: tl.constexpr, V: t
 
 @triton.jit
 def _dstate_kernel(
-    q, k, G, Y, Aqk, do, dht, dh0, dSn, dR, scale, T, NT,
+    q, k, G, Y, Aqk, do, dht, dh0, dSn, dR, QG, KT, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -108,16 +108,23 @@ def _dstate_kernel(
         t0 = i_t * BT
         p_n, m_n = _state_tile(dSn, i_b, i_t, NT, i_hv, HV, K, V, 0, v0, BK, BV)
         tl.store(dSn + p_n, dS, mask=m_n)
-        Gt = _G_tile(G, i_b, t0, T, HG, i_hg, K, 0, BT, BK)
+        if not DECAYED_QK:
+            Gt = _G_tile(G, i_b, t0, T, HG, i_hg, K, 0, BT, BK)
         G_last = _G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, 0, BK)
         dOt = _tile(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
         rows = t0 + o_t
         At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
                      mask=(rows < T)[:, None], other=0.0)
-        kt = _tile(k, i_b, t0, T, H, i_h, K, 0, BT, BK) * tl.exp(G_last[None, :] - Gt)
+        if DECAYED_QK:
+            kt = _tile(KT, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
+        else:
+            kt = _tile(k, i_b, t0, T, H, i_h, K, 0, BT, BK) * tl.exp(G_last[None, :] - Gt)
         dRt = tl.dot(kt, dS, input_precision=PRECISION) + tl.dot(tl.trans(At), dOt, input_precision=PRECISION)
         _put(dR, dRt, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
-        qt = _tile(q, i_b, t0, T, H, i_h, K, 0, BT, BK) * (scale * tl.exp(Gt))
+        if DECAYED_QK:
+            qt = _tile(QG, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
+        else:
+            qt = _tile(q, i_b, t0, T, H, i_h, K, 0, BT, BK) * (scale * tl.exp(Gt))
         Yt = _tile(Y, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
         dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(qt), dOt, input_precision=PRECISION) \
             - tl.dot(tl.trans(Yt), dRt, input_precision=PRECISION)
@@ -410,9 +417,10 @@ def chunk_bwd(
     # H100; the interpreter agrees with the reference for both)
     BV = min(max(block_v, 32), BVfull)
     _dstate_kernel[(triton.cdiv(V, BV), B * HV)](
-        q, k, G, Y, Aqk, do, dht if dht is not None else dR, dh0 if need_dh0 else dR, dSn, dR, scale, T, NT,
-        H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-        PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        q, k, G, Y, Aqk, do, dht if dht is not None else dR, dh0 if need_dh0 else dR, dSn, dR,
+        saved.get("qg", dR), saved.get("kt", dR), scale, T, NT, H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT,
+        HAS_DHT=dht is not None, STORE_DH0=need_dh0, PRECISION=precision, DECAYED_QK="qg" in saved,
+        num_warps=num_warps, num_stages=num_stages)
 
     def grad_buffer(heads_in: int, dtype: torch.dtype, D: int) -> torch.Tensor:
         # written in the input's dtype directly when no value heads need summing

@@ -241,20 +241,29 @@ def _store_block(ptr, x, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.co
 
 @triton.jit
 def _wy_kernel(
-    k, v, G, b, w, Linv, Y, U, T,
+    q, k, v, G, b, w, Linv, Y, U, QG, KT, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr,
 ):
-    """Y = L^-1 (exp(G) b k) and U = L^-1 (w v) for one (chunk, value head, value block)."""
+    """Y = L^-1 (exp(G) b k) and U = L^-1 (w v) for one (chunk, value head, value block); with ``DECAYED_QK`` also
+    the decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k`` that the sequential state
+    passes then load instead of q, k and G."""
     i_t, i_bh, i_v = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
     t0 = i_t * BT
     L = _load_rows(Linv, i_b, t0, T, HV, i_hv, BT, BT, BT)
     if i_v == 0:
-        E = tl.exp(_load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)) * _load_rows(b, i_b, t0, T, HB, i_hb, K, BT, BK) \
-            * _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK)
+        Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
+        kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK)
+        E = tl.exp(Gt) * _load_rows(b, i_b, t0, T, HB, i_hb, K, BT, BK) * kt
         _store_rows(Y, tl.dot(L, E, input_precision=PRECISION), i_b, t0, T, HV, i_hv, K, BT, BK)
+        if DECAYED_QK:
+            G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
+            qg = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * (scale * tl.exp(Gt))
+            _store_rows(QG, qg.to(QG.dtype.element_ty), i_b, t0, T, HV, i_hv, K, BT, BK)
+            _store_rows(KT, (kt * tl.exp(G_last[None, :] - Gt)).to(KT.dtype.element_ty), i_b, t0, T, HV, i_hv, K,
+                        BT, BK)
     rows = t0 + tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m = (rows < T)[:, None] & (o_v < V)[None, :]
@@ -273,10 +282,10 @@ def _store_rows(ptr, x, i_b, r0, T, heads, i_h, D: tl.constexpr, BR: tl.constexp
 
 @triton.jit
 def _state_kernel(
-    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, scale, T,
+    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    SAVE: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr,
 ):
     """With ``SAVE`` it also keeps, for the backward, each chunk's entry state in ``h`` ``[B, NT, HV, K, V]`` and
     the corrections ``R`` in ``Rs`` ``[B, T, HV, V]``."""
@@ -295,7 +304,8 @@ def _state_kernel(
         t0 = i_t * BT
         rows = t0 + o_t
         m_r = rows < T
-        Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
+        if not DECAYED_QK:
+            Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
         Yt = _load_rows(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
         Ut = tl.load(U + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
                      mask=m_r[:, None] & (o_v < V)[None, :], other=0.0)
@@ -305,15 +315,21 @@ def _state_kernel(
             tl.store(h + ((i_b * NT + i_t) * HV + i_hv) * K * V + p_s, S, mask=m_s)
             tl.store(Rs + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :], R,
                      mask=m_r[:, None] & (o_v < V)[None, :])
-        qt = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale
+        if DECAYED_QK:
+            qg = _load_rows(QG, i_b, t0, T, HV, i_hv, K, BT, BK)
+        else:
+            qg = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale * tl.exp(Gt)
         At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
                      mask=m_r[:, None], other=0.0)
-        ot = tl.dot(qt * tl.exp(Gt), S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
+        ot = tl.dot(qg, S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
         tl.store(o + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
                  ot.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
         # the last row of the chunk (or of the sequence) holds the chunk's total decay
         G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
-        kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK) * tl.exp(G_last[None, :] - Gt)
+        if DECAYED_QK:
+            kt = _load_rows(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
+        else:
+            kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK) * tl.exp(G_last[None, :] - Gt)
         S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R, input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht + i_bh * K * V + p_s, S, mask=m_s)
@@ -323,14 +339,17 @@ def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
     block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4,
-    out: torch.Tensor | None = None, save: bool = False,
+    out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
     Intermediates (G, Y, U and the read-out Gram) are fp32. ``block_v``, ``num_warps`` and ``num_stages`` set the
     state kernel's tiling (its loads are pipelined ``num_stages`` deep: 2 needs about 197 KB of shared memory at
     K = V = 128, 3 would not fit on an H100). ``out`` may supply the output buffer (tests poison it with NaN).
-    ``save=True`` also returns what ``chunk_bwd`` needs (a dict of fp32 intermediates). No host synchronization.
+    ``save=True`` also returns what ``chunk_bwd`` needs (a dict of intermediates). ``decayed_qk=True`` forms the
+    decayed queries and tail keys once, in the WY kernel (fp16 for 16-bit inputs: the tf32 products keep 10 bits
+    of mantissa anyway; fp32 otherwise), so that the sequential passes load them instead of q, k and G (a variant
+    under measurement, off by default). No host synchronization.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -361,8 +380,12 @@ def chunk_fwd(
     _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, num_warps=intra_warps)
     del Akk
     BVw = min(64, BVfull)
-    _wy_kernel[(NT, B * HV, triton.cdiv(V, BVw))](k, v, G, b, w, Linv, Y, U, T, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V,
-                                                   BK=BK, BV=BVw, BT=BT, PRECISION=precision, num_warps=intra_warps)
+    qk_dtype = torch.float16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else Y
+    KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else Y
+    _wy_kernel[(NT, B * HV, triton.cdiv(V, BVw))](q, k, v, G, b, w, Linv, Y, U, QG, KT, scale, T, H=H, HV=HV, HG=HG,
+                                                   HB=HB, K=K, V=V, BK=BK, BV=BVw, BT=BT, PRECISION=precision,
+                                                   DECAYED_QK=decayed_qk, num_warps=intra_warps)
     o = torch.empty_like(v) if out is None else out
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     # few (sequence, head) pairs: narrower value blocks put more programs on the sequential state passing
@@ -370,11 +393,14 @@ def chunk_fwd(
     h = torch.empty(B, NT, HV, K, V, device=dev, dtype=torch.float32) if save else o
     Rs = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), B * HV)](
-        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, scale, T,
+        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
         STORE_HT=output_final_state, SAVE=save, num_warps=num_warps, num_stages=num_stages,
-        PRECISION=precision,
+        PRECISION=precision, DECAYED_QK=decayed_qk,
     )
     if save:
-        return o, (ht if output_final_state else None), dict(G=G, Y=Y, U=U, Aqk=Aqk, Linv=Linv, h=h, R=Rs)
+        saved = dict(G=G, Y=Y, U=U, Aqk=Aqk, Linv=Linv, h=h, R=Rs)
+        if decayed_qk:
+            saved.update(qg=QG, kt=KT)
+        return o, (ht if output_final_state else None), saved
     return o, (ht if output_final_state else None)

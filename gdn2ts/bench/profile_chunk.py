@@ -7,8 +7,10 @@ from triton.testing import do_bench
 from gdn2ts.bench.kernels import K, make_inputs, rel
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
-VARIANTS = [dict(), dict(intra_warps=4), dict(num_warps=8), dict(block_v=16), dict(block_v=64, num_stages=1)]
-BWD_VARIANTS = [dict(), dict(num_warps=8), dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]
+VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8), dict(block_v=16)]
+# "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
+BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
+                dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]
 
 
 def profile(B: int, T: int) -> list[dict]:
@@ -40,12 +42,15 @@ def profile_bwd(B: int, T: int) -> list[dict]:
     xs = make_inputs(B, T, seed=3)
     h0 = torch.randn(B, xs[2].shape[2], K, xs[2].shape[3], device="cuda")
     o, ht, saved = chunk_fwd(*xs, K**-0.5, h0, True, save=True)
+    saved_decayed = chunk_fwd(*xs, K**-0.5, h0, True, save=True, decayed_qk=True)[2]
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     ref = chunk_bwd(*xs, K**-0.5, saved, do, dht, True)
     rows = []
     for opts in BWD_VARIANTS:
         def run(opts=opts):
-            return chunk_bwd(*xs, K**-0.5, saved, do, dht, True, **opts)
+            kept = saved_decayed if opts.get("decayed_qk") else saved
+            tiling = {k_: v_ for k_, v_ in opts.items() if k_ != "decayed_qk"}
+            return chunk_bwd(*xs, K**-0.5, kept, do, dht, True, **tiling)
         try:
             err = max(rel(a.float(), r.float()) for a, r in zip(run(), ref, strict=True))
         except Exception as e:  # a tiling that does not fit this GPU

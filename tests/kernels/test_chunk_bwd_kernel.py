@@ -125,3 +125,54 @@ def test_gpu_benchmark_shapes_bf16(B, T):
     for n in want:
         assert_close(f"d{n} vs FLA", got[n].float(), fla[n].double(), torch.bfloat16,
                      factor=4.0 if n in GATES else 2.0)
+
+
+@pytest.mark.parametrize("gates", ["normal", "strong_mixed"])
+def test_decayed_qk_variant_matches_the_token_loop(gates):
+    """The variant that forms the decayed q and k once in the forward (and reuses them in the backward's
+    state pass) gives the same outputs and gradients, up to the dtype's tolerance."""
+    from gdn2ts.kernels.chunk_bwd import chunk_bwd
+    from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+    x = make_inputs(B=1, T=100, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=11)
+    on = {n: t.to(DEVICE) for n, t in x.items()}
+    scale = 0.3
+    o, s, saved = chunk_fwd(*(on[n] for n in ARGS), scale, on["h0"], True, save=True, decayed_qk=True)
+    assert "qg" in saved and "kt" in saved
+    gen = torch.Generator().manual_seed(2)
+    do, dht = torch.randn(o.shape, generator=gen, dtype=torch.float64), torch.randn(s.shape, generator=gen,
+                                                                                    dtype=torch.float64)
+    got = chunk_bwd(*(on[n] for n in ARGS), scale, saved, do.float().to(DEVICE), dht.float().to(DEVICE), True)
+    o_ref, s_ref, want = grads_of(recurrent_reference, {n: t.double() for n, t in x.items() if t is not None},
+                                  x["h0"].double(), do, dht, scale=scale)
+    assert_close("o", o.cpu(), o_ref.detach(), torch.float32)
+    assert_close("final state", s.cpu(), s_ref.detach(), torch.float32)
+    for name, a in zip((*ARGS, "h0"), got, strict=True):
+        assert_close(f"d{name}", a.cpu(), want[name], torch.float32, factor=2.0 if name in GATES else 1.0)
+
+
+@pytest.mark.gpu
+def test_gpu_decayed_qk_variant_bf16():
+    """The decayed-q/k variant (fp16 storage for bf16 inputs) on the GPU against fp64, at FLA's tolerances."""
+    from gdn2ts.kernels.chunk_bwd import chunk_bwd
+    from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    B, T, H, K, V = 2, 1000, 16, 128, 128
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, device="cuda")
+
+    x = dict(q=F.normalize(r(B, T, H, K), dim=-1).bfloat16(), k=F.normalize(r(B, T, H, K), dim=-1).bfloat16(),
+             v=r(B, T, H, V).bfloat16(), g=F.logsigmoid(r(B, T, H, K) + 3.0), b=torch.sigmoid(r(B, T, H, K)).bfloat16(),
+             w=torch.sigmoid(r(B, T, H, V)).bfloat16())
+    h0 = r(B, H, K, V)
+    do, dht = r(B, T, H, V).bfloat16(), r(B, H, K, V)
+    o, s, saved = chunk_fwd(*(x[n] for n in ARGS), K**-0.5, h0, True, save=True, decayed_qk=True)
+    got = chunk_bwd(*(x[n] for n in ARGS), K**-0.5, saved, do, dht, True)
+    o_ref, s_ref, want = grads_of(chunk_reference, {n: t.double() for n, t in x.items()}, h0.double(), do.double(),
+                                  dht.double())
+    assert_close("o", o.float(), o_ref.detach(), torch.bfloat16)
+    assert_close("final state", s, s_ref.detach(), torch.bfloat16)
+    for name, a in zip((*ARGS, "h0"), got, strict=True):
+        assert_close(f"d{name}", a.float(), want[name], torch.bfloat16, factor=2.0 if name in GATES else 1.0)
