@@ -1,0 +1,135 @@
+"""The long-horizon benchmark on ETTh1 (``gdn2ts bench forecast``): the standard protocol at each lookback and
+horizon for the GDN-2 forecaster and the baselines, in one harness (same splits, scaler, windows and metric).
+
+Protocol (``BENCHMARKS.md`` section 2): train rows [0, 8640), val [8640 - L, 11520), test [11520 - L, 14400);
+scaler fit on train rows; all seven channels in and out; MSE and MAE on scaled values over every test window and
+channel.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from gdn2ts.forecasting.data import DataConfig
+from gdn2ts.forecasting.fit import fit
+from gdn2ts.forecasting.lightning import ForecastDataModule, ModelConfig, TrainConfig, evaluate
+
+__all__ = ["PUBLISHED", "run_bench"]
+
+# BENCHMARKS.md section 2: averages over the four horizons (MSE, MAE)
+PUBLISHED = {
+    "lookback 96": {"TimeMixer": (0.447, 0.440), "RLinear": (0.446, 0.434), "iTransformer": (0.454, 0.447),
+                    "S-Mamba": (0.455, 0.450), "DLinear": (0.456, 0.452), "PatchTST": (0.469, 0.454)},
+    "tuned lookback": {"FITS": (0.409, 0.422), "TimeMixer": (0.411, 0.423), "PatchTST/64": (0.413, 0.434),
+                       "DLinear": (0.423, 0.437)},
+}
+
+# per-model defaults of the harness (small enough for a CPU); the learning rates follow each model's usual one
+MODEL_DEFAULTS = {
+    "gdn2": (ModelConfig(kind="gdn2"), {"lr": 1e-3}),
+    "gdn2_skip_only": (ModelConfig(kind="gdn2", recurrent=False), {"lr": 1e-3}),
+    "dlinear": (ModelConfig(kind="dlinear"), {"lr": 5e-3}),
+    "gru": (ModelConfig(kind="gru", hidden_size=64), {"lr": 1e-3}),
+}
+
+
+def _environment(device: str, threads: int) -> dict:
+    env = {"device": device, "torch": torch.__version__, "threads": threads, "platform": platform.platform(),
+           "processor": platform.processor() or platform.machine()}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def run_bench(data: str, lookbacks=(96,), horizons=(96, 192, 336, 720), models=("gdn2", "dlinear", "gru"),
+              train: TrainConfig | None = None, model_overrides: dict | None = None, threads: int | None = 1,
+              json_path: str | None = None, quiet: bool = False, progress: bool = False) -> dict:
+    """Fit and test every (model, lookback, horizon); returns (and writes) the record.
+
+    Args:
+        data: path of ETTh1.csv (ETT layout).
+        lookbacks: lookbacks L.
+        horizons: horizons H.
+        models: names from ``MODEL_DEFAULTS`` (gdn2, gdn2_skip_only, dlinear, gru).
+        train: the training budget shared by all models (its lr is replaced by each model's default unless
+            ``model_overrides`` sets one).
+        model_overrides: name -> dict of ModelConfig fields (and ``lr``) replacing the defaults.
+        threads: torch CPU threads (None: torch's choice).
+        json_path: where the record goes (rewritten after each fit, so a stopped run keeps what finished).
+        quiet: print nothing.
+        progress: show Lightning's progress bar.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    unknown = [m for m in models if m not in MODEL_DEFAULTS]
+    if unknown:
+        raise ValueError(f"bench forecast: unknown models {unknown}; expected some of {sorted(MODEL_DEFAULTS)}")
+    train = train or TrainConfig()
+    device = "cuda" if train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    record = {"data": str(data), "protocol": "ETTh1, BENCHMARKS.md section 2", "train": train.__dict__,
+              "environment": _environment(device, torch.get_num_threads()), "published": PUBLISHED, "results": []}
+    overrides = model_overrides or {}
+    start = time.perf_counter()
+    for lookback in lookbacks:
+        for horizon in horizons:
+            dm = ForecastDataModule(DataConfig(path=str(data), layout="ett", lookback=lookback, horizon=horizon))
+            dm.setup()
+            for name in models:
+                model, extra = MODEL_DEFAULTS[name]
+                fields = {**extra, **overrides.get(name, {})}
+                lr = fields.pop("lr")
+                model = replace(model, **fields)
+                module, info = fit(model, dm, replace(train, lr=lr), quiet=not progress)
+                metrics = {split: evaluate(module.net, getattr(dm, f"{split}_dataloader")(), 0, 0)
+                           for split in ("test",)}
+                row = {"model": name, "lookback": lookback, "horizon": horizon, "mse": metrics["test"]["mse"],
+                       "mae": metrics["test"]["mae"], "test_windows": metrics["test"]["windows"],
+                       "params": sum(p.numel() for p in module.net.parameters()), "model_config": model.__dict__,
+                       "lr": lr, **{k: v for k, v in info.items() if k != "checkpoint"}}
+                record["results"].append(row)
+                if not quiet:
+                    print(f"{name:>15} L={lookback:<4} H={horizon:<4} MSE {row['mse']:.4f} MAE {row['mae']:.4f} "
+                          f"({row['epochs']} epochs, {row['seconds']:.0f} s)", flush=True)
+                record["averages"] = _averages(record["results"])
+                record["wall_seconds"] = time.perf_counter() - start
+                if json_path:
+                    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                    Path(json_path).write_text(json.dumps(record, indent=1) + "\n")
+    if not quiet:
+        print_table(record)
+    return record
+
+
+def _averages(results: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["lookback"]), []).append(r)
+    return [{"model": m, "lookback": lb, "horizons": [r["horizon"] for r in rs],
+             "mse": sum(r["mse"] for r in rs) / len(rs), "mae": sum(r["mae"] for r in rs) / len(rs)}
+            for (m, lb), rs in groups.items()]
+
+
+def print_table(record: dict) -> None:
+    """The results as a table: MSE/MAE per horizon and averaged, with the published averages."""
+    from rich.console import Console
+    from rich.table import Table
+
+    horizons = sorted({r["horizon"] for r in record["results"]})
+    table = Table(title=f"ETTh1 ({record['environment']['device']}, {record['wall_seconds']:.0f} s)")
+    for col in ("model", "L", *[f"H={h}" for h in horizons], "average"):
+        table.add_column(col)
+    for avg in record["averages"]:
+        cells = {r["horizon"]: f"{r['mse']:.3f}/{r['mae']:.3f}" for r in record["results"]
+                 if r["model"] == avg["model"] and r["lookback"] == avg["lookback"]}
+        table.add_row(avg["model"], str(avg["lookback"]), *[cells.get(h, "-") for h in horizons],
+                      f"{avg['mse']:.3f}/{avg['mae']:.3f}")
+    for setting, rows in PUBLISHED.items():
+        for name, (mse, mae) in rows.items():
+            table.add_row(f"{name} (published)", setting, *["" for _ in horizons], f"{mse:.3f}/{mae:.3f}")
+    Console().print(table)

@@ -1,0 +1,270 @@
+"""A direct multi-horizon GDN-2 forecaster built on the streaming encoder.
+
+The lookback window is read by a :class:`StreamEncoder` (NaN for missing values, observation masks, elapsed time
+between irregular timestamps, covariates per token); the encoder's output at the last observation is mapped to
+every horizon step and quantile at once. Two standard long-horizon devices sit around it:
+
+* per-window instance normalization (RevIN without affine): each window is scaled by the mean and standard
+  deviation of its observed lookback values, and the forecast is scaled back;
+* a linear skip path from the lookback to the horizon (RLinear), shared by all channels, added to the recurrent
+  path; ``recurrent=False`` turns the encoder off (the ablation), ``linear_skip=False`` the skip path.
+
+Channels are read either together (one token holds every channel: channel mixing) or one at a time
+(``channel_independent=True``: each channel is its own sequence through the same weights). Known-future
+covariates enter the encoder over the lookback and an additive head over the horizon; static covariates are
+repeated on every token and in that head.
+
+The encoder keeps the streaming state API (``init_state``/``step``), so ``forecaster.encoder`` can be handed to
+:class:`gdn2ts.streaming.OnlineRunner`; its own one-step quantile head is trained alongside (next value of each
+lookback step, in normalized units) so that the runner's forecasts mean something.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gdn2ts.models.encoder import EncoderConfig, EncoderState, StreamEncoder
+
+__all__ = ["ForecasterConfig", "GDN2Forecaster", "ordered_quantiles", "forecast_loss"]
+
+
+@dataclass(frozen=True)
+class ForecasterConfig:
+    """Shape of a :class:`GDN2Forecaster`."""
+
+    n_channels: int
+    """Target channels (read over the lookback and forecast over the horizon)."""
+    lookback: int
+    """Steps L of history per window."""
+    horizon: int
+    """Steps H forecast at once."""
+    n_known: int = 0
+    """Known covariates per step, given over lookback and horizon ([B, L + H, n_known])."""
+    n_static: int = 0
+    """Static covariates per series ([B, n_static])."""
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    """Quantile levels, increasing in (0, 1), including 0.5 (the point forecast)."""
+    hidden_size: int = 32
+    """Width of the encoder's residual stream."""
+    n_layers: int = 1
+    """GDN-2 blocks in the encoder."""
+    num_heads: int = 2
+    """Heads per mixer."""
+    head_dim: int = 16
+    """Key and value size per head."""
+    variant: str = "gdn2"
+    """Mixer preset (gdn2, kda, gdn, mamba2, erase_only, write_only)."""
+    channel_independent: bool = False
+    """Each channel its own sequence through shared weights (True) or all channels in one token (False)."""
+    revin: bool = True
+    """Per-window instance normalization by the observed lookback mean and standard deviation."""
+    linear_skip: bool = True
+    """Add a linear map from the lookback to the horizon (shared by channels)."""
+    recurrent: bool = True
+    """Use the GDN-2 encoder path (False: the ablation, skip path only)."""
+    time_unit: float = 1.0
+    """Elapsed time equal to one regular step."""
+
+    def __post_init__(self):
+        for name in ("n_channels", "lookback", "horizon", "hidden_size", "n_layers", "num_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ForecasterConfig: '{name}' expected a positive int, got {value!r}")
+        for name in ("n_known", "n_static"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ForecasterConfig: '{name}' expected a non-negative int, got {value!r}")
+        qs = tuple(self.quantiles)
+        if 0.5 not in qs or any(not 0 < q < 1 for q in qs) or list(qs) != sorted(set(qs)):
+            raise ValueError(f"ForecasterConfig: 'quantiles' expected increasing levels in (0, 1) including 0.5, "
+                             f"got {self.quantiles!r}")
+        if not (self.recurrent or self.linear_skip):
+            raise ValueError("ForecasterConfig: expected at least one of 'recurrent' and 'linear_skip' on")
+
+    def encoder_config(self) -> EncoderConfig:
+        """The :class:`EncoderConfig` of the forecaster's encoder (one-step head, same quantiles)."""
+        return EncoderConfig(n_channels=1 if self.channel_independent else self.n_channels,
+                             n_covariates=self.n_known + self.n_static, hidden_size=self.hidden_size,
+                             n_layers=self.n_layers, num_heads=self.num_heads, head_dim=self.head_dim,
+                             variant=self.variant, horizon=1, quantiles=tuple(self.quantiles),
+                             time_unit=self.time_unit)
+
+
+def ordered_quantiles(raw: torch.Tensor, mid: int) -> torch.Tensor:
+    """Quantiles that never cross from raw outputs ``[..., Q]``: the value at ``mid`` is the median, the others
+    are ordered non-negative offsets from it (as the encoder's heads)."""
+    base = raw[..., mid:mid + 1]
+    below = F.softplus(raw[..., :mid]).flip(-1).cumsum(-1).flip(-1)
+    above = F.softplus(raw[..., mid + 1:]).cumsum(-1)
+    return torch.cat([base - below, base, base + above], dim=-1)
+
+
+def forecast_loss(forecast: torch.Tensor, target: torch.Tensor, quantiles, quantile_weight: float = 0.0,
+                  point: str = "mse") -> torch.Tensor:
+    """Training loss over observed targets: a point loss on the median plus ``quantile_weight`` times the mean
+    pinball loss over all levels.
+
+    Args:
+        forecast: ``[B, H, C, Q]``.
+        target: ``[B, H, C]``, NaN where unobserved (left out of the mean).
+        quantiles: the Q levels.
+        quantile_weight: weight of the pinball loss.
+        point: ``"mse"`` or ``"mae"``.
+
+    Example:
+        >>> f = torch.zeros(2, 3, 1, 3); y = torch.ones(2, 3, 1); y[0, 0] = float("nan")
+        >>> float(forecast_loss(f, y, (0.1, 0.5, 0.9)))
+        1.0
+    """
+    if point not in ("mse", "mae"):
+        raise ValueError(f"forecast_loss: 'point' expected 'mse' or 'mae', got {point!r}")
+    observed = ~torch.isnan(target)
+    y = torch.nan_to_num(target)
+    n = observed.sum().clamp(min=1)
+    qs = torch.tensor(quantiles, dtype=forecast.dtype, device=forecast.device)
+    err = y - forecast[..., list(quantiles).index(0.5)]
+    loss = ((err.square() if point == "mse" else err.abs()) * observed).sum() / n
+    if quantile_weight:
+        diff = y[..., None] - forecast
+        pinball = torch.maximum(qs * diff, (qs - 1) * diff).mean(-1)
+        loss = loss + quantile_weight * (pinball * observed).sum() / n
+    return loss
+
+
+class GDN2Forecaster(nn.Module):
+    """Lookback window in, direct multi-horizon quantile forecast out.
+
+    Example:
+        >>> cfg = ForecasterConfig(n_channels=3, lookback=12, horizon=4, n_known=1, n_static=2)
+        >>> model = GDN2Forecaster(cfg)
+        >>> values = torch.randn(2, 12, 3); values[0, 5] = float("nan"); values[1, 2, 0] = float("nan")
+        >>> times = torch.tensor([[0, 1, 2, 4, 5, 6, 9, 10, 11, 12, 14, 15]]).double().expand(2, 12)
+        >>> out = model(values, times, known=torch.randn(2, 16, 1), static=torch.randn(2, 2))
+        >>> out["forecast"].shape, out["point"].shape
+        (torch.Size([2, 4, 3, 3]), torch.Size([2, 4, 3]))
+        >>> bool((out["forecast"].diff(dim=-1) >= 0).all())     # quantiles never cross
+        True
+    """
+
+    def __init__(self, config: ForecasterConfig):
+        super().__init__()
+        if not isinstance(config, ForecasterConfig):
+            raise ValueError(f"GDN2Forecaster: 'config' expected a ForecasterConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.mid = list(cfg.quantiles).index(0.5)
+        n_q = len(cfg.quantiles)
+        c_out = 1 if cfg.channel_independent else cfg.n_channels
+        self.encoder = StreamEncoder(cfg.encoder_config())
+        self.head = nn.Linear(cfg.hidden_size, cfg.horizon * c_out * n_q)
+        self.skip = nn.Linear(cfg.lookback, cfg.horizon) if cfg.linear_skip else None
+        n_cov = cfg.n_known + cfg.n_static
+        self.known_head = nn.Sequential(nn.Linear(n_cov, cfg.hidden_size), nn.SiLU(),
+                                        nn.Linear(cfg.hidden_size, c_out * n_q)) if cfg.n_known else None
+
+    # -- the state API of the streaming encoder ----------------------------------------------------------------
+
+    def init_state(self, batch: int, device=None, dtype=None) -> EncoderState:
+        """The encoder's zero state for ``batch`` streams (see :meth:`StreamEncoder.init_state`)."""
+        return self.encoder.init_state(batch, device=device, dtype=dtype)
+
+    def step(self, values, timestamps, covariates=None, state: EncoderState | None = None) -> dict:
+        """One timestamp per stream through the encoder (see :meth:`StreamEncoder.step`)."""
+        return self.encoder.step(values, timestamps, covariates, state)
+
+    # -- windows ------------------------------------------------------------------------------------------------
+
+    def forward(self, values: torch.Tensor, timestamps: torch.Tensor | None = None,
+                known: torch.Tensor | None = None, static: torch.Tensor | None = None) -> dict:
+        """Forecast the ``horizon`` steps after each window.
+
+        Args:
+            values: ``[B, L, C]`` lookback values, NaN where missing.
+            timestamps: ``[B, L]`` increasing times of the lookback steps (in ``time_unit``); None: 0..L-1.
+            known: ``[B, L + H, n_known]`` known covariates over lookback and horizon (None when n_known = 0).
+            static: ``[B, n_static]`` (None when n_static = 0).
+
+        Returns:
+            dict with ``forecast`` ``[B, H, C, Q]`` (quantiles, increasing), ``point`` ``[B, H, C]`` (the
+            median), ``next_step`` ``[B, L, C, Q]`` (the encoder's one-step forecasts, normalized units, or None
+            with ``recurrent=False``), ``normalized`` ``[B, L, C]`` (the lookback as the encoder read it),
+            ``loc`` and ``scale`` ``[B, 1, C]`` (the window's normalization).
+        """
+        cfg = self.config
+        B, L, C = self._check(values, timestamps, known, static)
+        if timestamps is None:
+            timestamps = torch.arange(L, dtype=torch.float64, device=values.device).expand(B, L)
+        observed = ~torch.isnan(values)
+        if cfg.revin:
+            count = observed.sum(1, keepdim=True).clamp(min=1)
+            loc = torch.nan_to_num(values).sum(1, keepdim=True) / count
+            var = (torch.nan_to_num(values - loc).square()).sum(1, keepdim=True) / count
+            scale = (var + 1e-5).sqrt()
+        else:
+            loc, scale = values.new_zeros(B, 1, C), values.new_ones(B, 1, C)
+        x = (values - loc) / scale  # NaN stays NaN: the encoder reads it as missing
+        n_q = len(cfg.quantiles)
+        out = values.new_zeros(B, cfg.horizon, C, n_q)
+        next_step = None
+        if cfg.recurrent or cfg.n_known:
+            cov = self._covariates(known, static, B, L)
+        if cfg.recurrent:
+            if cfg.channel_independent:
+                xs = x.permute(0, 2, 1).reshape(B * C, L, 1)
+                ts = timestamps.repeat_interleave(C, dim=0)
+                cs = None if cov is None else cov.repeat_interleave(C, dim=0)
+            else:
+                xs, ts, cs = x, timestamps, cov
+            enc = self.encoder(xs, ts.to(torch.float64), cs)
+            raw = self.head(enc["state"].last_output)  # [B', H * c_out * Q]
+            nxt = enc["forecast"][:, :, 0]  # [B', L, c, Q]
+            if cfg.channel_independent:
+                raw = raw.view(B, C, cfg.horizon, n_q).transpose(1, 2)
+                nxt = nxt.view(B, C, L, n_q).transpose(1, 2)
+            out = out + raw.view(B, cfg.horizon, C, n_q)
+            next_step = nxt
+        if self.known_head is not None:
+            fut = known[:, L:]
+            if static is not None:
+                fut = torch.cat([fut, static[:, None].expand(B, cfg.horizon, cfg.n_static)], dim=-1)
+            out = out + self.known_head(fut.to(out.dtype)).view(B, cfg.horizon, -1, n_q)
+        forecast = ordered_quantiles(out, self.mid)
+        if self.skip is not None:
+            forecast = forecast + self.skip(torch.nan_to_num(x).transpose(1, 2)).transpose(1, 2)[..., None]
+        forecast = forecast * scale[..., None] + loc[..., None]
+        return {"forecast": forecast, "point": forecast[..., self.mid], "next_step": next_step,
+                "normalized": x, "loc": loc, "scale": scale}
+
+    def _covariates(self, known, static, B, L):
+        parts = []
+        if known is not None:
+            parts.append(known[:, :L])
+        if static is not None:
+            parts.append(static[:, None].expand(B, L, static.shape[-1]))
+        return torch.cat(parts, dim=-1).to(torch.get_default_dtype()) if parts else None
+
+    def _check(self, values, timestamps, known, static):
+        cfg = self.config
+        op = "GDN2Forecaster"
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point() or values.dim() != 3 or \
+                tuple(values.shape[1:]) != (cfg.lookback, cfg.n_channels):
+            raise ValueError(f"{op}: argument 'values' expected a floating tensor [B, {cfg.lookback}, "
+                             f"{cfg.n_channels}], got {getattr(values, 'shape', type(values).__name__)}")
+        if torch.isinf(values).any():
+            raise ValueError(f"{op}: argument 'values' expected finite values or NaN for missing, got inf")
+        B, L, C = values.shape
+        if timestamps is not None and (not isinstance(timestamps, torch.Tensor) or tuple(timestamps.shape) != (B, L)):
+            raise ValueError(f"{op}: argument 'timestamps' expected [B={B}, L={L}] or None, got "
+                             f"{getattr(timestamps, 'shape', type(timestamps).__name__)}")
+        for name, t, shape, n in (("known", known, (B, L + cfg.horizon, cfg.n_known), cfg.n_known),
+                                  ("static", static, (B, cfg.n_static), cfg.n_static)):
+            if (t is None) != (n == 0):
+                raise ValueError(f"{op}: argument '{name}' expected {'None' if n == 0 else list(shape)}, got "
+                                 f"{'None' if t is None else list(t.shape)}")
+            if t is not None and (tuple(t.shape) != shape or not torch.isfinite(t).all()):
+                raise ValueError(f"{op}: argument '{name}' expected finite values of shape {list(shape)}, got "
+                                 f"{list(t.shape)}")
+        return B, L, C
