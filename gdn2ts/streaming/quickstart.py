@@ -10,6 +10,11 @@ Irregularity is introduced on purpose and reported: a seeded fraction of rows is
 never sees that hour; the encoder's decay spans the gap) and a fraction of the remaining channel values is
 hidden (missing). The last ``test_days`` days are held out; everything fit (scaler, weights) sees only earlier rows.
 
+Before streaming, the next ``audit_hours`` held-out hours are audited read-only from each stream's current state
+(:meth:`OnlineRunner.audit`, with each stream's highest price in that window tagged): the summary is printed and
+the plot written to ``audit.png``. With ``learn_every`` the runner also learns online from the held-out hours
+whose whole horizon it has seen (:meth:`OnlineRunner.learn`), every ``learn_every`` hours.
+
 A second run on the same ``out`` folder continues: it reuses the checkpoint (refusing one from a different
 configuration), reads each stream's last applied timestamp from the store and streams only the rows after it, so
 an interrupted run resumes where its last committed batch ended; a finished run just reports again. ``fresh``
@@ -22,7 +27,6 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +37,9 @@ import torch
 from gdn2ts.models import EncoderConfig, StreamEncoder
 from gdn2ts.models.checkpoint import Scaler, load_checkpoint, save_checkpoint
 from gdn2ts.streaming.features import CALENDAR, calendar_columns, prepare_rows, unscale_forecast
+from gdn2ts.streaming.learn import LearnConfig
 from gdn2ts.streaming.quickstart_report import (
+    audit_window,
     plot_forecasts,
     plot_rolling_error,
     print_report,
@@ -41,7 +47,6 @@ from gdn2ts.streaming.quickstart_report import (
     score,
     summarize,
 )
-from gdn2ts.streaming.runner import OnlineRunner
 from gdn2ts.streaming.stream_cli import open_runner
 from gdn2ts.streaming.train import TrainConfig, fit
 
@@ -51,7 +56,7 @@ CHANNELS = ("price", "load", "generation")
 UNITS = {"price": "EUR/MWh", "load": "MW", "generation": "MW"}
 STREAMS = ("BE", "FR")
 _FILES = ("model.safetensors", "run.json", "training.json", "summary.json", "forecast.png", "rolling_error.png",
-          "state.db", "state.db-wal", "state.db-shm")
+          "audit.png", "state.db", "state.db-wal", "state.db-shm")
 
 
 class DataError(RuntimeError):
@@ -94,6 +99,12 @@ class QuickstartConfig:
     """Stream at most this many held-out hours in this run (a later run continues)."""
     fresh: bool = False
     """Remove this run's files from ``out`` first."""
+    audit_hours: int = 168
+    """Held-out hours audited (read-only) from the streams' states before they are streamed (0: no audit)."""
+    learn_every: int = 24
+    """Learn online every this many held-out hours, from windows whose whole horizon was observed (0: never)."""
+    learn_lr: float = 1e-4
+    """Learning rate of the online updates (AdamW, gradient norm clipped to 1)."""
     threads: int = 1
     """Torch CPU threads for training. One by default: the model's matrices are small, and on a busy 2-core
     machine a second intra-op thread made each training step several times slower (measured); 2 helps on an
@@ -105,6 +116,12 @@ class QuickstartConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"quickstart: '{name}' expected a positive int, got {value!r}")
+        for name in ("audit_hours", "learn_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"quickstart: '{name}' expected a non-negative int, got {value!r}")
+        if not (isinstance(self.learn_lr, (int, float)) and 0 < self.learn_lr < math.inf):
+            raise ValueError(f"quickstart: 'learn_lr' expected a positive number, got {self.learn_lr!r}")
         for name in ("drop", "missing"):
             if not 0 <= getattr(self, name) < 0.9:
                 raise ValueError(f"quickstart: '{name}' expected a fraction in [0, 0.9), got {getattr(self, name)}")
@@ -113,9 +130,16 @@ class QuickstartConfig:
         if not self.max_seconds > 0:
             raise ValueError(f"quickstart: 'max_seconds' expected a positive number, got {self.max_seconds}")
 
+    def learning(self) -> LearnConfig | None:
+        """The online learning configuration (None without learning): windows of ``context`` hours."""
+        if not self.learn_every:
+            return None
+        return LearnConfig(history=self.context + 2 * self.horizon, context=self.context,
+                           min_context=self.context // 4, lr=self.learn_lr)
+
     def identity(self) -> dict:
         """The fields that decide the model and the data (not how much of it one run streams)."""
-        per_run = ("out", "limit_hours", "fresh", "threads")
+        per_run = ("out", "limit_hours", "fresh", "threads", "audit_hours")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in per_run}
 
 
@@ -190,13 +214,8 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
-def run_quickstart(config: QuickstartConfig = QuickstartConfig(), quiet: bool = False,
-                   audit_summary: Callable[[OnlineRunner, list[str]], str] | None = None) -> dict:
-    """Run the quickstart (see the module docstring) and return its summary (also written to summary.json).
-
-    ``audit_summary(runner, stream_ids)``, when given, is called after streaming; its text is printed and kept in
-    the summary under ``"audit"`` (the hook for the state-eviction audit).
-    """
+def run_quickstart(config: QuickstartConfig = QuickstartConfig(), quiet: bool = False) -> dict:
+    """Run the quickstart (see the module docstring) and return its summary (also written to summary.json)."""
     from rich.console import Console
 
     console = Console(quiet=quiet)
@@ -263,11 +282,12 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(), quiet: bool = 
                                                horizon=ckpt.encoder.config.horizon)),
                             str(plot_rolling_error(scored, "price", out / "rolling_error.png",
                                                    steps=(1, ckpt.encoder.config.horizon)))]
-    if audit_summary is not None:
-        with open_runner(ckpt, out / "state.db") as runner:
-            text = audit_summary(runner, list(STREAMS))
-        summary["audit"] = text
-        console.print(text)
+    audit = streaming.pop("audit", None)
+    if audit is None and (out / "summary.json").exists():
+        # nothing was left to audit: keep the audit of the run that streamed those hours
+        audit = json.loads((out / "summary.json").read_text()).get("audit")
+    if audit is not None:
+        summary["audit"] = audit
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(f"wrote {out / 'summary.json'} and plots in {out} ({summary['seconds']} s)")
@@ -279,7 +299,7 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
     """Warm up new streams on the end of the training part, then stream the held-out rows hour by hour, logging
     each stream's forecast after each of its observations; forecast log parts are written (and the week's
     error printed) once a week."""
-    runner = open_runner(ckpt, out / "state.db")
+    runner = open_runner(ckpt, out / "state.db", learning=config.learning())
     # one observe call steps a handful of streams through tiny matrices: a second intra-op thread costs more in
     # hand-offs than it saves (several times slower on a busy 2-core machine)
     threads = torch.get_num_threads()
@@ -298,6 +318,17 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
         hours = rows.partition_by("time", maintain_order=True)
         if config.limit_hours is not None:
             hours = hours[:config.limit_hours]
+        if config.audit_hours and hours:
+            start = float(hours[0]["time"][0])
+            window = rows.filter(pl.col("time") < start + config.audit_hours)
+            info["audit"] = audit_window(runner, window, "price", out / "audit.png")
+            console.print(info["audit"])
+        # learning is due at the first streamed hour of every block of learn_every hours (the same hours in a
+        # resumed run as in an uninterrupted one)
+        every = config.learn_every
+        seen = runner.info(list(STREAMS))["last_time"].drop_nulls()
+        block = (float(seen.max()) - split) // every if every and seen.len() else -1.0
+        learned = {"calls": 0, "steps": 0, "targets": 0, "seconds": 0.0, "loss": []}
         (out / "forecasts").mkdir(exist_ok=True)
         pending, latencies, accepted, rejected, part_start = [], [], 0, [], 0
         from rich.progress import Progress
@@ -313,6 +344,17 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
                 ids = batch["stream"].to_list()
                 fc = unscale_forecast(runner.forecast(ids), ckpt.scaler)
                 pending.append(fc.with_columns(pl.lit(float(batch["time"][0])).alias("origin")))
+                now = float(batch["time"][0])
+                if every and (now - split) // every > block:
+                    block = (now - split) // every
+                    t1 = time.perf_counter()
+                    lr = runner.learn(list(STREAMS))
+                    learned["seconds"] += time.perf_counter() - t1
+                    learned["calls"] += 1
+                    learned["steps"] += lr.steps
+                    learned["targets"] += lr.targets
+                    if lr.loss is not None:
+                        learned["loss"].append(lr.loss)
                 if len(pending) >= 168 or i == len(hours) - 1:
                     first = float(pending[0]["origin"][0])
                     week = pl.concat(pending)
@@ -329,6 +371,13 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
                     hours_left=int(todo["time"].n_unique()) - len(hours), observe_seconds=round(seconds, 2),
                     observe_ms_p50=round(float(np.percentile(lat, 50)), 2),
                     observe_ms_p99=round(float(np.percentile(lat, 99)), 2))
+        if every:
+            loss = learned.pop("loss")
+            info["learning"] = {**learned, "seconds": round(learned["seconds"], 2), "weight_version": runner.version,
+                                "mean_loss": round(float(np.mean(loss)), 4) if loss else None}
+            console.print(f"learned online {learned['calls']} times ({learned['steps']} steps, "
+                          f"{learned['targets']} targets) in {info['learning']['seconds']} s; weight version "
+                          f"{runner.version}")
         console.print(f"streamed {len(hours)} held-out hours ({accepted} rows, {len(rejected)} rejected) through "
                       f"the online runner; state in {out / 'state.db'}; observe p50 {info['observe_ms_p50']} ms, "
                       f"p99 {info['observe_ms_p99']} ms")

@@ -23,6 +23,7 @@ import torch
 
 from gdn2ts.models.checkpoint import Checkpoint, load_checkpoint
 from gdn2ts.streaming.features import prepare_rows, unscale_forecast
+from gdn2ts.streaming.learn import LearnConfig
 from gdn2ts.streaming.runner import OnlineRunner
 from gdn2ts.streaming.store import SQLiteStore
 
@@ -104,13 +105,15 @@ def _validate(frame: pl.DataFrame, channels, covariates, id_column: str, time_co
         raise ValueError(f"column {time_column!r}: every row needs a finite timestamp")
 
 
-def open_runner(ckpt: Checkpoint, store: str | Path, id_column: str = "stream",
-                time_column: str = "time") -> OnlineRunner:
+def open_runner(ckpt: Checkpoint, store: str | Path, id_column: str = "stream", time_column: str = "time",
+                learning: LearnConfig | None = None) -> OnlineRunner:
     """An :class:`OnlineRunner` of the checkpoint's encoder over the SQLite store at ``store`` (closed again if the
-    runner refuses it, e.g. a store written by another model)."""
+    runner refuses it, e.g. a store written by another model). A store that learns loads its learned weights into
+    the checkpoint's encoder (``learning`` None continues as the store does)."""
     db = SQLiteStore(store)
     try:
-        return OnlineRunner(ckpt.encoder, db, ckpt.scaler.channels, ckpt.covariates, id_column, time_column)
+        return OnlineRunner(ckpt.encoder, db, ckpt.scaler.channels, ckpt.covariates, id_column, time_column,
+                            learning=learning)
     except BaseException:
         db.close()
         raise

@@ -102,6 +102,9 @@ def test_second_run_continues_where_the_first_stopped(first_run, tmp_path):
     assert whole["training"]["reused_checkpoint"] and whole["streaming"]["hours_left"] == 0
     resumed = run_quickstart(QuickstartConfig(out=str(out), **TINY), quiet=True)
     s = resumed["streaming"]
+    # learning continued where it stopped: the same weight version as the uninterrupted run
+    assert s["learning"]["calls"] == 2 and whole["streaming"]["learning"]["calls"] == 3
+    assert s["learning"]["weight_version"] == whole["streaming"]["learning"]["weight_version"] == 3
     assert s["resumed"] and s["warmup_rows"] == 0 and s["hours_left"] == 0
     assert s["hours_streamed"] == whole["streaming"]["hours_streamed"] - 20
     assert _forecasts(out).equals(_forecasts(other))
@@ -123,18 +126,21 @@ def test_other_configuration_is_refused_and_fresh_starts_over(first_run, tmp_pat
     assert _forecasts(out)["origin"].n_unique() == 3
 
 
-def test_audit_summary_hook_is_called(first_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(first_run[0], out)
-    seen = {}
-
-    def audit(runner, streams):
-        seen["streams"] = streams
-        return f"audit of {len(runner.forecast(streams))} forecast rows"
-
-    summary = run_quickstart(QuickstartConfig(out=str(out), limit_hours=0, **TINY), quiet=True, audit_summary=audit)
-    # 2 streams x 6 steps x 3 channels
-    assert seen["streams"] == ["BE", "FR"] and summary["audit"] == "audit of 36 forecast rows"
+def test_audit_of_the_next_held_out_hours_and_online_learning(first_run):
+    out, summary = first_run
+    # the audit ran read-only before streaming (the streamed hours were applied after it, none rejected)
+    assert summary["audit"].startswith("eviction audit of the next 72 held-out hours (")
+    assert "layer 0: decay removes" in summary["audit"] and "2 tags" in summary["audit"]
+    assert (out / "audit.png").stat().st_size > 10_000
+    learning = summary["streaming"]["learning"]
+    # one learn call per block of 24 held-out hours: the first of 20 hours streamed
+    assert learning["calls"] == 1 and learning["steps"] == 1 and learning["weight_version"] == 1
+    assert learning["targets"] > 0 and learning["mean_loss"] > 0
+    store = SQLiteStore(out / "state.db")
+    try:
+        assert store.get_blob("model") is not None
+    finally:
+        store.close()
 
 
 def test_cli_quickstart(tmp_path, capsys):
