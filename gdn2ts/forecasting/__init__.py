@@ -1,3 +1,15 @@
 """Forecasting adapters: a GDN-2 forecaster fit with Lightning on polars data, a pytorch-forecasting model, the
 ETT loader and the long-horizon benchmark harness. This package may import lightning and pytorch-forecasting; the
 core (ops, layers, models, streaming) never does."""
+
+# pytorch-forecasting takes seconds to import: its adapter loads on first use of one of these names
+_PF_EXPORTS = {"GDN2Model": "gdn2ts.forecasting.pf", "vic_elec_datasets": "gdn2ts.forecasting.pf_data",
+               "vic_elec_frame": "gdn2ts.forecasting.pf_data"}
+
+
+def __getattr__(name: str):
+    if name in _PF_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_PF_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gdn2ts.forecasting' has no attribute {name!r}")
