@@ -279,7 +279,24 @@ class Learner:
     def __init__(self, encoder: StreamEncoder, config: LearnConfig, lineage: str, version: int = 0):
         self.encoder, self.config, self.lineage, self.version = encoder, config, lineage, version
         self.params = [p for p in encoder.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # the optimizer is made at the first step: creating one imports much of torch (seconds), which a runner
+        # that only observes, forecasts or audits should not pay; until then its state waits here
+        self._opt: torch.optim.AdamW | None = None
+        self._pending: dict[int, dict] = {}
+
+    @property
+    def opt(self) -> torch.optim.AdamW:
+        """AdamW over the encoder's parameters (made on first use, with the state loaded from the store)."""
+        if self._opt is None:
+            opt = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+            if self._pending:
+                opt.load_state_dict({"state": self._pending, "param_groups": opt.state_dict()["param_groups"]})
+            self._opt, self._pending = opt, {}
+        return self._opt
+
+    def optimizer_state(self) -> dict[int, dict]:
+        """AdamW's state by parameter index (``exp_avg``, ``exp_avg_sq``, ``step``): live tensors, not copies."""
+        return self._pending if self._opt is None else self._opt.state_dict()["state"]
 
     def step(self, plan: Plan) -> tuple[int, int, float]:
         """Optimizer steps over the plan's windows, ``batch_streams`` at a time; returns (steps, targets scored,
@@ -307,21 +324,21 @@ class Learner:
     def backup(self) -> tuple[dict, dict]:
         """Copies of the weights and the optimizer state, for :meth:`restore` when a commit fails."""
         weights = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
-        opt = self.opt.state_dict()
         state = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                 for i, s in opt["state"].items()}
-        return weights, {"state": state, "param_groups": opt["param_groups"]}
+                 for i, s in self.optimizer_state().items()}
+        return weights, state
 
     def restore(self, backup: tuple[dict, dict]) -> None:
-        weights, opt = backup
+        weights, state = backup
         with torch.no_grad():
             self.encoder.load_state_dict(weights)
-        self.opt.load_state_dict(opt)
+        # the optimizer is made again, from the saved state, at the next step
+        self._opt, self._pending = None, state
 
     def encode(self, version: int, weights_fingerprint: str) -> bytes:
         """The blob of the current weights and optimizer state under ``version``."""
         tensors = {f"w.{k}": v for k, v in self.encoder.state_dict().items()}
-        for i, s in self.opt.state_dict()["state"].items():
+        for i, s in self.optimizer_state().items():
             for k, v in s.items():
                 tensors[f"opt.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
         meta = {"format": FORMAT, "lineage": self.lineage, "version": str(version), "weights": weights_fingerprint,
@@ -336,16 +353,19 @@ class Learner:
             if name.startswith("opt."):
                 _, i, key = name.split(".", 2)
                 state.setdefault(int(i), {})[key] = v
+        bad = [i for i, s in state.items() if not 0 <= i < len(self.params) or set(s) != {"step", "exp_avg",
+                                                                                           "exp_avg_sq"}]
         try:
+            if bad:
+                raise ValueError(f"optimizer state of parameters {bad} is not AdamW's")
             with torch.no_grad():
                 self.encoder.load_state_dict(weights)
-            self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
         except (RuntimeError, ValueError, KeyError) as e:
             raise CorruptRecordError(f"blob {MODEL_BLOB!r} (learned weights) does not fit this model ({e})") from None
         if fingerprint(self.encoder) != learned.weights:
             raise CorruptRecordError(f"blob {MODEL_BLOB!r} (learned weights): the weights do not match their "
                                      f"fingerprint {learned.weights!r}")
-        self.version = learned.version
+        self._opt, self._pending, self.version = None, state, learned.version
 
 
 def open_learning(encoder: StreamEncoder, store, config: LearnConfig | None, lineage: str,
