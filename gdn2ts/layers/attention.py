@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn2ts.ops.validate import fail
+from gdn2ts.ops.validate import check_cu_seqlens, fail
 
 __all__ = ["Attention", "AttentionConfig", "AttentionState", "apply_rope"]
 
@@ -83,7 +83,8 @@ class AttentionState(NamedTuple):
     v: torch.Tensor
     """``[N, HKV, L, head_dim]`` values of the same tokens."""
     pos: torch.Tensor
-    """``[]`` int64: tokens seen so far (the position of the next token)."""
+    """``[]`` int64 on the CPU: tokens seen so far (the position of the next token); kept off the accelerator so
+    that reading it does not wait for the device."""
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -138,13 +139,15 @@ class Attention(nn.Module):
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
         empty = torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, device=device, dtype=dtype)
-        return AttentionState(empty, empty.clone(), torch.zeros((), dtype=torch.long, device=device))
+        return AttentionState(empty, empty.clone(), torch.zeros((), dtype=torch.long))
 
-    def forward(self, x: torch.Tensor, state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:
+    def forward(self, x: torch.Tensor, state: AttentionState | None = None, cu_seqlens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, AttentionState | None]:
         """``x`` ``[B, T, hidden]`` at positions ``state.pos ..`` -> ``(y [B, T, hidden], new_state)``.
 
         ``state`` (an empty cache when omitted) is not modified; the new cache holds the last ``window`` tokens
-        (all tokens without a window).
+        (all tokens without a window). With ``cu_seqlens`` ``[N + 1]``, ``x`` is ``[1, total, hidden]`` holding
+        ``N`` packed documents: each attends within itself from position 0, and no cache is returned (None).
         """
         op = "Attention.forward"
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
@@ -156,6 +159,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (H, Dh))
         k = self.k_proj(x).unflatten(-1, (HKV, Dh))
         v = self.v_proj(x).unflatten(-1, (HKV, Dh))
+        if cu_seqlens is not None:
+            if state is not None:
+                fail(op, "state", "None when cu_seqlens packs documents (each starts from an empty cache)",
+                     type(state).__name__)
+            check_cu_seqlens(op, cu_seqlens, B, T, x.device)
+            return self._forward_packed(q, k, v, cu_seqlens), None
         if state is None:
             state = self.init_state(B, x.device, v.dtype)
         self._check_state(op, state, B, v.dtype, x.device)
@@ -174,15 +183,33 @@ class Attention(nn.Module):
             if cfg.window is not None:
                 see &= kpos[None, :] > qpos[:, None] - cfg.window
             mask, causal = see, False
-        groups = H // HKV
-        ka = k_all.repeat_interleave(groups, dim=1) if groups > 1 else k_all
-        va = v_all.repeat_interleave(groups, dim=1) if groups > 1 else v_all
-        o = F.scaled_dot_product_attention(q, ka, va, attn_mask=mask, is_causal=causal)
-        y = self.o_proj(o.transpose(1, 2).flatten(-2))
+        y = self._attend(q, k_all, v_all, mask, causal)
         if cfg.window is not None and L > cfg.window:
             k_all, v_all = k_all[:, :, L - cfg.window:], v_all[:, :, L - cfg.window:]
-        new = AttentionState(k_all, v_all, torch.tensor(start + T, dtype=torch.long, device=x.device))
+        new = AttentionState(k_all, v_all, torch.tensor(start + T, dtype=torch.long))
         return y, new
+
+    def _forward_packed(self, q, k, v, cu_seqlens) -> torch.Tensor:
+        """``q`` ``[1, T, H, Dh]``, ``k``, ``v`` ``[1, T, HKV, Dh]`` of packed documents -> ``y`` ``[1, T, hidden]``."""
+        cfg, T = self.config, q.shape[1]
+        index = torch.arange(T, device=q.device)
+        doc = torch.searchsorted(cu_seqlens[1:].to(index.dtype), index, right=True)
+        pos = index - cu_seqlens.to(index.dtype)[doc]
+        q, k = apply_rope(q, pos, cfg.rope_theta), apply_rope(k, pos, cfg.rope_theta)
+        # within a document, index distance is position distance: one causal (and window) test on indices
+        see = (doc[:, None] == doc[None, :]) & (index[None, :] <= index[:, None])
+        if cfg.window is not None:
+            see &= index[None, :] > index[:, None] - cfg.window
+        return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), see, False)
+
+    def _attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """``q`` ``[B, H, T, Dh]``, ``k``, ``v`` ``[B, HKV, L, Dh]``, bool ``mask`` ``[T, L]`` (True: attend) or
+        ``causal`` -> the output projection ``[B, T, hidden]``."""
+        groups = self.config.num_heads // self.config.num_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(o.transpose(1, 2).flatten(-2))
 
     @torch.no_grad()
     def step(self, x_t: torch.Tensor, state: AttentionState | None = None) -> tuple[torch.Tensor, AttentionState]:
@@ -211,7 +238,7 @@ class Attention(nn.Module):
                 fail(op, f"state.{name}", f"dtype {dtype} (the activation dtype)", t.dtype)
             if t.device != device:
                 fail(op, f"state.{name}", f"a tensor on {device} (the device of the input)", t.device)
-        if not isinstance(pos, torch.Tensor) or pos.dim() != 0 or pos.dtype != torch.long:
-            fail(op, "state.pos", "a 0-D int64 tensor", getattr(pos, "dtype", type(pos).__name__))
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 0 or pos.dtype != torch.long or pos.is_cuda:
+            fail(op, "state.pos", "a 0-D int64 CPU tensor", getattr(pos, "dtype", type(pos).__name__))
         if int(pos) < k.shape[2]:
             fail(op, "state.pos", f"at least the cached length L={k.shape[2]}", int(pos))

@@ -48,8 +48,8 @@ class LMBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, state=None):
-        y, state = self.mixer(self.mixer_norm(x), state)
+    def forward(self, x: torch.Tensor, state=None, cu_seqlens: torch.Tensor | None = None):
+        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -122,19 +122,38 @@ class CausalLM(nn.Module):
             raise ValueError(f"CausalLM.init_state: argument 'batch' expected an int >= 1, got {batch!r}")
         return tuple(b.mixer.init_state(batch, device=device, dtype=dtype) for b in self.blocks)
 
-    def forward(self, input_ids: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
+    def forward(self, input_ids: torch.Tensor, state: LMState | None = None, cu_seqlens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, LMState | None]:
         """``input_ids`` ``[B, T]`` -> ``(logits [B, T, vocab], new_state)``; differentiable.
 
         ``state`` continues ``B`` sequences (from :meth:`init_state`, or a previous call); it is not modified.
+        ``cu_seqlens`` ``[N + 1]`` packs ``N`` documents into ``input_ids`` ``[1, total]`` (training on packed
+        blocks: flatten ``[B, T]`` to ``[1, B * T]`` and include the row boundaries); every mixer restarts at each
+        boundary, and the returned state is None.
+
+        Example:
+            >>> import torch
+            >>> cfg = LMConfig(vocab_size=20, hidden_size=16, num_cells=1, cell=("kda", "swa"),
+            ...                intermediate_size=32, num_heads=2, head_k_dim=8, head_v_dim=8, gate_low_rank=4,
+            ...                attn_num_heads=2, attn_head_dim=8, window=3)
+            >>> model = CausalLM(cfg).double()
+            >>> a, b = torch.randint(0, 20, (1, 5)), torch.randint(0, 20, (1, 4))
+            >>> packed, _ = model(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 5, 9]))
+            >>> bool(torch.allclose(packed[:, 5:], model(b)[0], atol=1e-10))
+            True
         """
-        self._check_ids("CausalLM.forward", "input_ids", input_ids, 2)
-        states = self._check_state("CausalLM.forward", state)
+        op = "CausalLM.forward"
+        self._check_ids(op, "input_ids", input_ids, 2)
+        if cu_seqlens is not None and state is not None:
+            raise ValueError(f"{op}: argument 'state' expected None when cu_seqlens packs documents (each starts "
+                             f"fresh), got {type(state).__name__}")
+        states = self._check_state(op, state)
         x = self.embed(input_ids)
         new = []
         for block, s in zip(self.blocks, states, strict=True):
-            x, s = block(x, s)
+            x, s = block(x, s, cu_seqlens)
             new.append(s)
-        return self.lm_head(self.norm(x)), tuple(new)
+        return self.lm_head(self.norm(x)), None if cu_seqlens is not None else tuple(new)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:

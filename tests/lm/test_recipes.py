@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -101,3 +102,18 @@ def test_config_is_frozen_and_lists_become_tuples():
     assert cfg.cell == ("kda", "swa") and hash(cfg)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden_size = 3
+
+
+DOC = (RECIPE_DIR.parents[1] / "docs" / "lm.md").read_text()
+
+
+def test_docs_tables_state_the_tested_counts():
+    rows = dict(re.findall(r"^\| `(\w+(?:\.\w+)?)` \|.*\| ([\d,]+) \|", DOC, flags=re.M))
+    assert {name: int(count.replace(",", "")) for name, count in rows.items()} == BLOCKS
+
+
+def test_docs_example_runs():
+    block = re.findall(r"```python\n(.*?)```", DOC, flags=re.S)[0]
+    scope: dict = {}
+    exec(compile(block, "docs/lm.md example", "exec"), scope)
+    torch.testing.assert_close(scope["step_logits"], scope["logits"][:, -1], rtol=0, atol=1e-4)
