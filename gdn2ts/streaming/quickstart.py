@@ -318,9 +318,8 @@ def _stream(config: QuickstartConfig, ckpt, kept: pl.DataFrame, split: float, ac
         hours = rows.partition_by("time", maintain_order=True)
         if config.limit_hours is not None:
             hours = hours[:config.limit_hours]
-        if config.audit_hours and hours:
-            start = float(hours[0]["time"][0])
-            window = rows.filter(pl.col("time") < start + config.audit_hours)
+        if config.audit_hours and rows.height:
+            window = rows.filter(pl.col("time") < float(rows["time"].min()) + config.audit_hours)
             info["audit"] = audit_window(runner, window, "price", out / "audit.png")
             console.print(info["audit"])
         # learning is due at the first streamed hour of every block of learn_every hours (the same hours in a

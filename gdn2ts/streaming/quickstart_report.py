@@ -172,15 +172,18 @@ def plot_rolling_error(scored: pl.DataFrame, channel: str, path: Path, steps=(1,
 
 def audit_window(runner, window: pl.DataFrame, channel: str, path: Path) -> str:
     """Audit ``window`` (the runner's input rows of the next held-out hours) read-only from each stream's current
-    state, with each stream's highest ``channel`` value in it tagged (a rare regime's onset, as far as a price
-    spike is one); write the audit plot to ``path`` and return the summary text."""
+    state, with each stream's highest ``channel`` value in the window's first half tagged (a rare regime's onset,
+    as far as a price spike is one; the second half shows how long the state recalls it); write the audit plot to
+    ``path`` and return the summary text."""
     from gdn2ts.streaming.audit_report import audit_summary_text, plot_audit
 
-    peaks = (window.drop_nulls(channel).sort(channel, descending=True, maintain_order=True)
+    start, end = float(window["time"].min()), float(window["time"].max())
+    first_half = window.filter(pl.col("time") <= (start + end) / 2)
+    peaks = (first_half.drop_nulls(channel).sort(channel, descending=True, maintain_order=True)
              .unique("stream", keep="first", maintain_order=True).sort("stream"))
     tags = {f"{r['stream']} {channel} peak": (r["stream"], r["time"]) for r in peaks.iter_rows(named=True)}
     audit = runner.audit(window, tags=tags)
     plot_audit(audit, path)
-    hours = float(window["time"].max() - window["time"].min()) + 1
-    return (f"eviction audit of the next {hours:g} held-out hours ({window.height} rows) from each stream's state "
-            f"(read-only; tags: each stream's highest {channel}; plot: {path})\n" + audit_summary_text(audit))
+    return (f"eviction audit of the next {end - start + 1:g} held-out hours ({window.height} rows) from each "
+            f"stream's state (read-only; tags: each stream's highest {channel} in the first half; plot: {path})\n"
+            + audit_summary_text(audit))
