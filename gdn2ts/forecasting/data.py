@@ -59,7 +59,9 @@ class DataConfig:
     horizon: int = 96
     """Rows per window forecast."""
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    """Train, val and test shares of each series' rows (layout long; ett uses the protocol's borders)."""
+    """Train, val and test shares of each series' rows (layout long)."""
+    borders: tuple[int, int, int] = ETTH1_BORDERS
+    """End rows of train, val and test (layout ett; the ETTh1 protocol by default)."""
     time_unit_seconds: float = 3600.0
     """Seconds per time unit when the time column is a datetime."""
     batch_size: int = 32
@@ -79,6 +81,9 @@ class DataConfig:
         f = tuple(self.fractions)
         if len(f) != 3 or any(x <= 0 for x in f) or abs(sum(f) - 1) > 1e-6:
             raise DataError(f"DataConfig: 'fractions' expected three positive shares summing to 1, got {f!r}")
+        b = tuple(self.borders)
+        if len(b) != 3 or not 0 < b[0] < b[1] < b[2]:
+            raise DataError(f"DataConfig: 'borders' expected three increasing positive row numbers, got {b!r}")
         if not self.time_unit_seconds > 0:
             raise DataError(f"DataConfig: 'time_unit_seconds' expected a positive number, got "
                             f"{self.time_unit_seconds!r}")
@@ -195,16 +200,20 @@ def load_ett(path: str | Path, download: bool = False) -> pl.DataFrame:
     return df
 
 
-def ett_borders(lookback: int, n_rows: int) -> dict[str, tuple[int, int]]:
-    """Row ranges of the ETTh1 protocol: train [0, 8640), val [8640 - L, 11520), test [11520 - L, 14400).
+def ett_borders(lookback: int, n_rows: int, borders: tuple[int, int, int] = ETTH1_BORDERS
+                ) -> dict[str, tuple[int, int]]:
+    """Row ranges of the ETTh1 protocol: train [0, 8640), val [8640 - L, 11520), test [11520 - L, 14400)
+    (other ``borders`` move the three ends).
 
     Example:
         >>> ett_borders(96, 17420)
         {'train': (0, 8640), 'val': (8544, 11520), 'test': (11424, 14400)}
     """
-    a, b, c = ETTH1_BORDERS
+    a, b, c = borders
     if n_rows < c:
-        raise DataError(f"ett_borders: the ETTh1 protocol needs {c} rows, the file has {n_rows}")
+        raise DataError(f"ett_borders: the split borders {tuple(borders)} need {c} rows, the file has {n_rows}")
+    if a - lookback < 0 or a <= lookback:
+        raise DataError(f"ett_borders: lookback {lookback} does not fit before the train border {a}")
     return {"train": (0, a), "val": (a - lookback, b), "test": (b - lookback, c)}
 
 
@@ -257,7 +266,7 @@ def split_series(series: list[Series], cfg: DataConfig) -> dict[str, list[Series
     for s in series:
         n = len(s.times)
         if cfg.layout == "ett":
-            borders = ett_borders(L, n)
+            borders = ett_borders(L, n, tuple(cfg.borders))
         else:
             a = int(n * cfg.fractions[0])
             b = a + int(n * cfg.fractions[1])

@@ -129,8 +129,8 @@ def predict_frame(module: ForecastModule, dm: ForecastDataModule, split: str = "
         batch = {k: v.to(module.device) for k, v in batch.items()}
         out = module.net(*_inputs(batch, module.hparams.n_known, module.hparams.n_static))
         B, H, C = out["point"].shape
-        cols = {"point": out["point"].cpu().numpy() * std + mean,
-                "actual": batch["target"].cpu().numpy() * std + mean}
+        cols = {"actual": batch["target"].cpu().numpy() * std + mean,
+                "point": out["point"].cpu().numpy() * std + mean}
         for j, q in enumerate(qs):
             cols[f"q{q:g}"] = out["forecast"][..., j].cpu().numpy() * std + mean
         times = np.stack([series[it["series"]].times[it["start"] - series[it["series"]].row0 + cfg.lookback:][:H]
