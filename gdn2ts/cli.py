@@ -8,6 +8,9 @@
     gdn2ts stream             observations from a file or stdin into a state store, forecasts out
     gdn2ts audit              what each layer's state forgot: an eviction audit of synthetic streams, with a plot
     gdn2ts probe              rare-regime recall probes: GDN-2, KDA, GDN and a GRU of equal state size
+    gdn2ts fit RECIPE.yaml    fit a forecaster (GDN-2, DLinear, GRU) with Lightning from a recipe
+    gdn2ts predict            forecasts of a fitted checkpoint as a table with quantile columns
+    gdn2ts bench forecast     the ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU
 """
 
 from __future__ import annotations
@@ -176,11 +179,19 @@ def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, 
 
 def main(args: list[str] | None = None) -> None:
     # imported here: the probe command's typed configs must be importable for the parser, the rest stay lazy
+    import sys
+
+    from gdn2ts.forecasting.cli import bench_forecast, fit, predict
     from gdn2ts.streaming.probes_report import probe
 
+    args = list(sys.argv[1:] if args is None else args)
+    # `gdn2ts fit RECIPE.yaml`: a bare recipe path after fit is its --config
+    if len(args) >= 2 and args[0] == "fit" and not args[1].startswith("-"):
+        args = ["fit", "--config", *args[1:]]
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
-                                                "streaming": bench_streaming}, "quickstart": quickstart,
-              "stream": stream, "audit": audit, "probe": probe}, args=args, as_positional=False)
+                                                "streaming": bench_streaming, "forecast": bench_forecast},
+              "quickstart": quickstart, "stream": stream, "audit": audit, "probe": probe, "fit": fit,
+              "predict": predict}, args=args, as_positional=False)
 
 
 if __name__ == "__main__":
