@@ -5,6 +5,13 @@ core (ops, layers, models, streaming) never does."""
 # pytorch-forecasting takes seconds to import: its adapter loads on first use of one of these names
 _PF_EXPORTS = {"GDN2Model": "gdn2ts.forecasting.pf", "vic_elec_datasets": "gdn2ts.forecasting.pf_data",
                "vic_elec_frame": "gdn2ts.forecasting.pf_data"}
+# the Lightning path (importing lightning takes seconds too) loads the same way, through the same table
+_PF_EXPORTS.update({name: f"gdn2ts.forecasting.{module}" for module, names in {
+    "lightning": ("ForecastModule", "ForecastDataModule", "ModelConfig", "TrainConfig", "evaluate"),
+    "fit": ("FitConfig", "fit", "load_module", "predict_frame"),
+    "data": ("DataConfig", "DataError", "load_ett", "download_ett", "load_table"),
+    "baselines": ("DLinear", "DLinearConfig", "GRUForecaster", "GRUConfig"),
+    "plot": ("plot_forecast",), "bench": ("run_bench",)}.items() for name in names})
 
 
 def __getattr__(name: str):
