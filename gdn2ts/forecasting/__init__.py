@@ -8,7 +8,7 @@ _PF_EXPORTS = {"GDN2Model": "gdn2ts.forecasting.pf", "vic_elec_datasets": "gdn2t
 # the Lightning path (importing lightning takes seconds too) loads the same way, through the same table
 _PF_EXPORTS.update({name: f"gdn2ts.forecasting.{module}" for module, names in {
     "lightning": ("ForecastModule", "ForecastDataModule", "ModelConfig", "TrainConfig", "evaluate"),
-    "fit": ("FitConfig", "fit", "load_module", "predict_frame"),
+    "fit": ("FitConfig", "load_module", "predict_frame"),
     "data": ("DataConfig", "DataError", "load_ett", "download_ett", "load_table"),
     "baselines": ("DLinear", "DLinearConfig", "GRUForecaster", "GRUConfig"),
     "plot": ("plot_forecast",), "bench": ("run_bench",)}.items() for name in names})
