@@ -212,3 +212,14 @@ def test_categorical_target_is_refused():
                            max_prediction_length=6, time_varying_unknown_categoricals=["holiday"])
     with pytest.raises(ValueError, match="continuous targets, got the categorical target 'holiday'"):
         GDN2Model.from_dataset(ds)
+
+
+def test_docs_example_runs():
+    """The Python example of docs/pytorch-forecasting.md runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "pytorch-forecasting.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/pytorch-forecasting.md example", "exec"), {})
