@@ -132,4 +132,4 @@ def print_table(record: dict) -> None:
     for setting, rows in PUBLISHED.items():
         for name, (mse, mae) in rows.items():
             table.add_row(f"{name} (published)", setting, *["" for _ in horizons], f"{mse:.3f}/{mae:.3f}")
-    Console().print(table)
+    Console(width=160).print(table)
