@@ -42,6 +42,7 @@ def test_elapsed_time_reaches_the_recurrent_path_only():
     irregular = regular.clone()
     irregular[:, 6:] += 5.0               # a five-step gap in the middle
     rec = _model()
+    torch.nn.init.normal_(rec.head.weight)   # the recurrent head starts at zero: give it weights to read
     assert not torch.allclose(rec(values, regular)["point"], rec(values, irregular)["point"], atol=1e-5)
     skip_only = _model(recurrent=False)
     assert torch.equal(skip_only(values, regular)["point"], skip_only(values, irregular)["point"])
