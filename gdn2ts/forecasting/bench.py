@@ -30,11 +30,12 @@ PUBLISHED = {
                        "DLinear": (0.423, 0.437)},
 }
 
-# per-model defaults of the harness (small enough for a CPU); the learning rates follow each model's usual one
+# per-model defaults of the harness (small enough for a CPU); DLinear at 1e-4 lands on its published ETTh1 average
+# (5e-3 gave 0.48 in this harness)
 MODEL_DEFAULTS = {
     "gdn2": (ModelConfig(kind="gdn2"), {"lr": 1e-3}),
     "gdn2_skip_only": (ModelConfig(kind="gdn2", recurrent=False), {"lr": 1e-3}),
-    "dlinear": (ModelConfig(kind="dlinear"), {"lr": 5e-3}),
+    "dlinear": (ModelConfig(kind="dlinear"), {"lr": 1e-4}),
     "gru": (ModelConfig(kind="gru", hidden_size=64), {"lr": 1e-3}),
 }
 
