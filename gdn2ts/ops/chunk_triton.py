@@ -25,8 +25,10 @@ class _TritonChunkGDN2(torch.autograd.Function):
         from gdn2ts.kernels.chunk_bwd import chunk_bwd
 
         q, k, v, g, b, w, *rest = ctx.saved_tensors
-        grads = chunk_bwd(q, k, v, g, b, w, ctx.scale, dict(zip(_SAVED, rest, strict=True)), do, dht,
-                          need_dh0=ctx.has_h0 and ctx.needs_input_grad[6])
+        # (inside an autocast region the few PyTorch ops here must keep their dtypes)
+        with torch.autocast(do.device.type, enabled=False):
+            grads = chunk_bwd(q, k, v, g, b, w, ctx.scale, dict(zip(_SAVED, rest, strict=True)), do, dht,
+                              need_dh0=ctx.has_h0 and ctx.needs_input_grad[6])
         return (*grads, None, None)
 
 

@@ -258,7 +258,9 @@ class _ChunkGDN2(torch.autograd.Function):
         saved = ctx.saved_tensors
         if dS is None:
             dS = torch.zeros_like(saved[16][0])
-        grads = _chunk_backward(saved, ctx.plan, do.contiguous(), dS)
+        # a backward called inside an autocast region must not push the hand-written products to 16 bits either
+        with torch.autocast(do.device.type, enabled=False):
+            grads = _chunk_backward(saved, ctx.plan, do.to(saved[0].dtype).contiguous(), dS.to(saved[0].dtype))
         return (*grads, None)
 
 

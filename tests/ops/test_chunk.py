@@ -213,3 +213,19 @@ def test_no_token_returns_a_copy_of_the_initial_state():
     _, s = chunk_gdn2(*(x[n] for n in ("q", "k", "v", "g", "b", "w")), initial_state=x["h0"],
                       output_final_state=True)
     assert torch.equal(s, x["h0"]) and s.data_ptr() != x["h0"].data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_inside_an_autocast_region_equals_backward_outside(backend):
+    """The op sets its own precision in both directions: calling backward inside a bf16 autocast region gives the
+    same gradients as without autocast."""
+    x = make_inputs(B=1, T=70, H=2, K=16, V=16, dtype=torch.float32, seed=4, initial_state=False)
+    grads = []
+    for enabled in (False, True):
+        leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "g", "b", "w")]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            o, _ = chunk_gdn2(*leaves, backend=backend)
+            (o.float() ** 2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
