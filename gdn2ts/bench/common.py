@@ -65,3 +65,13 @@ def write_json(path: str | Path | None, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def peak_memory_gb(fn: Callable[[], object]) -> float:
+    """GPU memory (GB) that one call of ``fn`` allocates at its peak, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9

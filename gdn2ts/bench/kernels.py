@@ -15,7 +15,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from gdn2ts.bench.common import environment, write_json
+from gdn2ts.bench.common import environment, peak_memory_gb, write_json
 from gdn2ts.ops import chunk_gdn2, recurrent_gdn2, recurrent_reference
 
 H, K, V = 16, 128, 128
@@ -244,14 +244,7 @@ def _chunk_row(fla, B: int, T: int) -> dict:
 
     row["fwd_ms"] = _median_alternating({n: fwd(fn) for n, fn in paths.items()}, rounds=2)
     row["fwd_bwd_ms"] = _median_alternating({n: fwd_bwd(fn) for n, fn in paths.items()}, rounds=2)
-    row["peak_GB"] = {}
-    for name, fn in paths.items():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd(fn)()
-        torch.cuda.synchronize()
-        row["peak_GB"][name] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    row["peak_GB"] = {name: peak_memory_gb(fwd_bwd(fn)) for name, fn in paths.items()}
     print(f"chunk {T}x{B}: fwd {row['fwd_ms']}, fwd+bwd {row['fwd_bwd_ms']}, peak {row['peak_GB']}", flush=True)
     return row
 

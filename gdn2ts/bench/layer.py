@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from gdn2ts.bench.common import environment, write_json
+from gdn2ts.bench.common import environment, peak_memory_gb, write_json
 from gdn2ts.bench.kernels import _median_alternating
 from gdn2ts.layers import GatedDeltaNet2, GDN2Config
 
@@ -69,14 +69,8 @@ def bench_layer(json_path: str | None = None) -> dict:
 
         row = {"B": B, "T": T,
                "fwd_ms": _median_alternating({n: fwd(n) for n in layers}, rounds=2),
-               "fwd_bwd_ms": _median_alternating({n: fwd_bwd(n) for n in layers}, rounds=2), "peak_GB": {}}
-        for name in layers:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fwd_bwd(name)()
-            torch.cuda.synchronize()
-            row["peak_GB"][name] = (torch.cuda.max_memory_allocated() - base) / 1e9
+               "fwd_bwd_ms": _median_alternating({n: fwd_bwd(n) for n in layers}, rounds=2),
+               "peak_GB": {n: peak_memory_gb(fwd_bwd(n)) for n in layers}}
         print(f"layer {T}x{B}: fwd {row['fwd_ms']}, fwd+bwd {row['fwd_bwd_ms']}, peak {row['peak_GB']}", flush=True)
         record["rows"].append(row)
     write_json(json_path, record)

@@ -45,7 +45,7 @@ from gdn2ts.streaming.learn import (
     plan_windows,
 )
 from gdn2ts.streaming.single import SingleStreamVerbs
-from gdn2ts.streaming.store import JournaledStore, StateStore, StreamRecord
+from gdn2ts.streaming.store import JournaledStore, StateStore, StreamRecord, check_ids
 from gdn2ts.streaming.workingset import STATS, StateLayout, WorkingSet
 
 __all__ = ["OnlineRunner", "ObserveResult", "UnknownStreamError", "model_fingerprint"]
@@ -227,7 +227,7 @@ class OnlineRunner(SingleStreamVerbs):
     def forecast(self, stream_ids: Sequence[str]) -> pl.DataFrame:
         """Quantile forecasts from each stream's last observation: one row per (stream, step, channel), a column
         ``q{level}`` per quantile. Unknown streams raise ``KeyError``."""
-        ids = self._ids(stream_ids)
+        ids = check_ids(stream_ids)
         cfg = self.encoder.config
         h = self._rows_of(ids, ["last_output"])["last_output"]
         with torch.no_grad():
@@ -244,7 +244,7 @@ class OnlineRunner(SingleStreamVerbs):
         """Per-stream scaling statistics: one row per (stream, channel) with the count of observed values, their
         mean, variance and standard deviation (sample, null below two values). Unknown streams raise
         ``KeyError``."""
-        ids = self._ids(stream_ids)
+        ids = check_ids(stream_ids)
         t = {k: v.cpu().numpy().reshape(-1) for k, v in self._rows_of(ids, list(STATS)).items()}
         count = t["stats.count"]
         var = np.where(count > 1, t["stats.m2"] / np.maximum(count - 1, 1), np.nan)
@@ -258,7 +258,7 @@ class OnlineRunner(SingleStreamVerbs):
     def info(self, stream_ids: Sequence[str]) -> pl.DataFrame:
         """One row per stream: ``steps`` (rows applied, 0 for an unknown stream) and ``last_time`` (the last
         observation's timestamp, null before the first), as of the last call, flushed or not."""
-        ids = self._ids(stream_ids)
+        ids = check_ids(stream_ids)
         slots = self.ws.resident(ids)
         steps = np.zeros(len(ids), dtype=np.int64)
         last = np.full(len(ids), -math.inf)
@@ -284,7 +284,7 @@ class OnlineRunner(SingleStreamVerbs):
         """
         self._check_open()
         learner = self._learner("learn")
-        ids = self._ids(stream_ids)
+        ids = check_ids(stream_ids)
         if len(set(ids)) != len(ids):
             raise ValueError(f"learn: stream ids expected distinct, got {ids}")
         if not ids:
@@ -485,16 +485,6 @@ class OnlineRunner(SingleStreamVerbs):
                 raise ValueError(f"observe: column {c!r} holds inf for stream {bad[self.id_column][0]!r} "
                                  "(missing values are null or NaN; inf is an error)")
         return frame
-
-    @staticmethod
-    def _ids(stream_ids) -> list[str]:
-        if isinstance(stream_ids, str):
-            raise ValueError("stream_ids expected a sequence of strings, got a single string (wrap it in a list)")
-        ids = list(stream_ids)
-        for sid in ids:
-            if not isinstance(sid, str):
-                raise ValueError(f"stream ids expected strings, got {type(sid).__name__} {sid!r}")
-        return ids
 
     @property
     def version(self) -> int:

@@ -180,7 +180,8 @@ def checksum(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _check_ids(stream_ids) -> list[str]:
+def check_ids(stream_ids) -> list[str]:
+    """``stream_ids`` as a list of strings (a bare string or a non-string id is a ValueError)."""
     if isinstance(stream_ids, str):
         raise ValueError("stream_ids expected a sequence of strings, got a single string (wrap it in a list)")
     ids = list(stream_ids)
@@ -288,7 +289,7 @@ class _Staging:
         self.staged.update(encoded)
 
     def delete(self, stream_ids: Iterable[str]) -> None:
-        for sid in _check_ids(stream_ids):
+        for sid in check_ids(stream_ids):
             self.staged[sid] = _DELETED
 
     def append_journal(self, seq: int, payload: bytes) -> None:
@@ -373,7 +374,7 @@ class MemoryStore(_Staging):
 
     def get(self, stream_ids, fingerprint=None):
         out = {}
-        for sid in _check_ids(stream_ids):
+        for sid in check_ids(stream_ids):
             payload = self.staged.get(sid, self.committed.get(sid))
             out[sid] = None if payload is None or payload is _DELETED else decode(payload, sid)
             if out[sid] is not None:
@@ -476,7 +477,7 @@ class SQLiteStore(_Staging):
             raise StoreError(f"SQLiteStore: {self.path} has schema version {version}, expected {SCHEMA_VERSION}")
 
     def get(self, stream_ids, fingerprint=None):
-        ids = _check_ids(stream_ids)
+        ids = check_ids(stream_ids)
         out: dict[str, StreamRecord | None] = {}
         missing = []
         for sid in ids:
