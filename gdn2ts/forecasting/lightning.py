@@ -63,6 +63,14 @@ class ModelConfig:
     """gdn2: the GDN-2 encoder path (False: ablation)."""
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     """gdn2: quantile levels (with 0.5)."""
+    patch_len: int = 1
+    """gdn2: steps per encoder token (1: one per step; 16 with stride 8 is PatchTST's patching)."""
+    patch_stride: int = 1
+    """gdn2: steps between consecutive tokens."""
+    head: str = "last"
+    """gdn2: horizon head over the last token's encoder output (last) or every token's (flatten)."""
+    dropout: float = 0.0
+    """gdn2: dropout before the horizon head."""
     kernel: int = 25
     """dlinear: moving-average window."""
 
@@ -82,7 +90,8 @@ class ModelConfig:
             quantiles=tuple(self.quantiles), hidden_size=self.hidden_size, n_layers=self.n_layers,
             num_heads=self.num_heads, head_dim=self.head_dim, variant=self.variant,
             channel_independent=self.channel_independent, revin=self.revin, linear_skip=self.linear_skip,
-            recurrent=self.recurrent))
+            recurrent=self.recurrent, patch_len=self.patch_len, patch_stride=self.patch_stride, head=self.head,
+            dropout=self.dropout))
 
 
 @dataclass(frozen=True)
@@ -235,7 +244,7 @@ class ForecastModule(L.LightningModule):
             qs = self.model_config.quantiles
             loss = forecast_loss(out["forecast"], batch["target"], qs, t.quantile_weight, t.point_loss)
             if t.aux_weight and out.get("next_step") is not None:
-                x = out["normalized"]
+                x = out["next_target"]
                 loss = loss + t.aux_weight * forecast_loss(out["next_step"][:, :-1], x[:, 1:], qs,
                                                            t.quantile_weight, t.point_loss)
         else:

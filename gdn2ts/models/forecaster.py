@@ -10,7 +10,12 @@ every horizon step and quantile at once. Two standard long-horizon devices sit a
   path; ``recurrent=False`` turns the encoder off (the ablation), ``linear_skip=False`` the skip path.
 
 Channels are read either together (one token holds every channel: channel mixing) or one at a time
-(``channel_independent=True``: each channel is its own sequence through the same weights). Known-future
+(``channel_independent=True``: each channel is its own sequence through the same weights, as PatchTST and RLinear
+do). Tokens are single steps (the default) or patches (``patch_len`` steps every ``patch_stride`` steps, as
+PatchTST: 11 tokens of 16 steps instead of 96 steps at lookback 96); a token's missing values are the encoder's
+missing channels and the elapsed time between tokens is measured between the patches' last steps. The horizon head
+reads the encoder output at the last token (``head="last"``) or at every token (``head="flatten"``, PatchTST's
+flatten head), after ``dropout``. Known-future
 covariates enter the encoder over the lookback and an additive head over the horizon; static covariates are
 repeated on every token and in that head.
 
@@ -68,9 +73,21 @@ class ForecasterConfig:
     """Use the GDN-2 encoder path (False: the ablation, skip path only)."""
     time_unit: float = 1.0
     """Elapsed time equal to one regular step."""
+    patch_len: int = 1
+    """Steps per encoder token (1: one token per step; PatchTST uses 16)."""
+    patch_stride: int = 1
+    """Steps between the starts of consecutive tokens (at most ``patch_len``; PatchTST uses 8). The last token
+    ends at the last lookback step; with ``(lookback - patch_len) % patch_stride`` steps left over at the start,
+    those are read by the skip path only."""
+    head: str = "last"
+    """Horizon head input: ``last`` (encoder output at the last token) or ``flatten`` (outputs at every token,
+    concatenated; a fully missing token contributes zeros)."""
+    dropout: float = 0.0
+    """Dropout on the encoder outputs before the horizon head (training only)."""
 
     def __post_init__(self):
-        for name in ("n_channels", "lookback", "horizon", "hidden_size", "n_layers", "num_heads", "head_dim"):
+        for name in ("n_channels", "lookback", "horizon", "hidden_size", "n_layers", "num_heads", "head_dim",
+                     "patch_len", "patch_stride"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ForecasterConfig: '{name}' expected a positive int, got {value!r}")
@@ -84,14 +101,31 @@ class ForecasterConfig:
                              f"got {self.quantiles!r}")
         if not (self.recurrent or self.linear_skip):
             raise ValueError("ForecasterConfig: expected at least one of 'recurrent' and 'linear_skip' on")
+        if self.patch_stride > self.patch_len or self.patch_len > self.lookback:
+            raise ValueError(f"ForecasterConfig: expected patch_stride <= patch_len <= lookback, got patch_stride "
+                             f"{self.patch_stride}, patch_len {self.patch_len}, lookback {self.lookback}")
+        if self.head not in ("last", "flatten"):
+            raise ValueError(f"ForecasterConfig: 'head' expected 'last' or 'flatten', got {self.head!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"ForecasterConfig: 'dropout' expected a number in [0, 1), got {self.dropout!r}")
+
+    @property
+    def n_tokens(self) -> int:
+        """Encoder tokens per window: ``(lookback - patch_len) // patch_stride + 1``."""
+        return (self.lookback - self.patch_len) // self.patch_stride + 1
+
+    @property
+    def token_channels(self) -> int:
+        """Values per encoder token: ``patch_len`` times the channels a sequence holds."""
+        return self.patch_len * (1 if self.channel_independent else self.n_channels)
 
     def encoder_config(self) -> EncoderConfig:
         """The :class:`EncoderConfig` of the forecaster's encoder (one-step head, same quantiles)."""
-        return EncoderConfig(n_channels=1 if self.channel_independent else self.n_channels,
-                             n_covariates=self.n_known + self.n_static, hidden_size=self.hidden_size,
-                             n_layers=self.n_layers, num_heads=self.num_heads, head_dim=self.head_dim,
-                             variant=self.variant, horizon=1, quantiles=tuple(self.quantiles),
-                             time_unit=self.time_unit)
+        # one token step is one stride: the decay per token of a patched encoder is that of one regular step
+        return EncoderConfig(n_channels=self.token_channels, n_covariates=self.n_known + self.n_static,
+                             hidden_size=self.hidden_size, n_layers=self.n_layers, num_heads=self.num_heads,
+                             head_dim=self.head_dim, variant=self.variant, horizon=1,
+                             quantiles=tuple(self.quantiles), time_unit=self.time_unit * self.patch_stride)
 
 
 def ordered_quantiles(raw: torch.Tensor, mid: int) -> torch.Tensor:
@@ -148,6 +182,10 @@ class GDN2Forecaster(nn.Module):
         (torch.Size([2, 4, 3, 3]), torch.Size([2, 4, 3]))
         >>> bool((out["forecast"].diff(dim=-1) >= 0).all())     # quantiles never cross
         True
+        >>> patched = GDN2Forecaster(ForecasterConfig(n_channels=3, lookback=12, horizon=4, channel_independent=True,
+        ...                                           patch_len=4, patch_stride=2, head="flatten", dropout=0.1))
+        >>> patched.config.n_tokens, patched(values)["next_step"].shape    # 5 tokens of 4 steps per channel
+        (5, torch.Size([2, 5, 12, 3]))
     """
 
     def __init__(self, config: ForecasterConfig):
@@ -159,7 +197,13 @@ class GDN2Forecaster(nn.Module):
         n_q = len(cfg.quantiles)
         c_out = 1 if cfg.channel_independent else cfg.n_channels
         self.encoder = StreamEncoder(cfg.encoder_config())
-        self.head = nn.Linear(cfg.hidden_size, cfg.horizon * c_out * n_q)
+        head_in = cfg.hidden_size * (cfg.n_tokens if cfg.head == "flatten" else 1)
+        self.head = nn.Linear(head_in, cfg.horizon * c_out * n_q)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self._hidden = None
+        if cfg.head == "flatten":
+            # the encoder returns heads and its last output; its per-token outputs are read where they are made
+            self.encoder.out_norm.register_forward_hook(self._keep_hidden)
         # the recurrent head starts at zero: training starts from the skip path's forecast and the encoder learns
         # what it adds (on ETTh1 a randomly initialized head trained to a worse optimum than the skip path alone)
         if cfg.linear_skip:
@@ -194,8 +238,10 @@ class GDN2Forecaster(nn.Module):
 
         Returns:
             dict with ``forecast`` ``[B, H, C, Q]`` (quantiles, increasing), ``point`` ``[B, H, C]`` (the
-            median), ``next_step`` ``[B, L, C, Q]`` (the encoder's one-step forecasts, normalized units, or None
-            with ``recurrent=False``), ``normalized`` ``[B, L, C]`` (the lookback as the encoder read it),
+            median), ``next_step`` ``[B, N, D, Q]`` (the encoder's one-step forecasts of the next token, normalized
+            units, or None with ``recurrent=False``; N = L and D = C without patching), ``next_target``
+            ``[B, N, D]`` (the tokens they forecast: ``next_step[:, :-1]`` aims at ``next_target[:, 1:]``),
+            ``normalized`` ``[B, L, C]`` (the lookback as the encoder read it),
             ``loc`` and ``scale`` ``[B, 1, C]`` (the window's normalization).
         """
         cfg = self.config
@@ -213,24 +259,12 @@ class GDN2Forecaster(nn.Module):
         x = (values - loc) / scale  # NaN stays NaN: the encoder reads it as missing
         n_q = len(cfg.quantiles)
         out = values.new_zeros(B, cfg.horizon, C, n_q)
-        next_step = None
+        next_step = next_target = None
         if cfg.recurrent or cfg.n_known:
             cov = self._covariates(known, static, B, L)
         if cfg.recurrent:
-            if cfg.channel_independent:
-                xs = x.permute(0, 2, 1).reshape(B * C, L, 1)
-                ts = timestamps.repeat_interleave(C, dim=0)
-                cs = None if cov is None else cov.repeat_interleave(C, dim=0)
-            else:
-                xs, ts, cs = x, timestamps, cov
-            enc = self.encoder(xs, ts.to(torch.float64), cs)
-            raw = self.head(enc["state"].last_output)  # [B', H * c_out * Q]
-            nxt = enc["forecast"][:, :, 0]  # [B', L, c, Q]
-            if cfg.channel_independent:
-                raw = raw.view(B, C, cfg.horizon, n_q).transpose(1, 2)
-                nxt = nxt.view(B, C, L, n_q).transpose(1, 2)
-            out = out + raw.view(B, cfg.horizon, C, n_q)
-            next_step = nxt
+            raw, next_step, next_target = self._recurrent(x, timestamps, cov)
+            out = out + raw
         if self.known_head is not None:
             fut = known[:, L:]
             if static is not None:
@@ -241,7 +275,51 @@ class GDN2Forecaster(nn.Module):
             forecast = forecast + self.skip(torch.nan_to_num(x).transpose(1, 2)).transpose(1, 2)[..., None]
         forecast = forecast * scale[..., None] + loc[..., None]
         return {"forecast": forecast, "point": forecast[..., self.mid], "next_step": next_step,
-                "normalized": x, "loc": loc, "scale": scale}
+                "next_target": next_target, "normalized": x, "loc": loc, "scale": scale}
+
+    def _keep_hidden(self, module, inputs, output):
+        self._hidden = output
+
+    def _tokens(self, x, timestamps, cov):
+        """Patches of ``[B', L, c]`` as tokens ``[B', N, c * patch_len]`` (channel-major), with the times and
+        covariates of each patch's last step."""
+        cfg = self.config
+        if cfg.patch_len == 1 and cfg.patch_stride == 1:
+            return x, timestamps, cov
+        first = (cfg.lookback - cfg.patch_len) % cfg.patch_stride
+        tokens = x[:, first:].unfold(1, cfg.patch_len, cfg.patch_stride).flatten(2)  # [B', N, c * P]
+        ends = torch.arange(first + cfg.patch_len - 1, cfg.lookback, cfg.patch_stride, device=x.device)
+        return tokens, timestamps[:, ends], None if cov is None else cov[:, ends]
+
+    def _recurrent(self, x, timestamps, cov):
+        """The encoder path: raw horizon outputs ``[B, H, C, Q]``, the one-step forecasts ``[B, N, D, Q]`` and
+        their targets ``[B, N, D]`` (N tokens of D values; per step and channel without patching)."""
+        cfg = self.config
+        B, L, C = x.shape
+        n_q = len(cfg.quantiles)
+        if cfg.channel_independent:
+            xs = x.permute(0, 2, 1).reshape(B * C, L, 1)
+            ts = timestamps.repeat_interleave(C, dim=0)
+            cs = None if cov is None else cov.repeat_interleave(C, dim=0)
+        else:
+            xs, ts, cs = x, timestamps, cov
+        tokens, ts, cs = self._tokens(xs, ts, cs)
+        enc = self.encoder(tokens, ts.to(torch.float64), cs)
+        if cfg.head == "flatten":
+            # a fully missing token's output is left out (its value is the encoder's, not an observation's)
+            hidden = self._hidden * enc["observed"][..., None].to(self._hidden.dtype)
+            self._hidden = None
+            feats = hidden.flatten(1)
+        else:
+            feats = enc["state"].last_output
+        raw = self.head(self.dropout(feats))  # [B', H * c_out * Q]
+        nxt = enc["forecast"][:, :, 0]  # [B', N, D', Q]
+        N = tokens.shape[1]
+        if cfg.channel_independent:
+            raw = raw.view(B, C, cfg.horizon, n_q).transpose(1, 2)
+            nxt = nxt.view(B, C, N, cfg.patch_len, n_q).transpose(1, 2).reshape(B, N, C * cfg.patch_len, n_q)
+            tokens = tokens.view(B, C, N, cfg.patch_len).transpose(1, 2).reshape(B, N, C * cfg.patch_len)
+        return raw.reshape(B, cfg.horizon, C, n_q), nxt, tokens
 
     def _covariates(self, known, static, B, L):
         parts = []
