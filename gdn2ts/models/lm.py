@@ -1,9 +1,10 @@
 """The config-driven causal language model: embedding, pre-norm [mixer, SwiGLU MLP] blocks, final norm, untied head.
 
 The mixer of each block is chosen by name (:data:`~gdn2ts.models.lm_config.MIXERS`): the recurrent ones run the
-GDN-2 op (chunked for ``forward``, recurrent for ``step``), the attention ones keep a KV cache. Shapes:
-``input_ids`` ``[B, T]`` int64 -> ``logits`` ``[B, T, vocab]``; the state is one entry per block
-(:class:`~gdn2ts.layers.GDN2State` or :class:`~gdn2ts.layers.attention.AttentionState`).
+GDN-2 op (chunked for ``forward``, recurrent for ``step``), the Mamba-3 ones their own scan and recurrence, the
+attention ones keep a KV cache. Shapes: ``input_ids`` ``[B, T]`` int64 -> ``logits`` ``[B, T, vocab]``; the state
+is one entry per block (:class:`~gdn2ts.layers.GDN2State`, :class:`~gdn2ts.layers.mamba3.Mamba3State` or
+:class:`~gdn2ts.layers.attention.AttentionState`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 
 from gdn2ts.layers.attention import Attention, AttentionConfig, AttentionState
 from gdn2ts.layers.gdn2 import GatedDeltaNet2, GDN2State
+from gdn2ts.layers.mamba3 import Mamba3, Mamba3State
+from gdn2ts.layers.mamba3_config import Mamba3Config
 from gdn2ts.layers.mlp import SwiGLU
 from gdn2ts.layers.norm import RMSNorm
 from gdn2ts.models.lm_config import LMConfig
@@ -23,7 +26,7 @@ from gdn2ts.ops.validate import check_values
 __all__ = ["CausalLM", "LMBlock", "LMState"]
 
 # One entry per block, first to last.
-LMState = tuple[GDN2State | AttentionState, ...]
+LMState = tuple[GDN2State | Mamba3State | AttentionState, ...]
 
 
 class LMBlock(nn.Module):
@@ -44,7 +47,12 @@ class LMBlock(nn.Module):
         self.name = mixer
         mixer_cfg = config.mixer_config(mixer)
         self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mixer = Attention(mixer_cfg) if isinstance(mixer_cfg, AttentionConfig) else GatedDeltaNet2(mixer_cfg)
+        if isinstance(mixer_cfg, AttentionConfig):
+            self.mixer = Attention(mixer_cfg)
+        elif isinstance(mixer_cfg, Mamba3Config):
+            self.mixer = Mamba3(mixer_cfg)
+        else:
+            self.mixer = GatedDeltaNet2(mixer_cfg)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -254,7 +262,8 @@ class CausalLM(nn.Module):
             raise ValueError(f"{op}: argument 'state' expected one entry per block ({len(self.blocks)}, from "
                              f"init_state or a previous call), got {got}")
         for i, (block, s) in enumerate(zip(self.blocks, state, strict=True)):
-            kind = AttentionState if isinstance(block.mixer, Attention) else GDN2State
+            kind = (AttentionState if isinstance(block.mixer, Attention)
+                    else Mamba3State if isinstance(block.mixer, Mamba3) else GDN2State)
             if not isinstance(s, kind):
                 article = "an" if kind is AttentionState else "a"
                 raise ValueError(f"{op}: argument 'state[{i}]' expected {article} {kind.__name__} (block {i} is "

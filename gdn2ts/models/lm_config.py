@@ -11,14 +11,17 @@ import yaml
 
 from gdn2ts.layers.attention import AttentionConfig
 from gdn2ts.layers.config import VARIANTS, GDN2Config
+from gdn2ts.layers.mamba3_config import ROPE_FRACTIONS, Mamba3Config
 
-__all__ = ["LMConfig", "MIXERS", "ATTENTION_MIXERS", "RECURRENT_MIXERS"]
+__all__ = ["LMConfig", "MIXERS", "ATTENTION_MIXERS", "MAMBA3_MIXERS", "RECURRENT_MIXERS"]
 
 # The recurrent mixers are GDN2Config's named presets, all on the one GDN-2 op.
 RECURRENT_MIXERS: tuple[str, ...] = tuple(VARIANTS)
 # "swa" is sliding-window attention (window ``LMConfig.window``); "attention" is full causal attention.
 ATTENTION_MIXERS: tuple[str, ...] = ("swa", "attention")
-MIXERS: tuple[str, ...] = RECURRENT_MIXERS + ATTENTION_MIXERS
+# Mamba-3 has its own recurrence (trapezoidal, rotary, MIMO) and its own layer, gdn2ts.layers.mamba3.
+MAMBA3_MIXERS: tuple[str, ...] = ("mamba3_siso", "mamba3_mimo")
+MIXERS: tuple[str, ...] = RECURRENT_MIXERS + MAMBA3_MIXERS + ATTENTION_MIXERS
 
 
 def _fail(field: str, expected: str, got: object) -> None:
@@ -54,18 +57,20 @@ class LMConfig:
     """Repeats of ``cell``; the model has ``num_cells * len(cell)`` mixer layers, each followed by an MLP."""
     cell: tuple[str, ...] = ("gdn2",)
     """Mixer names of one cell, in order: recurrent ``gdn2``, ``kda``, ``gdn``, ``mamba2``, ``erase_only``,
-    ``write_only`` (GDN2Config presets) or ``swa`` (sliding window), ``attention`` (full causal). A list is
-    accepted and stored as a tuple."""
+    ``write_only`` (GDN2Config presets), ``mamba3_siso``, ``mamba3_mimo`` (Mamba-3) or ``swa`` (sliding
+    window), ``attention`` (full causal). A list is accepted and stored as a tuple."""
     intermediate_size: int = 6208
     """Channels of every SwiGLU MLP (``3 * hidden_size * intermediate_size`` parameters each)."""
     num_heads: int = 16
-    """Key heads ``H`` of the recurrent mixers."""
+    """Key heads ``H`` of the recurrent mixers (Mamba-3: its B/C groups, each shared by
+    ``num_v_heads / num_heads`` SSM heads)."""
     head_k_dim: int = 128
-    """Key dimension per head of the recurrent mixers (rows of each head's state)."""
+    """Key dimension per head of the recurrent mixers (rows of each head's state; Mamba-3: ``d_state``)."""
     head_v_dim: int = 128
-    """Value dimension per head of the recurrent mixers (columns of each head's state)."""
+    """Value dimension per head of the recurrent mixers (columns of each head's state; Mamba-3: its head
+    dimension)."""
     num_v_heads: int | None = None
-    """Value heads of the recurrent mixers (None: ``num_heads``); the state holds
+    """Value heads of the recurrent mixers (None: ``num_heads``; Mamba-3: its SSM heads); the state holds
     ``num_v_heads * head_k_dim * head_v_dim`` floats per layer."""
     conv_size: int = 4
     """Width of the recurrent mixers' short causal conv."""
@@ -77,6 +82,11 @@ class LMConfig:
     """Key/value heads of the attention mixers (None: ``attn_num_heads``)."""
     attn_head_dim: int = 128
     """Dimension per head of the attention mixers."""
+    mimo_rank: int = 4
+    """Rank ``R`` of the ``mamba3_mimo`` mixers: inputs and outputs per head and step (B and C get ``R`` columns
+    per group)."""
+    rope_fraction: float = 0.5
+    """Fraction of each B/C vector that the Mamba-3 mixers' data-dependent rotation turns: 0.5 or 1.0."""
     window: int = 2048
     """Sliding window of the ``swa`` mixers: a token attends to itself and the ``window - 1`` tokens before it."""
     rope_theta: float = 10000.0
@@ -90,7 +100,8 @@ class LMConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_cells", "intermediate_size", "num_heads", "head_k_dim",
-                     "head_v_dim", "conv_size", "gate_low_rank", "attn_num_heads", "attn_head_dim", "window"):
+                     "head_v_dim", "conv_size", "gate_low_rank", "attn_num_heads", "attn_head_dim", "window",
+                     "mimo_rank"):
             _positive_int(name, getattr(self, name))
         cell = self.cell
         if isinstance(cell, list):
@@ -115,8 +126,13 @@ class LMConfig:
             _fail("attn_head_dim", "an even int (rotary positions rotate channel pairs)", self.attn_head_dim)
         if self.rope_theta <= 1:
             _fail("rope_theta", "a float > 1", self.rope_theta)
+        if isinstance(self.rope_fraction, bool) or self.rope_fraction not in ROPE_FRACTIONS:
+            _fail("rope_fraction", f"one of {ROPE_FRACTIONS}", self.rope_fraction)
+        if any(m in MAMBA3_MIXERS for m in cell) and int(self.head_k_dim * self.rope_fraction) < 2:
+            _fail("head_k_dim", f"at least {int(2 / self.rope_fraction)} for the Mamba-3 mixers (one rotated "
+                  f"channel pair at rope_fraction={self.rope_fraction})", self.head_k_dim)
 
-    def mixer_config(self, name: str) -> GDN2Config | AttentionConfig:
+    def mixer_config(self, name: str) -> GDN2Config | Mamba3Config | AttentionConfig:
         """The layer config of mixer ``name`` (one of :data:`MIXERS`) at this model's sizes.
 
         Example:
@@ -128,6 +144,11 @@ class LMConfig:
                                       head_v_dim=self.head_v_dim, num_v_heads=self.num_v_heads,
                                       conv_size=self.conv_size, gate_low_rank=self.gate_low_rank,
                                       norm_eps=self.norm_eps)
+        if name in MAMBA3_MIXERS:
+            return Mamba3Config(self.hidden_size, self.num_v_heads or self.num_heads, head_dim=self.head_v_dim,
+                                state_dim=self.head_k_dim, num_bc_heads=self.num_heads,
+                                mode=name.removeprefix("mamba3_"), mimo_rank=self.mimo_rank,
+                                rope_fraction=self.rope_fraction, norm_eps=self.norm_eps)
         if name in ATTENTION_MIXERS:
             return AttentionConfig(self.hidden_size, self.attn_num_heads, head_dim=self.attn_head_dim,
                                    num_kv_heads=self.attn_num_kv_heads,
