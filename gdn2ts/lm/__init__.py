@@ -1,8 +1,11 @@
 """Language modelling on gdn2ts: the recipes in ``tasks/lm/`` and the model they build
 (:class:`~gdn2ts.models.lm.CausalLM` from an :class:`~gdn2ts.models.lm_config.LMConfig`)."""
 
+from gdn2ts.lm.data import PackedBlocks, collate_packed
 from gdn2ts.lm.recipes import RECIPE_DIR, build_model, list_recipes, load_recipe
+from gdn2ts.lm.tokenizer import load_tokenizer
 from gdn2ts.models.lm import CausalLM
 from gdn2ts.models.lm_config import MIXERS, LMConfig
 
-__all__ = ["MIXERS", "RECIPE_DIR", "CausalLM", "LMConfig", "build_model", "list_recipes", "load_recipe"]
+__all__ = ["MIXERS", "RECIPE_DIR", "CausalLM", "LMConfig", "PackedBlocks", "build_model", "collate_packed",
+           "list_recipes", "load_recipe", "load_tokenizer"]
