@@ -11,6 +11,7 @@
     gdn2ts fit RECIPE.yaml    fit a forecaster (GDN-2, DLinear, GRU) with Lightning from a recipe
     gdn2ts predict            forecasts of a fitted checkpoint as a table with quantile columns
     gdn2ts bench forecast     the ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU
+    gdn2ts lm mqar            MQAR recall at matched state size: small LMs per mixer, level and seed; table, plot
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def main(args: list[str] | None = None) -> None:
     import sys
 
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
+    from gdn2ts.lm.eval.mqar_report import mqar
     from gdn2ts.streaming.probes_report import probe
 
     args = list(sys.argv[1:] if args is None else args)
@@ -191,7 +193,7 @@ def main(args: list[str] | None = None) -> None:
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
                                                 "streaming": bench_streaming, "forecast": bench_forecast},
               "quickstart": quickstart, "stream": stream, "audit": audit, "probe": probe, "fit": fit,
-              "predict": predict}, args=args, as_positional=False)
+              "predict": predict, "lm": {"mqar": mqar}}, args=args, as_positional=False)
 
 
 if __name__ == "__main__":
