@@ -19,16 +19,18 @@ resumed run yields exactly the blocks an uninterrupted run would.
 
 from __future__ import annotations
 
-import hashlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gdn2ts.lm.sources import DocumentSource
-from gdn2ts.lm.tokenizer import Tokenizer
+from gdn2ts.lm.sources import DocumentSource, build_source
+from gdn2ts.lm.token_cache import TokenCache, holdout_key, write_token_cache
+from gdn2ts.lm.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["PackedBlocks", "collate_packed", "in_holdout"]
+__all__ = ["PackedBlocks", "build_dataset", "collate_packed", "in_holdout"]
 
 SPLITS = ("all", "train", "val")
 # Documents tokenized per call of the tokenizer: amortizes its per-call cost without holding much text.
@@ -36,15 +38,15 @@ _ENCODE_GROUP = 256
 
 
 def in_holdout(text: str, fraction: float) -> bool:
-    """Whether a document belongs to the held-out (validation) part: the first 8 bytes of its BLAKE2b digest, read
-    as an integer, fall below ``fraction * 2**64``. It depends on the text alone, not on order or source.
+    """Whether a document belongs to the held-out (validation) part: its :func:`holdout_key` (the first 8 bytes of
+    the BLAKE2b digest of its text) falls below ``fraction * 2**64``. It depends on the text alone, not on order or
+    source.
 
     Example:
         >>> in_holdout("some document", 0.0), in_holdout("some document", 1.0)
         (False, True)
     """
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2.0**64
+    return holdout_key(text) < fraction * 2.0**64
 
 
 def _current_rank() -> tuple[int, int]:
@@ -78,17 +80,20 @@ class PackedBlocks(IterableDataset):
         >>> ds = PackedBlocks(Documents(["abc", "defgh"]), ByteTokenizer(), block_len=4)
         >>> [(b["input_ids"].tolist(), b["doc_starts"].tolist()) for b in ds]
         [([97, 98, 99, 257], [0]), ([101, 102, 103, 104], [0])]
+        >>> _ = next(iter(ds))  # one block taken: the next starts at token 1 of document 1 (pass 0)
         >>> ds.state_dict()["positions"]
-        [[0, 2, 0]]
+        [[0, 1, 1]]
     """
 
     def __init__(self, source: DocumentSource, tokenizer: Tokenizer, block_len: int, *, bos: bool = False,
                  split: str = "all", holdout: float = 0.0, repeat: bool = False, rank: int | None = None,
                  world_size: int | None = None):
         super().__init__()
-        if not hasattr(source, "documents"):
-            raise ValueError(f"PackedBlocks: argument 'source' expected a document source with documents(start), "
-                             f"got {type(source).__name__}")
+        if not hasattr(source, "documents") and not isinstance(source, TokenCache):
+            raise ValueError(f"PackedBlocks: argument 'source' expected a document source with documents(start) "
+                             f"or a TokenCache, got {type(source).__name__}")
+        if isinstance(source, TokenCache):
+            source.check_tokenizer(tokenizer)
         if not isinstance(block_len, int) or block_len < 1:
             raise ValueError(f"PackedBlocks: argument 'block_len' expected an int >= 1, got {block_len!r}")
         if split not in SPLITS:
@@ -129,23 +134,40 @@ class PackedBlocks(IterableDataset):
         for item in self._pack(share, shares, *self._positions.get(share, (0, 0, 0))):
             self._positions[share] = tuple(item["position"][2:].tolist())
             yield item
+        # A pass read to its end (only without repeat) is done: the next iteration starts a new one.
+        self._positions.pop(share, None)
+
+    def reset(self) -> None:
+        """Forget the recorded position: the next iteration starts at the first block."""
+        self._positions, self._shares, self._next_local = {}, None, 0
+
+    def _kept(self, share: int, shares: int, start: int) -> Iterator[tuple[int, list[int]]]:
+        """``(index, tokens)`` of this share's documents in the split, from index ``start`` to the end (one pass)."""
+        val = self.split == "val"
+        if isinstance(self.source, TokenCache):
+            bound = self.holdout * 2.0**64
+            for index, key, ids in self.source.token_documents(start):
+                if index % shares == share and (self.split == "all" or (key < bound) == val):
+                    yield index, ids.tolist()
+            return
+        group: list[tuple[int, str]] = []
+        for index, text in enumerate(self.source.documents(start), start):
+            if index % shares == share and (self.split == "all" or in_holdout(text, self.holdout) == val):
+                group.append((index, text))
+            if len(group) == _ENCODE_GROUP:
+                yield from zip([i for i, _ in group], self.tokenizer.encode_batch([t for _, t in group]), strict=True)
+                group = []
+        yield from zip([i for i, _ in group], self.tokenizer.encode_batch([t for _, t in group]), strict=True)
 
     def _documents(self, share: int, shares: int, epoch: int, start: int) -> Iterator[tuple[int, int, list[int]]]:
         """``(pass, index, tokens with BOS/EOS)`` of this share's documents from ``(epoch, start)`` on."""
+        head = [self.tokenizer.bos_id] if self.bos else []
+        tail = [self.tokenizer.eos_id]
         while True:
             kept = 0
-            group: list[tuple[int, str]] = []
-            for index, text in enumerate(self.source.documents(start), start):
-                if index % shares != share:
-                    continue
-                if self.split != "all" and in_holdout(text, self.holdout) != (self.split == "val"):
-                    continue
+            for index, ids in self._kept(share, shares, start):
                 kept += 1
-                group.append((index, text))
-                if len(group) == _ENCODE_GROUP:
-                    yield from self._encode(epoch, group)
-                    group = []
-            yield from self._encode(epoch, group)
+                yield epoch, index, head + list(ids) + tail
             # Only a whole pass can prove the corpus empty (a resumed one may start past its last document).
             if kept == 0 and start == 0:
                 raise ValueError(f"PackedBlocks: empty corpus: share {share} of {shares} (ranks x workers) got no "
@@ -154,11 +176,6 @@ class PackedBlocks(IterableDataset):
             if not self.repeat:
                 return
             epoch, start = epoch + 1, 0
-
-    def _encode(self, epoch: int, group: list[tuple[int, str]]):
-        tok = self.tokenizer
-        for (index, _), ids in zip(group, tok.encode_batch([t for _, t in group]), strict=True):
-            yield epoch, index, ([tok.bos_id] if self.bos else []) + list(ids) + [tok.eos_id]
 
     def _pack(self, share: int, shares: int, epoch: int, doc: int, offset: int) -> Iterator[dict[str, torch.Tensor]]:
         size = self.block_len + 1
@@ -219,6 +236,7 @@ class PackedBlocks(IterableDataset):
                                 **kwargs):
             self.advance(batch["position"])
             yield batch
+        self.reset()
 
     def state_dict(self) -> dict:
         """The position of this rank's shares, plain ints only: ``{"block_len": T, "shares": S, "share_ids": [s, ...],
@@ -296,3 +314,55 @@ def collate_packed(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     if all("position" in i for i in items):
         batch["position"] = torch.stack([i["position"] for i in items])
     return batch
+
+
+def build_dataset(*, source: str = "text", paths: str | tuple[str, ...] | list[str] = (),
+                  text_split: str = "blank_lines", field: str = "text", fineweb_config: str = "sample-10BT",
+                  fineweb_shards: int | None = None, fineweb_root: str | None = None, tokenizer: str = "mistral",
+                  block_len: int = 2048, bos: bool = False, holdout: float = 0.0, split: str = "all",
+                  repeat: bool = False, cache: str | None = None, rank: int | None = None,
+                  world_size: int | None = None) -> PackedBlocks:
+    """:class:`PackedBlocks` from a description in plain values (the keywords of a ``data:`` section of a YAML
+    recipe).
+
+    Args:
+        source: ``text``, ``jsonl``, ``parquet`` or ``fineweb-edu`` (:func:`~gdn2ts.lm.sources.build_source`).
+        paths: files or globs of a ``text`` / ``jsonl`` / ``parquet`` source.
+        text_split: ``text``: a document per paragraph (``blank_lines``) or per file (``file``).
+        field: ``jsonl``: the string field; ``parquet``: the string column.
+        fineweb_config: ``fineweb-edu``: ``sample-10BT``, ``sample-100BT``, ``sample-350BT``, ``default`` or a dump.
+        fineweb_shards: ``fineweb-edu``: only the first shards (None: all).
+        fineweb_root: ``fineweb-edu``: a local copy of the dataset repository instead of the Hub.
+        tokenizer: ``mistral``, ``bytes`` or a SentencePiece model file
+            (:func:`~gdn2ts.lm.tokenizer.load_tokenizer`).
+        block_len, bos, holdout, split, repeat, rank, world_size: as :class:`PackedBlocks`.
+        cache: a token cache file (:mod:`gdn2ts.lm.token_cache`): used when it exists (it must have been written
+            from this same source and tokenizer), else written first from the source.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.txt").write_text("To be.\\n\\nOr not.\\n")
+        >>> ds = build_dataset(paths=[str(d / "a.txt")], tokenizer="bytes", block_len=4,
+        ...                    cache=str(d / "a.safetensors"))
+        >>> [b["input_ids"].tolist() for b in ds][:2]
+        [[84, 111, 32, 98], [46, 257, 79, 114]]
+    """
+    tok = load_tokenizer(tokenizer)
+    paths = (paths,) if isinstance(paths, str) else tuple(paths)
+    describe = json.dumps({"source": source, "paths": list(paths), "text_split": text_split, "field": field,
+                           "fineweb_config": fineweb_config, "fineweb_shards": fineweb_shards,
+                           "fineweb_root": fineweb_root})
+    if cache is not None and Path(cache).is_file():
+        docs = TokenCache(cache)
+        if docs.meta.get("source") != describe:
+            raise ValueError(f"build_dataset: argument 'cache' expected a token cache of this source {describe}, "
+                             f"got {cache!r} written from {docs.meta.get('source')}")
+    else:
+        kwargs = {"text_split": text_split, "field": field, "fineweb_config": fineweb_config,
+                  "fineweb_shards": fineweb_shards, "fineweb_root": fineweb_root}
+        docs = build_source(source, paths, **kwargs)
+        if cache is not None:
+            docs = write_token_cache(docs, tok, cache, describe=describe)
+    return PackedBlocks(docs, tok, block_len, bos=bos, split=split, holdout=holdout, repeat=repeat, rank=rank,
+                        world_size=world_size)

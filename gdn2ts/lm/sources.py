@@ -23,8 +23,8 @@ from typing import Protocol, runtime_checkable
 
 import polars as pl
 
-__all__ = ["FINEWEB_EDU_CONFIGS", "DocumentSource", "Documents", "JsonLines", "ParquetFiles", "TextFiles",
-           "expand_paths", "fineweb_edu", "list_hf_files"]
+__all__ = ["FINEWEB_EDU_CONFIGS", "SOURCE_TYPES", "DocumentSource", "Documents", "JsonLines", "ParquetFiles",
+           "TextFiles", "build_source", "expand_paths", "fineweb_edu", "list_hf_files"]
 
 # A paragraph break: one or more lines holding nothing but whitespace.
 _BLANK_LINE = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
@@ -285,3 +285,32 @@ def fineweb_edu(config: str = "sample-10BT", shards: int | None = None, root: st
             raise ValueError(f"fineweb_edu: config {config!r} expected parquet shards under {folder!r} in "
                              f"{FINEWEB_EDU_REPO}, the Hub lists none")
     return ParquetFiles(paths[:shards], column="text", batch_rows=batch_rows)
+
+
+SOURCE_TYPES = ("text", "jsonl", "parquet", "fineweb-edu")
+
+
+def build_source(source: str, paths: str | Sequence[str] = (), *, text_split: str = "blank_lines",
+                 field: str = "text", fineweb_config: str = "sample-10BT", fineweb_shards: int | None = None,
+                 fineweb_root: str | None = None) -> DocumentSource:
+    """A document source by type: ``text`` (:class:`TextFiles` split by ``text_split``), ``jsonl``
+    (:class:`JsonLines`, string ``field``), ``parquet`` (:class:`ParquetFiles`, string column ``field``) over
+    ``paths`` (files or globs), or ``fineweb-edu`` (:func:`fineweb_edu`, lists the Hub's shards unless
+    ``fineweb_root`` is given).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> _ = p.write_text("one\\n\\ntwo\\n")
+        >>> list(build_source("text", [str(p)]).documents())
+        ['one', 'two']
+    """
+    if source not in SOURCE_TYPES:
+        raise ValueError(f"build_source: argument 'source' expected one of {SOURCE_TYPES}, got {source!r}")
+    if source == "fineweb-edu":
+        return fineweb_edu(fineweb_config, shards=fineweb_shards, root=fineweb_root)
+    if source == "text":
+        return TextFiles(paths, split=text_split)
+    if source == "jsonl":
+        return JsonLines(paths, field=field)
+    return ParquetFiles(paths, column=field)

@@ -89,6 +89,18 @@ def test_resume_gives_the_uninterrupted_blocks(repeat):
             assert torch.equal(a, b)
 
 
+def test_a_finished_pass_starts_over_a_stopped_one_continues():
+    ds = PackedBlocks(Documents(_corpus(10)), TOK, 5)
+    every = [b["input_ids"] for b in ds]
+    assert ds.state_dict()["positions"] == [[0, 0, 0]]
+    again = [b["input_ids"] for b in ds]
+    assert len(again) == len(every) and all(torch.equal(a, b) for a, b in zip(again, every, strict=True))
+    assert len(list(islice(ds, 2))) == 2
+    assert torch.equal(next(iter(ds))["input_ids"], every[2])
+    ds.reset()
+    assert torch.equal(next(iter(ds))["input_ids"], every[0])
+
+
 def test_repeat_continues_into_the_next_pass():
     docs = ["abcd", "ef"]
     blocks = [b["input_ids"].tolist() for b in islice(PackedBlocks(Documents(docs), TOK, 3, repeat=True), 4)]
@@ -123,7 +135,6 @@ def test_ranks_and_workers_take_disjoint_deterministic_shares():
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
-    assert ds.state_dict()["shares"] == 2
 
 
 def test_resume_with_workers_through_loader():
@@ -135,12 +146,12 @@ def test_resume_with_workers_through_loader():
     assert state["shares"] == 2 and state["share_ids"] == [0, 1]
     resumed = PackedBlocks(Documents(docs), TOK, 8)
     resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with 2 shares"):
+        next(iter(resumed))  # in the main process: one share, not the two saved
     rest = [b["input_ids"] for b in resumed.loader(batch_size=2, num_workers=2)]
     assert len(first) + len(rest) == len(straight)
     for a, b in zip(first + rest, straight, strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="saved with 2 shares"):
-        next(iter(resumed))
 
 
 def test_holdout_split_is_disjoint_and_covers_the_corpus():
