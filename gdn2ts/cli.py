@@ -12,6 +12,9 @@
     gdn2ts predict            forecasts of a fitted checkpoint as a table with quantile columns
     gdn2ts bench forecast     the ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU
     gdn2ts lm mqar            MQAR recall at matched state size: small LMs per mixer, level and seed; table, plot
+    gdn2ts lm train RECIPE    train a language model with Lightning Fabric from a recipe (tasks/lm/train/)
+    gdn2ts lm generate        continue a prompt with a trained LM checkpoint
+    gdn2ts lm throughput      training tokens/s of an LM recipe at fixed tokens per step
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def main(args: list[str] | None = None) -> None:
     import sys
 
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
+    from gdn2ts.lm.commands import lm_generate, lm_throughput, lm_train
     from gdn2ts.lm.eval.mqar_report import mqar
     from gdn2ts.streaming.probes_report import probe
 
@@ -190,10 +194,15 @@ def main(args: list[str] | None = None) -> None:
     # `gdn2ts fit RECIPE.yaml`: a bare recipe path after fit is its --config
     if len(args) >= 2 and args[0] == "fit" and not args[1].startswith("-"):
         args = ["fit", "--config", *args[1:]]
+    # `gdn2ts lm train RECIPE.yaml`: likewise
+    if len(args) >= 3 and args[:2] == ["lm", "train"] and not args[2].startswith("-"):
+        args = ["lm", "train", "--config", *args[2:]]
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
                                                 "streaming": bench_streaming, "forecast": bench_forecast},
               "quickstart": quickstart, "stream": stream, "audit": audit, "probe": probe, "fit": fit,
-              "predict": predict, "lm": {"mqar": mqar}}, args=args, as_positional=False)
+              "predict": predict,
+              "lm": {"mqar": mqar, "train": lm_train, "generate": lm_generate, "throughput": lm_throughput}},
+             args=args, as_positional=False)
 
 
 if __name__ == "__main__":

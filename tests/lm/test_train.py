@@ -1,0 +1,158 @@
+"""LM training: the optimizer's groups and schedule, FLOPs per token, the FSDP policy, exact resume, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from gdn2ts.lm import build_model, load_recipe
+from gdn2ts.lm.data import PackedBlocks
+from gdn2ts.lm.flops import flops_per_token, matmul_params, mfu, peak_flops
+from gdn2ts.lm.optim import OptimConfig, WarmupCosine, build_optimizer, build_scheduler, no_decay_names
+from gdn2ts.lm.sources import Documents
+from gdn2ts.lm.tokenizer import load_tokenizer
+from gdn2ts.lm.train import TrainError, fit_lm, fsdp_strategy
+from gdn2ts.lm.train_config import TrainConfig
+from gdn2ts.lm.train_recipe import list_train_recipes, load_train_recipe, model_config
+from gdn2ts.models.lm import LMBlock
+from gdn2ts.models.lm_config import LMConfig
+
+TINY = dataclasses.replace(load_recipe("tiny_gdn2"), vocab_size=258)
+DOCS = Documents([f"line {i}: " + "to be or not to be " * (i % 5 + 1) for i in range(300)])
+
+
+def _blocks(block_len: int = 32) -> PackedBlocks:
+    return PackedBlocks(DOCS, load_tokenizer("bytes"), block_len, repeat=True)
+
+
+def test_weight_decay_spares_vectors_norms_and_decay_parameters():
+    model = build_model(dataclasses.replace(load_recipe("tiny_gdn2"), cell=("gdn2", "mamba2")))
+    model.blocks[0].mlp.up_proj.weight._no_weight_decay = True  # any marked parameter is spared too
+    names = no_decay_names(model)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        vector = p.dim() < 2
+        assert (name in names) == (vector or name == "blocks.0.mlp.up_proj.weight"), name
+    assert {"blocks.0.mixer.A_log", "blocks.0.mixer.dt_bias", "blocks.1.mixer.D", "norm.weight",
+            "blocks.0.mixer_norm.weight", "blocks.0.mixer.o_norm.weight", "blocks.0.mixer.g_proj.1.bias"} <= names
+    assert "embed.weight" not in names and "lm_head.weight" not in names
+    assert {"embed.weight", "lm_head.weight"} <= no_decay_names(model, decay_embeddings=False)
+    opt = build_optimizer(model, OptimConfig())
+    decay, keep = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and keep["weight_decay"] == 0.0
+    assert {id(p) for p in keep["params"]} == {id(params[n]) for n in names}
+    assert len(decay["params"]) + len(keep["params"]) == len(params)
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 4e-4
+
+
+def test_warmup_then_cosine_to_a_tenth():
+    model = build_model("tiny_gdn2")
+    cfg = OptimConfig(lr=1e-3, warmup_steps=4)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[-1] == pytest.approx(1e-4) and min(lrs[4:]) == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))  # never rises after the warmup
+    assert lrs[4 + 15 // 2] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert WarmupCosine(0, 1, 0.1)(0) == 1.0
+
+
+def test_flops_per_token_formula():
+    # an attention-only model: 6 x matmul weights + 12 x heads x head_dim x mean context
+    cfg = LMConfig(vocab_size=10, hidden_size=8, num_cells=1, cell=("attention",), intermediate_size=16,
+                   attn_num_heads=2, attn_head_dim=4)
+    weights = 4 * 8 * 8 + 3 * 8 * 16 + 8 * 10  # q, k, v, o; the MLP; the head (not the embedding)
+    assert matmul_params(cfg) == weights
+    assert flops_per_token(cfg, 5) == 6 * weights + 12 * 2 * 4 * 3.0  # mean context (1+2+3+4+5)/5 = 3
+    swa = dataclasses.replace(cfg, cell=("swa",), window=2)
+    assert flops_per_token(swa, 5) == 6 * weights + 12 * 2 * 4 * (1 + 2 * 4) / 5
+    # a recurrent model adds 3 x HV x (6KV + 2C(3K + 2V) + C^2/3) per layer
+    rec = load_recipe("tiny_gdn2")
+    per_layer = 3 * 2 * (6 * 64 + 2 * 64 * (3 * 8 + 2 * 8) + 64 * 64 / 3)
+    assert flops_per_token(rec, 100) == pytest.approx(6 * matmul_params(rec) + 2 * per_layer)
+    assert mfu(1e9, 1e3, 2e12) == 0.5 and mfu(1e9, 1e3, None) is None
+    assert peak_flops("cpu") is None and peak_flops("cpu", 2.0) == 2e12
+    with pytest.raises(ValueError, match="seq_len"):
+        flops_per_token(rec, 0)
+
+
+def test_fsdp_strategy_wraps_each_block():
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    s = fsdp_strategy(TrainConfig(strategy="fsdp", activation_checkpointing=True, fsdp_sharding="SHARD_GRAD_OP"))
+    policy = s._fsdp_kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {LMBlock}
+    assert s._fsdp_kwargs["use_orig_params"] and s._state_dict_type == "full"
+    assert s.sharding_strategy.name == "SHARD_GRAD_OP"
+    assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LMBlock}
+
+
+def _train(out, steps: int, stop_at: int | None = None, resume=None) -> dict:
+    train = TrainConfig(batch_size=2, grad_accum=2, max_steps=steps, stop_at=stop_at, log_every=2, val_every=3,
+                        val_blocks=2, accelerator="cpu", precision="32-true")
+    return fit_lm(TINY, _blocks(), OptimConfig(lr=3e-3, warmup_steps=2), train, out, resume=resume,
+                  val_data=PackedBlocks(DOCS, load_tokenizer("bytes"), 32),
+                  quiet=True)
+
+
+def test_resume_continues_the_same_run_exactly(tmp_path):
+    _train(tmp_path / "straight", 6)
+    first = _train(tmp_path / "split", 6, stop_at=3)
+    assert first["steps"] == 3
+    second = _train(tmp_path / "split", 6, resume="auto")
+    assert second["steps"] == 6 and second["tokens"] == 6 * 2 * 2 * 32
+    a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)
+    for name, w in a["model"].items():
+        assert torch.equal(w, b["model"][name]), name
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    assert a["data"] == b["data"] and a["step"] == b["step"] == 6
+    # the weights moved, and the split run's logs cover both launches
+    assert not torch.equal(a["model"]["embed.weight"], build_model(TINY).embed.weight)
+    versions = sorted((tmp_path / "split" / "logs").iterdir())
+    assert len(versions) == 2 and all((v / "metrics.csv").is_file() for v in versions)
+
+
+def test_bad_runs_are_named(tmp_path):
+    with pytest.raises(ValueError, match="'max_steps' or 'max_tokens'"):
+        TrainConfig(max_steps=None)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="betas"):
+        OptimConfig(betas=(0.9, 1.5))
+    with pytest.raises(TrainError, match="block_len"):
+        fit_lm(TINY, _blocks(), OptimConfig(), TrainConfig(max_steps=None, max_tokens=100), tmp_path, quiet=True)
+    train = TrainConfig(batch_size=2, max_steps=1, accelerator="cpu", val_every=None)
+    fit_lm(TINY, _blocks(), OptimConfig(), train, tmp_path / "a", quiet=True)
+    other = dataclasses.replace(TINY, hidden_size=16)
+    with pytest.raises(TrainError, match="another model"):
+        fit_lm(other, _blocks(), OptimConfig(), train, tmp_path / "a", resume="auto", quiet=True)
+    with pytest.raises(TrainError, match="ran out"):
+        fit_lm(TINY, PackedBlocks(Documents(["short"]), load_tokenizer("bytes"), 4), OptimConfig(), train,
+               tmp_path / "b", quiet=True)
+    recipe = dataclasses.replace(load_train_recipe("tiny_shakespeare"), vocab_size=100)
+    with pytest.raises(ValueError, match="vocab_size >= 258"):
+        model_config(recipe, tokenizer_vocab=258)
+
+
+def test_every_training_recipe_loads():
+    names = list_train_recipes()
+    assert {"tiny_shakespeare", "small_shakespeare", "gdn2_1.3B_fineweb", "swa_gdn2_1.3B_fineweb"} <= set(names)
+    for name in names:
+        recipe = load_train_recipe(name)
+        cfg = model_config(recipe)
+        assert cfg.vocab_size >= (258 if recipe.data.tokenizer == "bytes" else 32000)
+    paper = load_train_recipe("gdn2_1.3B_fineweb")
+    assert paper.train.tokens_per_step(paper.data.block_len, paper.train.devices) == 128 * 4096
+    assert (paper.optim.lr, paper.optim.betas, paper.optim.weight_decay) == (4e-4, (0.9, 0.95), 0.1)
+    assert paper.train.total_steps(4096, 8) == math.ceil(100e9 / (128 * 4096))
