@@ -64,6 +64,14 @@ def _rotate(t: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.cat([turned, tail], dim=-1)
 
 
+def _per_input(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """Repeat each entry of the last axis ``rank`` times (``[..., C] -> [..., C * rank]``); its backward is a
+    sum over a view, which is cheaper than ``repeat_interleave``'s."""
+    if rank == 1:
+        return t
+    return t[..., None].expand(*t.shape, rank).flatten(-2)
+
+
 def mamba3_chunk_scan(q, k, v, log_decay, diag, off, h, chunk_size: int):
     """The Mamba-3 scan over ``T`` tokens in chunks. Returns ``(y [B, T, R, H, P], final h [B, H, N, P])``.
 
@@ -83,29 +91,31 @@ def mamba3_chunk_scan(q, k, v, log_decay, diag, off, h, chunk_size: int):
         >>> bool(torch.allclose(y[:, 0, 0], torch.einsum("bhn,bhnp->bhp", q[:, 0, 0], h1), atol=1e-6))
         True
     """
-    T = q.shape[1]
-    ys = []
-    for start in range(0, T, chunk_size):
-        part = slice(start, start + chunk_size)
-        qc, kc, vc, dc, oc = q[:, part], k[:, part], v[:, part], diag[:, part], off[:, part]
-        cum = log_decay[:, part].cumsum(1)  # [B, C, H]
-        C = cum.shape[1]
-        idx = torch.arange(C, device=q.device)
-        below = (idx[:, None] > idx[None, :])[None, :, :, None]
-        on = (idx[:, None] == idx[None, :])[None, :, :, None]
-        # decay from s to t, masked above the diagonal before exp so that no positive exponent can overflow
-        seg = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(~(below | on), float("-inf")).exp()
-        weight = torch.where(below, oc[:, None], torch.where(on, dc[:, None], 0.0))
-        mix = (seg * weight).permute(0, 3, 1, 2)  # [B, H, t, s]
-        scores = torch.einsum("btrhn,bsuhn->bhtrsu", qc, kc) * mix[:, :, :, None, :, None]
-        y = torch.einsum("bhtrsu,bsuhp->btrhp", scores, vc)
-        y = y + torch.einsum("btrhn,bhnp->btrhp", qc, h) * cum.exp()[:, :, None, :, None]
-        to_end = (cum[:, -1:] - cum).exp() * oc  # [B, C, H]
-        h = cum[:, -1].exp()[:, :, None, None] * h + torch.einsum("bsuhn,bsh,bsuhp->bhnp", kc, to_end, vc)
-        ys.append(y)
-    if not ys:
+    Bsz, T, R, H, N = q.shape
+    if T == 0:
         return v.new_zeros(v.shape), h
-    return torch.cat(ys, dim=1), h
+    # heads first and the R inputs of a token as R consecutive rows: every product below is one batched matmul
+    q, k, v = (t.permute(0, 3, 1, 2, 4).reshape(Bsz, H, T * R, t.shape[-1]) for t in (q, k, v))
+    log_decay, diag, off = (t.transpose(1, 2) for t in (log_decay, diag, off))  # [B, H, T]
+    ys = []
+    # split once rather than slice per chunk: the backward of a slice writes a full-size zero tensor each time
+    pieces = zip(*(t.split(chunk_size * R, dim=2) for t in (q, k, v)),
+                 *(t.split(chunk_size, dim=-1) for t in (log_decay, diag, off)), strict=True)
+    for qc, kc, vc, ac, dc, oc in pieces:
+        cum = ac.cumsum(-1)  # [B, H, C]
+        C = cum.shape[-1]
+        idx = torch.arange(C, device=q.device)
+        below, on = idx[:, None] > idx[None, :], idx[:, None] == idx[None, :]
+        # decay from s to t, masked above the diagonal before exp so that no positive exponent can overflow
+        seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~(below | on), float("-inf")).exp()
+        weight = torch.where(below, oc[:, :, None, :], torch.where(on, dc[:, :, None, :], 0.0))
+        mix = _per_input(_per_input(seg * weight, R).transpose(-1, -2), R).transpose(-1, -2)  # [B, H, CR, CR]
+        y = ((qc @ kc.transpose(-1, -2)) * mix) @ vc
+        y = y + (qc @ h) * _per_input(cum.exp(), R)[..., None]
+        to_end = _per_input((cum[..., -1:] - cum).exp() * oc, R)  # [B, H, CR]
+        h = cum[..., -1].exp()[..., None, None] * h + (kc * to_end[..., None]).transpose(-1, -2) @ vc
+        ys.append(y)
+    return torch.cat(ys, dim=2).unflatten(2, (T, R)).permute(0, 2, 3, 1, 4), h
 
 
 class Mamba3(nn.Module):

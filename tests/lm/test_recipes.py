@@ -30,6 +30,10 @@ BLOCKS = {
     "small_erase_only": 30_995_488,
     "small_write_only": 30_995_488,
     "small_swa_gdn2": 31_003_152,
+    "mamba3_siso_1.3B": 1_302_622_848,
+    "mamba3_mimo_1.3B": 1_302_636_672,
+    "small_mamba3_siso": 31_004_800,
+    "small_mamba3_mimo": 31_004_800,
 }
 
 
