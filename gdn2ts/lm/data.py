@@ -321,7 +321,7 @@ def build_dataset(*, source: str = "text", paths: str | tuple[str, ...] | list[s
                   fineweb_shards: int | None = None, fineweb_root: str | None = None, tokenizer: str = "mistral",
                   block_len: int = 2048, bos: bool = False, holdout: float = 0.0, split: str = "all",
                   repeat: bool = False, cache: str | None = None, rank: int | None = None,
-                  world_size: int | None = None) -> PackedBlocks:
+                  world_size: int | None = None, progress=None) -> PackedBlocks:
     """:class:`PackedBlocks` from a description in plain values (the keywords of a ``data:`` section of a YAML
     recipe).
 
@@ -338,6 +338,7 @@ def build_dataset(*, source: str = "text", paths: str | tuple[str, ...] | list[s
         block_len, bos, holdout, split, repeat, rank, world_size: as :class:`PackedBlocks`.
         cache: a token cache file (:mod:`gdn2ts.lm.token_cache`): used when it exists (it must have been written
             from this same source and tokenizer), else written first from the source.
+        progress: called as ``progress(documents, tokens)`` while a cache is written.
 
     Example:
         >>> import tempfile, pathlib
@@ -363,6 +364,6 @@ def build_dataset(*, source: str = "text", paths: str | tuple[str, ...] | list[s
                   "fineweb_shards": fineweb_shards, "fineweb_root": fineweb_root}
         docs = build_source(source, paths, **kwargs)
         if cache is not None:
-            docs = write_token_cache(docs, tok, cache, describe=describe)
+            docs = write_token_cache(docs, tok, cache, describe=describe, progress=progress)
     return PackedBlocks(docs, tok, block_len, bos=bos, split=split, holdout=holdout, repeat=repeat, rank=rank,
                         world_size=world_size)
