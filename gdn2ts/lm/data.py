@@ -123,7 +123,8 @@ class PackedBlocks(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         shares = world * workers
-        if self._shares is not None and self._shares != shares:
+        # Only recorded positions tie the dataset to a number of shares; with none, any layout starts afresh.
+        if self._positions and self._shares is not None and self._shares != shares:
             raise ValueError(f"PackedBlocks: the loaded state was saved with {self._shares} shares (ranks x "
                              f"workers), but this iteration has {shares}; resume with the same ranks and workers")
         return rank * workers + (worker + self._next_local) % workers, shares

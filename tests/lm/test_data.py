@@ -99,6 +99,9 @@ def test_a_finished_pass_starts_over_a_stopped_one_continues():
     assert torch.equal(next(iter(ds))["input_ids"], every[2])
     ds.reset()
     assert torch.equal(next(iter(ds))["input_ids"], every[0])
+    ds.reset()
+    assert len(list(ds)) == len(every)  # a whole pass in the main process (one share) ...
+    assert len(list(ds.loader(batch_size=1, num_workers=2))) > 0  # ... does not tie the dataset to one share
 
 
 def test_repeat_continues_into_the_next_pass():
