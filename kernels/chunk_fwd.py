@@ -160,22 +160,26 @@ def _diag_fixup_kernel(
 
 
 @triton.jit
-def _inverse_kernel(Akk, Linv, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _inverse_kernel(Akk, Linv, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ROWS_FROM_MEMORY: tl.constexpr):
     """L^-1 for L = I + T of one (chunk, value head): the unit lower diagonal blocks by forward substitution,
-    then the blocks below them."""
+    then the blocks below them. ``ROWS_FROM_MEMORY`` loads each substitution row from the (cached) Gram instead of
+    extracting it from registers, one cross-thread reduction per row instead of two."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hv = i_bh // HV, i_bh % HV
     t0 = i_t * BT
+    if ROWS_FROM_MEMORY:
+        I00, I11, I22, I33 = _unit_lower_inverse4_rows(Akk, i_b, t0, T, HV, i_hv, BT, BC)
+    else:
+        I00, I11, I22, I33 = _unit_lower_inverse4(
+            _load_block(Akk, i_b, t0, 0, T, HV, i_hv, BT, BC), _load_block(Akk, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC),
+            _load_block(Akk, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC),
+            _load_block(Akk, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC), BC)
     T10 = _load_block(Akk, i_b, t0 + BC, 0, T, HV, i_hv, BT, BC)
     T20 = _load_block(Akk, i_b, t0 + 2 * BC, 0, T, HV, i_hv, BT, BC)
     T21 = _load_block(Akk, i_b, t0 + 2 * BC, BC, T, HV, i_hv, BT, BC)
     T30 = _load_block(Akk, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
     T31 = _load_block(Akk, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
     T32 = _load_block(Akk, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
-    I00, I11, I22, I33 = _unit_lower_inverse4(
-        _load_block(Akk, i_b, t0, 0, T, HV, i_hv, BT, BC), _load_block(Akk, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC),
-        _load_block(Akk, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC),
-        _load_block(Akk, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC), BC)
     I10 = -_dot(I11, _dot(T10, I00))
     I21 = -_dot(I22, _dot(T21, I11))
     I20 = -_dot(I22, _dot(T20, I00) + _dot(T21, I10))
@@ -227,6 +231,35 @@ def _unit_lower_inverse4(A0, A1, A2, A3, BC: tl.constexpr):
         X1 = tl.where(here, X1 - tl.sum(tl.sum(tl.where(here, A1, 0.0), axis=0)[:, None] * X1, axis=0)[None, :], X1)
         X2 = tl.where(here, X2 - tl.sum(tl.sum(tl.where(here, A2, 0.0), axis=0)[:, None] * X2, axis=0)[None, :], X2)
         X3 = tl.where(here, X3 - tl.sum(tl.sum(tl.where(here, A3, 0.0), axis=0)[:, None] * X3, axis=0)[None, :], X3)
+    return X0, X1, X2, X3
+
+
+@triton.jit
+def _gram_row(Akk, i_b, row, c0, r, T, heads, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """Strictly-lower part (columns < r) of row ``row`` of a diagonal block starting at in-chunk column ``c0``."""
+    o = tl.arange(0, BC)
+    a = tl.load(Akk + ((i_b * T + row.to(tl.int64)) * heads + i_h) * BT + c0 + o, mask=(o < r) & (row < T),
+                other=0.0)
+    return a
+
+
+@triton.jit
+def _unit_lower_inverse4_rows(Akk, i_b, t0, T, heads, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """The four diagonal blocks' (I + A)^-1 as :func:`_unit_lower_inverse4`, reading row r of each A from memory:
+    X_r = e_r - sum_{c<r} A[r, c] X_c is one reduction over the rows of X."""
+    o = tl.arange(0, BC)
+    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    X0, X1, X2, X3 = eye, eye, eye, eye
+    for r in range(1, BC):
+        here = o[:, None] == r
+        a0 = _gram_row(Akk, i_b, t0 + r, 0, r, T, heads, i_h, BT, BC)
+        a1 = _gram_row(Akk, i_b, t0 + BC + r, BC, r, T, heads, i_h, BT, BC)
+        a2 = _gram_row(Akk, i_b, t0 + 2 * BC + r, 2 * BC, r, T, heads, i_h, BT, BC)
+        a3 = _gram_row(Akk, i_b, t0 + 3 * BC + r, 3 * BC, r, T, heads, i_h, BT, BC)
+        X0 = tl.where(here, X0 - tl.sum(a0[:, None] * X0, axis=0)[None, :], X0)
+        X1 = tl.where(here, X1 - tl.sum(a1[:, None] * X1, axis=0)[None, :], X1)
+        X2 = tl.where(here, X2 - tl.sum(a2[:, None] * X2, axis=0)[None, :], X2)
+        X3 = tl.where(here, X3 - tl.sum(a3[:, None] * X3, axis=0)[None, :], X3)
     return X0, X1, X2, X3
 
 
@@ -340,6 +373,8 @@ def chunk_fwd(
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
     block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4,
     out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool = False,
+    inverse_warps: int | None = None, inverse_rows_from_memory: bool = False, gram_warps: int | None = None,
+    half_intermediates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
@@ -349,7 +384,10 @@ def chunk_fwd(
     ``save=True`` also returns what ``chunk_bwd`` needs (a dict of intermediates). ``decayed_qk=True`` forms the
     decayed queries and tail keys once, in the WY kernel (fp16 for 16-bit inputs: the tf32 products keep 10 bits
     of mantissa anyway; fp32 otherwise), so that the sequential passes load them instead of q, k and G (a variant
-    under measurement, off by default). No host synchronization.
+    under measurement, off by default). ``inverse_warps`` / ``gram_warps`` override ``intra_warps`` for those
+    launches; ``inverse_rows_from_memory`` picks the inverse's substitution form; ``half_intermediates`` keeps the
+    tail vectors ``Y`` and the read-out Gram in fp16 for 16-bit inputs (read once per value block by the state
+    pass). No host synchronization.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -367,17 +405,19 @@ def chunk_fwd(
     precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32)
     _cumsum_kernel[(NT, B * HG)](g, G, T, HG=HG, K=K, BT=BT, BK=BK)
-    Y = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
+    half = half_intermediates and q.dtype in (torch.bfloat16, torch.float16)
+    Y = torch.empty(B, T, HV, K, device=dev, dtype=torch.float16 if half else torch.float32)
     U = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
-    Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
+    Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float16 if half else torch.float32)
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     Linv = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK,
                                             BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
-                                            num_warps=intra_warps)
+                                            num_warps=gram_warps or intra_warps)
     _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
                                                   BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD, num_warps=intra_warps)
-    _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, num_warps=intra_warps)
+    _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, ROWS_FROM_MEMORY=inverse_rows_from_memory,
+                                  num_warps=inverse_warps or intra_warps)
     del Akk
     BVw = min(64, BVfull)
     qk_dtype = torch.float16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32

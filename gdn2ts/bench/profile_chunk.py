@@ -7,7 +7,11 @@ from triton.testing import do_bench
 from gdn2ts.bench.kernels import K, make_inputs, rel
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
-VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8), dict(block_v=16)]
+VARIANTS = [dict(), dict(decayed_qk=True), dict(inverse_rows_from_memory=True), dict(inverse_warps=1),
+            dict(inverse_warps=2), dict(inverse_rows_from_memory=True, inverse_warps=2), dict(gram_warps=2),
+            dict(gram_warps=8), dict(half_intermediates=True), dict(decayed_qk=True, half_intermediates=True),
+            dict(block_v=64), dict(decayed_qk=True, half_intermediates=True, inverse_rows_from_memory=True,
+                                   inverse_warps=2, gram_warps=2)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]
@@ -29,8 +33,6 @@ def profile(B: int, T: int) -> list[dict]:
         rows.append({"B": B, "T": T, **opts, "ms": t, "rel_err": err})
         print(f"{T}x{B} {opts or 'default'}: {t:.3f} ms (err {err:.1e})", flush=True)
     return rows
-
-
 
 
 def profile_bwd(B: int, T: int) -> list[dict]:
@@ -83,8 +85,9 @@ def layer_times(B: int, T: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
-def kernel_times(B: int, T: int, backward: bool = False) -> None:
-    """Per-launch GPU time of one chunked forward (or forward + backward), from the PyTorch profiler."""
+def kernel_times(B: int, T: int, backward: bool = False, fla: bool = False) -> None:
+    """Per-launch GPU time of one chunked forward (or forward + backward), from the PyTorch profiler; ``fla=True``
+    profiles FLA's ``chunk_gdn2`` on the same inputs instead."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -94,8 +97,17 @@ def kernel_times(B: int, T: int, backward: bool = False) -> None:
     xs = make_inputs(B, T, seed=2, requires_grad=backward)
     do = torch.randn_like(xs[2])
 
+    if fla:
+        from gdn2ts.bench.kernels import _fla
+
+        fla_chunk = _fla()[0]
+
     def call():
-        if backward:
+        if fla:
+            o = fla_chunk(*xs)[0]
+            if backward:
+                torch.autograd.grad(o, xs, do)
+        elif backward:
             torch.autograd.grad(chunk_gdn2(*xs)[0], xs, do)
         else:
             chunk_fwd(*xs, K**-0.5, None, False)
@@ -107,12 +119,40 @@ def kernel_times(B: int, T: int, backward: bool = False) -> None:
         for _ in range(10):
             call()
         torch.cuda.synchronize()
-    print(f"{T}x{B} (10 calls{', forward + backward' if backward else ''})")
+    print(f"{'FLA ' if fla else ''}{T}x{B} (10 calls{', forward + backward' if backward else ''})")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """Times every forward and backward tiling variant at two benchmark shapes; ``--json PATH`` keeps the rows,
+    ``--profile`` adds the per-launch profiler tables."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", default=None, help="write the timed rows here")
+    parser.add_argument("--profile", action="store_true", help="print per-launch profiler tables too")
+    parser.add_argument("--fwd-only", action="store_true", help="time the forward variants only")
+    parser.add_argument("--only-profile", action="store_true", help="only the profiler tables, ours and FLA's")
+    args = parser.parse_args(argv)
+    rows = []
+    if args.only_profile:
+        for B, T in ((8, 2048), (1, 16384)):
+            for fla in (False, True):
+                kernel_times(B, T, fla=fla)
+                kernel_times(B, T, backward=True, fla=fla)
+        return
     for B, T in ((8, 2048), (1, 16384)):
-        profile(B, T)
-        kernel_times(B, T)
-        kernel_times(B, T, backward=True)
+        rows += profile(B, T)
+        if not args.fwd_only:
+            rows += [{"pass": "bwd", **r} for r in profile_bwd(B, T)]
+        if args.profile:
+            kernel_times(B, T)
+            kernel_times(B, T, backward=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

