@@ -197,3 +197,16 @@ def test_bad_input_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="token cache"):
         TokenCache(tmp_path / "d.jsonl")
     assert ByteTokenizer().decode([104, 195]) == "h\ufffd"
+
+
+def test_gdn2ts_lm_tokenize_writes_the_cache(tmp_path, capsys):
+    from gdn2ts.cli import main
+
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n{"text": "world!"}\n')
+    out = tmp_path / "a.safetensors"
+    main(["lm", "tokenize", "--out", str(out), "--source", "jsonl", "--paths", f"[{tmp_path / 'a.jsonl'}]",
+          "--tokenizer", "bytes"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["documents"], summary["tokens"]) == (2, 11)
+    cache = TokenCache(out)
+    assert [ids.tolist() for _, _, ids in cache.token_documents()] == [list(b"hello"), list(b"world!")]
