@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -219,8 +221,15 @@ class ParquetFiles:
             index += rows
 
 
+def _hub_open(url: str, timeout: float):
+    """GET ``url``, with the ``HF_TOKEN`` of the environment as a bearer token when it is set."""
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
 def list_hf_files(repo: str, folder: str, suffix: str = ".parquet", endpoint: str = "https://huggingface.co",
-                  opener=urllib.request.urlopen) -> list[str]:
+                  opener=_hub_open) -> list[str]:
     """Sorted paths of the files under ``folder`` (recursively) of a public Hugging Face dataset repository, from
     the Hub's tree API (pages followed through the ``Link: rel="next"`` header). Network access happens here.
 
@@ -237,9 +246,14 @@ def list_hf_files(repo: str, folder: str, suffix: str = ".parquet", endpoint: st
     url: str | None = f"{endpoint}/api/datasets/{repo}/tree/main/{folder}?recursive=true"
     files: list[str] = []
     while url:
-        with opener(url, timeout=60) as reply:
-            entries = json.loads(reply.read())
-            link = reply.headers.get("Link", "") or ""
+        try:
+            with opener(url, timeout=60) as reply:
+                entries = json.loads(reply.read())
+                link = reply.headers.get("Link", "") or ""
+        except urllib.error.URLError as err:
+            raise ConnectionError(f"list_hf_files: could not list {folder!r} of {repo} at {endpoint} "
+                                  f"({getattr(err, 'reason', err)}); reading from the Hub needs the network, "
+                                  f"or give fineweb_edu a local copy with root=") from err
         files += [e["path"] for e in entries if e.get("type") == "file" and e["path"].endswith(suffix)]
         match = re.search(r'<([^>]+)>;\s*rel="next"', link)
         url = match.group(1) if match else None

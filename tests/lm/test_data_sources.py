@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,12 @@ def test_fineweb_edu_on_the_hub_lists_pages_and_reads_hf_urls():
     assert src.paths == ["hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/000_00000.parquet"]
     with pytest.raises(ValueError, match="lists none"):
         fineweb_edu("sample-100BT", lister=lambda repo, folder: [])
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    with pytest.raises(ConnectionError, match="needs the network, or give fineweb_edu a local copy"):
+        list_hf_files("HuggingFaceFW/fineweb-edu", "sample/10BT", opener=offline)
 
 
 def test_mistral_tokenizer_is_the_32k_llama_style_model():
