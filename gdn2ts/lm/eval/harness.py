@@ -27,6 +27,11 @@ import torch.nn.functional as F
 __all__ = ["CausalLMEvalAdapter", "load_weights", "register_lm_eval"]
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    # half-precision logits are scored in fp32; fp64 stays fp64
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _args(request, n: int | None, op: str) -> tuple:
     args = request.args if hasattr(request, "args") else request
     if not isinstance(args, tuple) or (n is not None and len(args) != n):
@@ -124,7 +129,7 @@ class CausalLMEvalAdapter:
                 inp = pairs[i][0][:-1]
                 ids[row, :len(inp)] = torch.tensor(inp)
             logits, _ = self.model(ids.to(self.device))
-            logp = F.log_softmax(logits.float(), dim=-1)
+            logp = F.log_softmax(_wide(logits), dim=-1)
             for row, i in enumerate(idx):
                 tokens, n = pairs[i]
                 end = len(tokens) - 1
@@ -146,7 +151,7 @@ class CausalLMEvalAdapter:
                 inp = tokens[i:i + self.max_length][None].to(self.device)
                 target = tokens[i + 1:i + 1 + self.max_length].to(self.device)
                 logits, state = self.model(inp, state)
-                total -= float(F.cross_entropy(logits[0, :len(target)].float(), target, reduction="sum"))
+                total -= float(F.cross_entropy(_wide(logits[0, :len(target)]), target, reduction="sum"))
             results.append(total)
         return results
 

@@ -203,7 +203,8 @@ def evaluate_mqar(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_si
             ids, lab = input_ids[i:i + batch_size], labels[i:i + batch_size]
             with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits, _ = model(ids)
-            logits = logits.float()
+            # half-precision logits are scored in fp32; fp64 stays fp64
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             c, a = mqar_accuracy(logits, lab)
             correct, answered = correct + c, answered + a
             mask = lab != IGNORE_INDEX

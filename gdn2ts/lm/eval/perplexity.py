@@ -92,7 +92,9 @@ def _score(model, batch: list, device, autocast_dtype) -> tuple[float, int]:
             logits = logits.reshape(B, T, -1)
         else:
             logits, _ = model(ids)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    # half-precision logits are scored in fp32; fp64 stays fp64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                           ignore_index=IGNORE_INDEX, reduction="sum")
     return float(nll), int((labels != IGNORE_INDEX).sum())
 
