@@ -16,6 +16,7 @@ keeps every process's position.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -183,7 +184,9 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
     if train.threads is not None and fabric.device.type == "cpu":
         torch.set_num_threads(train.threads)
     fabric.seed_everything(train.seed, verbose=False)
-    model = CausalLM(model_config)
+    # FSDP shards a model built on the CPU; otherwise it is built on its device directly
+    with fabric.init_module() if train.strategy != "fsdp" else contextlib.nullcontext():
+        model = CausalLM(model_config)
     no_decay = no_decay_names(model, optim.decay_embeddings)
     if train.activation_checkpointing and train.strategy != "fsdp":
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
@@ -217,6 +220,11 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
         train_data.load_state_dict(state["data"][fabric.global_rank])
     stream = _Stream(train_data, collate, train.batch_size)
     val_blocks = _take(val_data, train.val_blocks) if val_data is not None and train.val_every else []
+    if fabric.world_size > 1:
+        # every process must run the same number of validation forwards (FSDP gathers weights in each)
+        n = torch.tensor(len(val_blocks), device=fabric.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        val_blocks = val_blocks[:int(n)]
     if val_data is not None and train.val_every and not val_blocks:
         raise TrainError("fit_lm: the validation data yields no blocks")
     peak = peak_flops(fabric.device, train.peak_tflops)

@@ -66,6 +66,8 @@ class DataConfig:
     """Prefix every document with BOS (documents always end with EOS)."""
     holdout: float = 0.01
     """Fraction of documents held out (by a hash of their text) for validation perplexity; 0: no validation."""
+    cache: str | None = None
+    """A token cache file (``gdn2ts.lm.token_cache``): read when it exists, else written first from the source."""
 
     def __post_init__(self):
         paths = self.paths
@@ -167,27 +169,16 @@ def model_config(recipe: TrainRecipe, tokenizer_vocab: int | None = None) -> LMC
 
 
 def build_data(data: DataConfig):
-    """``(train_blocks, val_blocks or None, tokenizer)``: :class:`~gdn2ts.lm.data.PackedBlocks` over the
-    source, the training split repeating endlessly, the validation split (``holdout > 0``) one pass."""
-    from gdn2ts.lm.data import PackedBlocks
-    from gdn2ts.lm.sources import JsonLines, ParquetFiles, TextFiles, fineweb_edu
+    """``(train_blocks, val_blocks or None, tokenizer)``: :func:`~gdn2ts.lm.data.build_dataset` over the source,
+    the training split repeating endlessly, the validation split (``holdout > 0``) one pass."""
+    from gdn2ts.lm.data import build_dataset
     from gdn2ts.lm.tokenizer import load_tokenizer
 
-    if data.source == "text":
-        source = TextFiles(list(data.paths), split=data.text_split)
-    elif data.source == "jsonl":
-        source = JsonLines(list(data.paths), field=data.field)
-    elif data.source == "parquet":
-        source = ParquetFiles(list(data.paths), column=data.field)
-    else:
-        source = fineweb_edu(data.fineweb_config, shards=data.fineweb_shards, root=data.fineweb_root)
-    tok = load_tokenizer(data.tokenizer)
-    split = "train" if data.holdout > 0 else "all"
-    train = PackedBlocks(source, tok, data.block_len, bos=data.bos, split=split, holdout=data.holdout, repeat=True)
-    val = None
-    if data.holdout > 0:
-        val = PackedBlocks(source, tok, data.block_len, bos=data.bos, split="val", holdout=data.holdout)
-    return train, val, tok
+    values = dataclasses.asdict(data)
+    values["paths"] = list(data.paths)
+    train = build_dataset(**values, split="train" if data.holdout > 0 else "all", repeat=True)
+    val = build_dataset(**values, split="val") if data.holdout > 0 else None
+    return train, val, load_tokenizer(data.tokenizer)
 
 
 def run_recipe(recipe: TrainRecipe, resume: str | None = None, quiet: bool = False) -> dict:
