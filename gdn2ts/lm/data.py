@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gdn2ts.lm.sources import DocumentSource, build_source
 from gdn2ts.lm.token_cache import TokenCache, holdout_key, write_token_cache
-from gdn2ts.lm.tokenizer import Tokenizer, load_tokenizer
+from gdn2ts.lm.tokenizer import Tokenizer, encode_all, load_tokenizer
 
 __all__ = ["PackedBlocks", "build_dataset", "collate_packed", "in_holdout"]
 
@@ -156,9 +156,9 @@ class PackedBlocks(IterableDataset):
             if index % shares == share and (self.split == "all" or in_holdout(text, self.holdout) == val):
                 group.append((index, text))
             if len(group) == _ENCODE_GROUP:
-                yield from zip([i for i, _ in group], self.tokenizer.encode_batch([t for _, t in group]), strict=True)
+                yield from zip([i for i, _ in group], encode_all(self.tokenizer, [t for _, t in group]), strict=True)
                 group = []
-        yield from zip([i for i, _ in group], self.tokenizer.encode_batch([t for _, t in group]), strict=True)
+        yield from zip([i for i, _ in group], encode_all(self.tokenizer, [t for _, t in group]), strict=True)
 
     def _documents(self, share: int, shares: int, epoch: int, start: int) -> Iterator[tuple[int, int, list[int]]]:
         """``(pass, index, tokens with BOS/EOS)`` of this share's documents from ``(epoch, start)`` on."""

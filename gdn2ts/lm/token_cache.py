@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gdn2ts.lm.sources import DocumentSource
-from gdn2ts.lm.tokenizer import Tokenizer
+from gdn2ts.lm.tokenizer import Tokenizer, encode_all
 
 __all__ = ["TokenCache", "holdout_key", "write_token_cache"]
 
@@ -72,7 +72,7 @@ def write_token_cache(source: DocumentSource, tokenizer: Tokenizer, path: str | 
                 if text is not None:
                     group.append(text)
                 if group and (text is None or len(group) == _ENCODE_GROUP):
-                    for t, ids in zip(group, tokenizer.encode_batch(group), strict=True):
+                    for t, ids in zip(group, encode_all(tokenizer, group), strict=True):
                         out.write(np.asarray(ids, dtype=dtype).tobytes())
                         offsets.append(offsets[-1] + len(ids))
                         keys.append(holdout_key(t))

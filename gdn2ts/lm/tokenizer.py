@@ -13,14 +13,15 @@ import importlib.util
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer", "mistral_model_path"]
+__all__ = ["ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "encode_all", "load_tokenizer", "mistral_model_path"]
 
 
 @runtime_checkable
 class Tokenizer(Protocol):
     """What the data pipeline needs from a tokenizer.
 
-    ``encode`` adds no special tokens (the packer adds BOS/EOS); ``decode`` drops special tokens.
+    ``encode`` adds no special tokens (the packer adds BOS/EOS); ``decode`` drops special tokens. A tokenizer may
+    also have ``encode_batch(texts) -> list[list[int]]`` for speed (:func:`encode_all` uses it when present).
     """
 
     vocab_size: int
@@ -29,9 +30,18 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
-
     def decode(self, ids: list[int]) -> str: ...
+
+
+def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text: the tokenizer's ``encode_batch`` when it has one, else ``encode`` per text.
+
+    Example:
+        >>> encode_all(ByteTokenizer(), ["a", "bc"])
+        [[97], [98, 99]]
+    """
+    batch = getattr(tokenizer, "encode_batch", None)
+    return batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
 
 
 class ByteTokenizer:

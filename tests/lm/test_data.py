@@ -191,3 +191,23 @@ def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="doc_starts"):
         collate_packed([{"input_ids": torch.zeros(4, dtype=torch.long), "labels": torch.zeros(4, dtype=torch.long),
                          "doc_starts": torch.tensor([1])}])
+
+
+class _Chars:
+    """A tokenizer of the bare protocol (no encode_batch): one token per character of a small alphabet."""
+
+    alphabet = "abcdefghij "
+    vocab_size, bos_id, eos_id = len(alphabet) + 2, len(alphabet), len(alphabet) + 1
+
+    def encode(self, text):
+        return [self.alphabet.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids if i < len(self.alphabet))
+
+
+def test_a_tokenizer_without_encode_batch_packs_the_same_stream():
+    docs = ["abc def", "", "ghij", "a b c"]
+    got = _stream(PackedBlocks(Documents(docs), _Chars(), 2, bos=True))
+    want = [t for d in docs for t in [_Chars.bos_id, *_Chars().encode(d), _Chars.eos_id]]
+    assert got == want[:len(want) // 3 * 3]
