@@ -15,6 +15,7 @@
     gdn2ts lm train RECIPE    train a language model with Lightning Fabric from a recipe (tasks/lm/train/)
     gdn2ts lm generate        continue a prompt with a trained LM checkpoint
     gdn2ts lm throughput      training tokens/s of an LM recipe at fixed tokens per step
+    gdn2ts lm curves          learning curves of LM training runs (figure) and their final figures (table)
     gdn2ts lm tokenize        tokenize a corpus once into a token cache (docs/lm-data.md)
 """
 
@@ -187,7 +188,7 @@ def main(args: list[str] | None = None) -> None:
     import sys
 
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
-    from gdn2ts.lm.commands import lm_generate, lm_throughput, lm_train
+    from gdn2ts.lm.commands import lm_curves, lm_generate, lm_throughput, lm_train
     from gdn2ts.lm.data_commands import lm_tokenize
     from gdn2ts.lm.eval.mqar_report import mqar
     from gdn2ts.streaming.probes_report import probe
@@ -204,7 +205,7 @@ def main(args: list[str] | None = None) -> None:
               "quickstart": quickstart, "stream": stream, "audit": audit, "probe": probe, "fit": fit,
               "predict": predict,
               "lm": {"mqar": mqar, "train": lm_train, "generate": lm_generate, "throughput": lm_throughput,
-                     "tokenize": lm_tokenize}},
+                     "tokenize": lm_tokenize, "curves": lm_curves}},
              args=args, as_positional=False)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from gdn2ts.lm.optim import OptimConfig
 from gdn2ts.lm.train_config import TrainConfig
 from gdn2ts.lm.train_recipe import DataConfig
 
-__all__ = ["lm_generate", "lm_throughput", "lm_train"]
+__all__ = ["lm_curves", "lm_generate", "lm_throughput", "lm_train"]
 
 _OPTIM = OptimConfig()
 _TRAIN = TrainConfig()
@@ -116,3 +118,32 @@ def lm_throughput(model: str = "swa_gdn2_1.3B", seq_len: tuple[int, ...] = (2048
     if quiet is False and json:
         print(f"lm throughput: {len(records)} records to {json}")
     return records
+
+
+def lm_curves(runs: list[str], out: str = "lm_curves.png", metrics: tuple[str, ...] = ("train/loss", "val/loss"),
+              names: list[str] | None = None, title: str | None = None, quiet: bool = False) -> str:
+    """Learning curves of training runs in one figure, and a Markdown table of their final figures.
+
+    Args:
+        runs: output folders of gdn2ts lm train runs.
+        out: the figure (PNG).
+        metrics: one panel each (train/loss, val/loss, val/ppl, tokens_per_s, mfu, lr, grad_norm).
+        names: a label per run (default: the folder names).
+        title: the figure's title.
+        quiet: print nothing.
+    """
+    from gdn2ts.lm.curves import final_table, markdown_table, plot_curves
+
+    labels = list(names) if names is not None else [Path(r).name for r in runs]
+    if len(labels) != len(runs) or len(set(labels)) != len(labels):
+        raise SystemExit(f"gdn2ts lm curves: 'names' expected one distinct label per run ({len(runs)}), got {labels}")
+    try:
+        table = dict(zip(labels, runs, strict=True))
+        plot_curves(table, out, metrics=tuple(metrics), title=title)
+        text = markdown_table(final_table(table))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"gdn2ts lm curves: {e}") from None
+    if not quiet:
+        print(text)
+        print(f"\nfigure: {out}")
+    return text

@@ -1,5 +1,5 @@
-"""The CPU round trip of the LM commands: train the tiny recipe on tiny Shakespeare, stop, resume, generate; and
-the throughput mode."""
+"""The CPU round trip of the LM commands: train the tiny recipe on tiny Shakespeare, stop, resume, plot the
+learning curves, generate; and the throughput mode."""
 
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ def test_train_stop_resume_generate(tmp_path, monkeypatch, capsys):
     logged = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert logged == [2, 4, 6, 8] and all(float(r["tokens_per_s"]) > 0 for r in rows if r.get("train/loss"))
     assert [int(r["step"]) for r in rows if r.get("val/ppl")] == [4, 8]
+    figure = tmp_path / "curves.png"
     capsys.readouterr()
+    main(["lm", "curves", "--runs", f"[{out}]", "--out", str(figure), "--metrics", "[train/loss, val/ppl]"])
+    table = capsys.readouterr().out
+    assert figure.stat().st_size > 0 and "| run | steps |" in table and "| run | 8 |" in table
     main(["lm", "generate", "--checkpoint", str(out / "last.ckpt"), "--prompt", "ROMEO:", "--max_new_tokens",
           "20", "--temperature", "0"])
     text = capsys.readouterr().out
