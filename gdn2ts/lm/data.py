@@ -94,7 +94,7 @@ class PackedBlocks(IterableDataset):
                              f"or a TokenCache, got {type(source).__name__}")
         if isinstance(source, TokenCache):
             source.check_tokenizer(tokenizer)
-        if not isinstance(block_len, int) or block_len < 1:
+        if isinstance(block_len, bool) or not isinstance(block_len, int) or block_len < 1:
             raise ValueError(f"PackedBlocks: argument 'block_len' expected an int >= 1, got {block_len!r}")
         if split not in SPLITS:
             raise ValueError(f"PackedBlocks: argument 'split' expected one of {SPLITS}, got {split!r}")
