@@ -7,11 +7,8 @@ from triton.testing import do_bench
 from gdn2ts.bench.kernels import K, make_inputs, rel
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
-VARIANTS = [dict(), dict(decayed_qk=True), dict(inverse_rows_from_memory=True), dict(inverse_warps=1),
-            dict(inverse_warps=2), dict(inverse_rows_from_memory=True, inverse_warps=2), dict(gram_warps=2),
-            dict(gram_warps=8), dict(half_intermediates=True), dict(decayed_qk=True, half_intermediates=True),
-            dict(block_v=64), dict(decayed_qk=True, half_intermediates=True, inverse_rows_from_memory=True,
-                                   inverse_warps=2, gram_warps=2)]
+VARIANTS = [dict(), dict(inverse_warps=4, gram_warps=4), dict(wy_warps=2), dict(wy_warps=8), dict(decayed_qk=True),
+            dict(decayed_qk=True, wy_warps=8), dict(inverse_rows_from_memory=True), dict(intra_warps=2)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]

@@ -40,12 +40,13 @@ def test_matches_reference(T, gates):
 
 
 @pytest.mark.parametrize("gates", ["normal", "strong_mixed"])
-def test_tiling_options_match_reference(gates):
+@pytest.mark.parametrize("decayed_qk", [False, True])
+def test_tiling_options_match_reference(gates, decayed_qk):
     """The inverse's row-from-memory substitution and the launch overrides give the token loop's outputs."""
     x = on(make_inputs(B=1, T=130, H=1, K=16, V=16, dtype=torch.float32, gates=gates, seed=5))
     out = torch.full_like(x["v"], float("nan"))
     o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, inverse_rows_from_memory=True,
-                     inverse_warps=2, gram_warps=2, decayed_qk=True)
+                     inverse_warps=2, gram_warps=2, decayed_qk=decayed_qk, wy_warps=2)
     o_ref, s_ref = truth(x, x["h0"])
     assert_close("o", o.cpu(), o_ref, torch.float32)
     assert_close("state", s.cpu(), s_ref, torch.float32)
