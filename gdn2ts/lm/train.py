@@ -176,6 +176,16 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
     data and tokenizer settings, for generation). Returns the summary (steps, tokens, losses, perplexity,
     tokens/s, MFU, checkpoint path).
     """
+    for name, value, kind in (("model_config", model_config, LMConfig), ("optim", optim, OptimConfig),
+                              ("train", train, TrainConfig)):
+        if not isinstance(value, kind):
+            raise TrainError(f"fit_lm: argument '{name}' expected {kind.__name__}, got {type(value).__name__}")
+    if train.max_tokens is not None and not (isinstance(block_len, int) and block_len >= 1):
+        raise TrainError(f"fit_lm: argument 'block_len' expected the data's block length (an int >= 1) with a "
+                         f"token budget (train.max_tokens), got {block_len!r}")
+    if not (hasattr(train_data, "state_dict") and hasattr(train_data, "load_state_dict")):
+        raise TrainError(f"fit_lm: argument 'train_data' expected a resumable dataset with state_dict() and "
+                         f"load_state_dict() (gdn2ts.lm.data.PackedBlocks), got {type(train_data).__name__}")
     if collate is None:
         from gdn2ts.lm.data import collate_packed as collate
     out = Path(out)
@@ -194,9 +204,6 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LMBlock))
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model, optim, no_decay))
-    if train.max_tokens is not None and not (isinstance(block_len, int) and block_len >= 1):
-        raise TrainError(f"fit_lm: argument 'block_len' expected the data's block length (an int >= 1) with a "
-                         f"token budget (train.max_tokens), got {block_len!r}")
     total = train.total_steps(block_len or 1, fabric.world_size)
     scheduler = build_scheduler(optimizer, optim, total)
     config = {"model": dataclasses.asdict(model_config), "optim": dataclasses.asdict(optim),

@@ -132,6 +132,11 @@ def test_bad_runs_are_named(tmp_path):
         OptimConfig(betas=(0.9, 1.5))
     with pytest.raises(TrainError, match="block_len"):
         fit_lm(TINY, _blocks(), OptimConfig(), TrainConfig(max_steps=None, max_tokens=100), tmp_path, quiet=True)
+    with pytest.raises(TrainError, match="resumable dataset"):
+        fit_lm(TINY, [], OptimConfig(), TrainConfig(max_steps=1), tmp_path, quiet=True)
+    with pytest.raises(TrainError, match="'optim' expected OptimConfig, got dict"):
+        fit_lm(TINY, _blocks(), {"lr": 1e-3}, TrainConfig(max_steps=1), tmp_path, quiet=True)
+    assert not any(tmp_path.iterdir())  # nothing written by the refused runs
     train = TrainConfig(batch_size=2, max_steps=1, accelerator="cpu", val_every=None)
     fit_lm(TINY, _blocks(), OptimConfig(), train, tmp_path / "a", quiet=True)
     other = dataclasses.replace(TINY, hidden_size=16)
