@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gdn2ts.lm import build_model, load_recipe
+from gdn2ts.lm.curves import read_metrics
 from gdn2ts.lm.data import PackedBlocks
 from gdn2ts.lm.flops import flops_per_token, matmul_params, mfu, peak_flops
 from gdn2ts.lm.optim import OptimConfig, WarmupCosine, build_optimizer, build_scheduler, no_decay_names
@@ -161,3 +162,26 @@ def test_every_training_recipe_loads():
     assert paper.train.tokens_per_step(paper.data.block_len, paper.train.devices) == 128 * 4096
     assert (paper.optim.lr, paper.optim.betas, paper.optim.weight_decay) == (4e-4, (0.9, 0.95), 0.1)
     assert paper.train.total_steps(4096, 8) == math.ceil(100e9 / (128 * 4096))
+
+
+def test_accumulation_equals_one_big_batch_and_budget_sets_the_steps(tmp_path):
+    # two micro-batches of 2 blocks accumulate to the gradient of one batch of 4 (every label counts)
+    runs = {}
+    for name, batch, accum in (("big", 4, 1), ("accum", 2, 2)):
+        train = TrainConfig(batch_size=batch, grad_accum=accum, max_steps=None, max_tokens=500, accelerator="cpu",
+                            precision="32-true", val_every=None, peak_tflops=1e-3, log_every=1)
+        runs[name] = fit_lm(TINY, _blocks(), OptimConfig(warmup_steps=1), train, tmp_path / name, block_len=32,
+                            quiet=True)
+        assert runs[name]["steps"] == 4  # ceil(500 / (4 x 32))
+    a = torch.load(tmp_path / "big" / "last.ckpt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "accum" / "last.ckpt", weights_only=True)["model"]
+    for name, w in a.items():
+        torch.testing.assert_close(w, b[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Adam hides a gradient's scale from the weights: the logged gradient norms and losses show it
+    big, acc = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "accum")
+    for col in ("grad_norm", "train/loss"):
+        assert big[col].to_list() == pytest.approx(acc[col].to_list(), rel=1e-5), col
+    # with a peak given, the MFU is logged: flops/token x tokens/s / peak
+    s = runs["big"]
+    assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / 1e9)
+    assert s["flops_per_token"] == flops_per_token(TINY, 32)
