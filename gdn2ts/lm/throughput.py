@@ -15,7 +15,7 @@ import torch
 from gdn2ts.lm.flops import flops_per_token, mfu, peak_flops
 from gdn2ts.lm.optim import OptimConfig, build_optimizer, no_decay_names
 from gdn2ts.lm.recipes import load_recipe
-from gdn2ts.lm.train import make_fabric, train_step
+from gdn2ts.lm.train import make_fabric, resolve, train_step
 from gdn2ts.lm.train_config import TrainConfig
 from gdn2ts.models.lm import CausalLM, LMBlock
 
@@ -101,7 +101,7 @@ def measure_throughput(model: str = "swa_gdn2_1.3B", seq_lens: tuple[int, ...] =
         rec = {"model": model, "seq_len": seq_len, "tokens_per_step": tokens_per_step, "rows_per_step": rows * accum,
                "micro_batches": accum, "steps": steps, "warmup": warmup, "seconds_per_step": seconds / steps,
                "tokens_per_s": tps, "flops_per_token": flops, "mfu": mfu(flops, tps, peak), "loss": loss,
-               "precision": str(fabric._precision.precision), "packed": packed,
+               "precision": resolve(train)[1], "packed": packed,
                "activation_checkpointing": activation_checkpointing,
                "peak_memory_gb": torch.cuda.max_memory_allocated(fabric.device) / 2**30 if cuda else None,
                "device": torch.cuda.get_device_name(fabric.device) if cuda else platform.processor() or "cpu",

@@ -38,7 +38,7 @@ from gdn2ts.lm.train_config import TrainConfig
 from gdn2ts.models.lm import CausalLM, LMBlock
 from gdn2ts.models.lm_config import LMConfig
 
-__all__ = ["IGNORE_INDEX", "TrainError", "fit_lm", "fsdp_strategy", "lm_loss", "make_fabric", "train_step"]
+__all__ = ["IGNORE_INDEX", "TrainError", "fit_lm", "fsdp_strategy", "lm_loss", "make_fabric", "resolve", "train_step"]
 
 # labels equal to this are not trained on (cross-entropy's ignore_index)
 IGNORE_INDEX = -100
@@ -62,15 +62,27 @@ def fsdp_strategy(train: TrainConfig) -> FSDPStrategy:
                         activation_checkpointing_policy={LMBlock} if train.activation_checkpointing else None)
 
 
-def make_fabric(train: TrainConfig, out: str | Path | None = None) -> L.Fabric:
-    """A Fabric for ``train``'s accelerator, devices, precision and strategy, logging to CSV under ``out/logs``
-    (one ``version_<n>`` folder per launch) when ``out`` is given. Not launched yet (call ``fabric.launch()``)."""
+def resolve(train: TrainConfig) -> tuple[str, str]:
+    """``(accelerator, precision)`` of ``train`` with ``auto`` decided: a GPU when present, ``bf16-mixed`` on a
+    GPU and ``32-true`` on the CPU.
+
+    Example:
+        >>> resolve(TrainConfig(accelerator="cpu"))
+        ('cpu', '32-true')
+    """
     accelerator = "cuda" if train.accelerator == "gpu" else train.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     precision = train.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "cuda" else "32-true"
+    return accelerator, precision
+
+
+def make_fabric(train: TrainConfig, out: str | Path | None = None) -> L.Fabric:
+    """A Fabric for ``train``'s accelerator, devices, precision and strategy, logging to CSV under ``out/logs``
+    (one ``version_<n>`` folder per launch) when ``out`` is given. Not launched yet (call ``fabric.launch()``)."""
+    accelerator, precision = resolve(train)
     strategy = fsdp_strategy(train) if train.strategy == "fsdp" else train.strategy
     loggers = CSVLogger(str(out), name="logs", flush_logs_every_n_steps=1) if out is not None else None
     return L.Fabric(accelerator=accelerator, devices=train.devices, precision=precision, strategy=strategy,
