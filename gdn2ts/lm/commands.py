@@ -82,7 +82,8 @@ def lm_generate(checkpoint: str, prompt: str = "\n", max_new_tokens: int = 200, 
 def lm_throughput(model: str = "swa_gdn2_1.3B", seq_len: tuple[int, ...] = (2048, 16384),
                   tokens_per_step: int = 32768, micro_tokens: int | None = None, steps: int = 10, warmup: int = 3,
                   device: str = "auto", precision: str = "auto", packed: bool = False,
-                  activation_checkpointing: bool = False, peak_tflops: float | None = None, threads: int | None = None,
+                  activation_checkpointing: bool = False, compile: bool = False, peak_tflops: float | None = None,
+                  threads: int | None = None,
                   json: str | None = None, quiet: bool = False) -> list[dict]:
     """Training tokens/s of a model recipe at fixed tokens per step on random tokens (the paper: swa_gdn2_1.3B on
     one H100, 38.0 K tokens/s at 2K context, 36.1 K at 16K).
@@ -98,6 +99,7 @@ def lm_throughput(model: str = "swa_gdn2_1.3B", seq_len: tuple[int, ...] = (2048
         precision: auto (bf16-mixed on a GPU), 32-true, bf16-mixed or bf16-true.
         packed: rows as one packed sequence with cu_seqlens (False: [B, T] rows).
         activation_checkpointing: recompute each block in the backward.
+        compile: torch.compile the model (give warmup steps enough for the compilation).
         peak_tflops: the device's dense bf16 peak for the MFU (default: from the GPU's name).
         threads: torch CPU threads.
         json: path of the JSON record.
@@ -111,7 +113,8 @@ def lm_throughput(model: str = "swa_gdn2_1.3B", seq_len: tuple[int, ...] = (2048
         records = measure_throughput(model, seq_lens=tuple(seq_len), tokens_per_step=tokens_per_step,
                                      micro_tokens=micro_tokens, steps=steps, warmup=warmup, accelerator=device,
                                      precision=precision, packed=packed,
-                                     activation_checkpointing=activation_checkpointing, peak_tflops=peak_tflops,
+                                     activation_checkpointing=activation_checkpointing, compile=compile,
+                                     peak_tflops=peak_tflops,
                                      json_path=json, quiet=quiet)
     except ValueError as e:
         raise SystemExit(f"gdn2ts lm throughput: {e}") from None

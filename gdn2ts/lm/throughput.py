@@ -30,14 +30,16 @@ def _check(name: str, value, low: int = 1) -> None:
 def measure_throughput(model: str = "swa_gdn2_1.3B", seq_lens: tuple[int, ...] = (2048, 16384),
                        tokens_per_step: int = 32768, micro_tokens: int | None = None, steps: int = 10,
                        warmup: int = 3, accelerator: str = "auto", precision: str = "auto", packed: bool = False,
-                       activation_checkpointing: bool = False, peak_tflops: float | None = None, seed: int = 0,
+                       activation_checkpointing: bool = False, compile: bool = False,
+                       peak_tflops: float | None = None, seed: int = 0,
                        json_path: str | None = None, quiet: bool = False) -> list[dict]:
     """Tokens/s of training ``model`` (a recipe name or path) at each context length in ``seq_lens``.
 
     Every optimizer step takes ``tokens_per_step`` tokens: rows of ``seq_len`` tokens, in micro-batches of
     ``micro_tokens`` (gradient accumulation; None: one micro-batch). ``warmup`` untimed steps (compilation,
     autotuning, allocator) come before ``steps`` timed ones. ``packed``: rows as one packed sequence with
-    ``cu_seqlens`` at the row starts (False: ``[B, T]`` rows). Returns one record per context length (tokens/s,
+    ``cu_seqlens`` at the row starts (False: ``[B, T]`` rows). ``compile``: ``torch.compile`` the model (the
+    warmup steps should cover the compilation). Returns one record per context length (tokens/s,
     MFU when the device's peak is known, seconds per step, peak memory on a GPU) and writes them to ``json_path``.
 
     Example:
@@ -59,7 +61,7 @@ def measure_throughput(model: str = "swa_gdn2_1.3B", seq_lens: tuple[int, ...] =
                              f"seq_len (got {s}) that divides 'tokens_per_step' ({tokens_per_step})")
     config = load_recipe(model)
     train = TrainConfig(accelerator=accelerator, precision=precision, activation_checkpointing=activation_checkpointing,
-                        packed=packed, max_steps=steps, threads=None)
+                        compile=compile, packed=packed, max_steps=steps, threads=None)
     fabric = make_fabric(train)
     fabric.launch()
     fabric.seed_everything(seed, verbose=False)
@@ -70,7 +72,7 @@ def measure_throughput(model: str = "swa_gdn2_1.3B", seq_lens: tuple[int, ...] =
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(net, check_fn=lambda m: isinstance(m, LMBlock))
-    net = fabric.setup_module(net)
+    net = fabric.setup_module(torch.compile(net) if compile else net)
     optimizer = fabric.setup_optimizers(build_optimizer(net, OptimConfig(), no_decay))
     cuda = fabric.device.type == "cuda"
     peak = peak_flops(fabric.device, peak_tflops)
@@ -102,7 +104,7 @@ def measure_throughput(model: str = "swa_gdn2_1.3B", seq_lens: tuple[int, ...] =
                "micro_batches": accum, "steps": steps, "warmup": warmup, "seconds_per_step": seconds / steps,
                "tokens_per_s": tps, "flops_per_token": flops, "mfu": mfu(flops, tps, peak), "loss": loss,
                "precision": resolve(train)[1], "packed": packed,
-               "activation_checkpointing": activation_checkpointing,
+               "activation_checkpointing": activation_checkpointing, "compile": compile,
                "peak_memory_gb": torch.cuda.max_memory_allocated(fabric.device) / 2**30 if cuda else None,
                "device": torch.cuda.get_device_name(fabric.device) if cuda else platform.processor() or "cpu",
                "torch": torch.__version__}

@@ -214,7 +214,8 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LMBlock))
-    model = fabric.setup_module(model)
+    # Fabric unwraps a compiled model, applies the strategy and compiles again; checkpoints hold the plain names
+    model = fabric.setup_module(torch.compile(model) if train.compile else model)
     optimizer = fabric.setup_optimizers(build_optimizer(model, optim, no_decay))
     total = train.total_steps(block_len or 1, fabric.world_size)
     scheduler = build_scheduler(optimizer, optim, total)

@@ -59,6 +59,9 @@ class TrainConfig:
     """FSDP sharding strategy: ``FULL_SHARD``, ``SHARD_GRAD_OP``, ``HYBRID_SHARD`` or ``NO_SHARD``."""
     activation_checkpointing: bool = False
     """Recompute each ``LMBlock``'s activations in the backward (saves memory at long context)."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (fuses the norms, gates and MLP pieces around the GDN-2 op; the
+    first steps pay the compilation)."""
     packed: bool = True
     """Train on packed documents (each mixer restarts at every document start, ``cu_seqlens``); False runs each
     block as one sequence (state flows across the documents inside a block; on a GPU this takes the Triton chunked
@@ -97,7 +100,7 @@ class TrainConfig:
                               ("strategy", STRATEGIES), ("fsdp_sharding", SHARDING)):
             if getattr(self, name) not in allowed:
                 _fail(name, f"one of {allowed}", getattr(self, name))
-        for name in ("activation_checkpointing", "packed"):
+        for name in ("activation_checkpointing", "compile", "packed"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "a bool", getattr(self, name))
         p = self.peak_tflops
