@@ -73,7 +73,8 @@ class TrainConfig:
     val_every: int | None = 100
     """Optimizer steps between validations on the held-out blocks, and one at the end (None: never)."""
     val_blocks: int = 32
-    """Held-out blocks per validation (the first ones of the validation data, the same every time)."""
+    """Held-out blocks per validation and process (the first ones of each process's share of the validation data,
+    the same every time)."""
     save_every: int | None = None
     """Optimizer steps between checkpoints (``last.ckpt`` is always written at the end; None: only then)."""
     peak_tflops: float | None = None
