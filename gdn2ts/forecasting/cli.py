@@ -113,7 +113,8 @@ def bench_forecast(data: str = "../shared/data/ett/ETTh1.csv", lookback: tuple[i
         data: path of ETTh1.csv.
         lookback: lookbacks L (96 is the unified protocol; add a longer one for the tuned figure).
         horizons: horizons H.
-        models: gdn2, gdn2_skip_only (ablation: recurrent path off), dlinear, gru.
+        models: gdn2, gdn2_ci (channel-independent patched form), gdn2_skip_only (ablation: recurrent path
+            off), dlinear, gru.
         epochs: epochs at most per fit (early stopping on validation MSE).
         patience: early-stopping patience in epochs.
         max_minutes: stop each fit after this many minutes.

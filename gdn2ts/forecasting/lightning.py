@@ -116,6 +116,9 @@ class TrainConfig:
     """Weight of the pinball loss over the quantile levels (gdn2)."""
     aux_weight: float = 0.1
     """Weight of the encoder's one-step loss over the lookback (gdn2; trains the head the online runner reads)."""
+    recurrent_lr_scale: float = 1.0
+    """gdn2: learning-rate multiplier of the encoder path (encoder and horizon head); the skip path and the
+    covariate head keep ``lr``. Below 1 the encoder learns its correction while the linear path converges."""
     seed: int = 0
     """Seed of the weights and the sampler."""
     accelerator: str = "auto"
@@ -124,7 +127,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.point_loss not in ("mse", "mae"):
             raise ValueError(f"TrainConfig: 'point_loss' expected 'mse' or 'mae', got {self.point_loss!r}")
-        if not self.lr > 0 or self.max_epochs < 1 or self.patience < 1:
+        if not self.lr > 0 or not self.recurrent_lr_scale > 0 or self.max_epochs < 1 or self.patience < 1:
             raise ValueError(f"TrainConfig: expected lr > 0, max_epochs >= 1 and patience >= 1, got {self!r}")
 
 
@@ -286,7 +289,13 @@ class ForecastModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.train_config
-        return torch.optim.Adam(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        params = list(self.parameters())
+        if self.model_config.kind == "gdn2" and t.recurrent_lr_scale != 1.0:
+            slow = {id(p) for m in (self.net.encoder, self.net.head) for p in m.parameters()}
+            groups = [{"params": [p for p in params if id(p) in slow], "lr": t.lr * t.recurrent_lr_scale},
+                      {"params": [p for p in params if id(p) not in slow]}]
+            return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
 @torch.no_grad()

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import ett_frame, long_frame
 
+from gdn2ts.forecasting.bench import run_bench
 from gdn2ts.forecasting.data import DataConfig
 from gdn2ts.forecasting.fit import fit, load_module, predict_frame
-from gdn2ts.forecasting.lightning import ForecastDataModule, ModelConfig, TrainConfig, evaluate
+from gdn2ts.forecasting.lightning import ForecastDataModule, ForecastModule, ModelConfig, TrainConfig, evaluate
 from gdn2ts.models.forecaster import ForecasterConfig, GDN2Forecaster, forecast_loss
 
 PATCHED = dict(channel_independent=True, patch_len=4, patch_stride=2, head="flatten", dropout=0.1)
@@ -145,3 +146,31 @@ def test_patched_form_with_covariates_and_missing_values_on_long_data(tmp_path):
     module, _ = fit(model, dm, TrainConfig(max_epochs=1, limit_train_batches=2), out=tmp_path, quiet=True)
     metrics = evaluate(module.net, dm.test_dataloader(), 1, 1)
     assert metrics["windows"] == 2 * (32 + 16 - 16 - 4 + 1) and metrics["mse"] > 0
+
+
+def test_recurrent_lr_scale_slows_the_encoder_path_only(tmp_path):
+    path = tmp_path / "ETTsynth.csv"
+    ett_frame(700).write_csv(path)
+    dm = ForecastDataModule(DataConfig(path=str(path), lookback=24, horizon=8, borders=(400, 520, 640)))
+    dm.setup()
+    model = ModelConfig(kind="gdn2", hidden_size=8, num_heads=2, head_dim=4, channel_independent=True,
+                        patch_len=8, patch_stride=4)
+    module = ForecastModule.create(model, dm, TrainConfig(lr=0.01, recurrent_lr_scale=0.1))
+    slow, fast = module.configure_optimizers().param_groups
+    assert slow["lr"] == pytest.approx(0.001) and fast["lr"] == pytest.approx(0.01)
+    assert {id(p) for p in slow["params"]} == {id(p) for m in (module.net.encoder, module.net.head)
+                                                for p in m.parameters()}
+    assert {id(p) for p in fast["params"]} == {id(p) for p in module.net.skip.parameters()}
+    with pytest.raises(ValueError, match="recurrent_lr_scale"):
+        TrainConfig(recurrent_lr_scale=0.0)
+
+
+def test_bench_runs_the_patched_form_with_its_fit_settings(ett_csv, tmp_path):
+    record = run_bench(str(ett_csv), lookbacks=(24,), horizons=(4,), models=("gdn2_ci",),
+                       train=TrainConfig(max_epochs=1, limit_train_batches=2),
+                       model_overrides={"gdn2_ci": {"hidden_size": 8, "head_dim": 4, "recurrent_lr_scale": 0.5}},
+                       json_path=str(tmp_path / "b.json"), quiet=True)
+    (row,) = record["results"]
+    assert row["train_overrides"] == {"lr": 1e-3, "recurrent_lr_scale": 0.5}
+    assert row["model_config"]["patch_len"] == 16 and row["model_config"]["channel_independent"]
+    assert row["test_windows"] == 2880 + 24 - 24 - 4 + 1 and row["mse"] > 0
