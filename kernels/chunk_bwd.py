@@ -174,8 +174,8 @@ def _dk_kernel(
     dd = tl.zeros([BKB], tl.float32)
     for v0 in range(0, V, BV):
         p_s, m_s = _state_tile(h, i_b, i_t, NT, i_hv, HV, K, V, k0, v0, BKB, BV)
-        S0 = tl.load(h + p_s, mask=m_s, other=0.0)
-        dS = tl.load(dSn + p_s, mask=m_s, other=0.0)
+        S0 = tl.load(h + p_s, mask=m_s, other=0.0).to(tl.float32)
+        dS = tl.load(dSn + p_s, mask=m_s, other=0.0).to(tl.float32)
         dgq += tl.dot(_tile(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(S0), input_precision=PRECISION)
         dkt += tl.dot(_tile(R, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(dS), input_precision=PRECISION)
         dRS += tl.dot(_tile(dR, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(S0), input_precision=PRECISION)
@@ -410,7 +410,8 @@ def chunk_bwd(
     G, Y, U, Aqk, Linv, h, R = (saved[n] for n in ("G", "Y", "U", "Aqk", "Linv", "h", "R"))
     do = do.contiguous()
 
-    dSn = _empty(B, NT, HV, K, V, device=dev, dtype=f32)
+    # the per-chunk state gradients are kept in the dtype the forward kept the chunk states in
+    dSn = _empty(B, NT, HV, K, V, device=dev, dtype=h.dtype)
     dR = _empty(B, T, HV, V, device=dev, dtype=f32)
     dh0 = _empty(B, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
     # value blocks of 32 at least: with 16, triton 3.6 on Hopper computed wrong state gradients (measured on an

@@ -375,6 +375,7 @@ def chunk_fwd(
     block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4,
     out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool = False,
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int | None = None,
+    saved_state_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
@@ -387,7 +388,8 @@ def chunk_fwd(
     under measurement, off by default). ``inverse_warps`` and ``gram_warps`` are those launches' warps (1
     and 2 measured 15 % faster than 4 on an H100: their 16 x 16 reductions stay within a warp); ``wy_warps``
     overrides ``intra_warps`` for the WY launch; ``inverse_rows_from_memory`` picks the inverse's substitution
-    form. No host synchronization.
+    form. ``saved_state_dtype`` is the dtype of the chunk entry states kept with ``save=True`` (the backward keeps
+    their gradients in the same dtype). No host synchronization.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -429,7 +431,7 @@ def chunk_fwd(
     ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     # few (sequence, head) pairs: narrower value blocks put more programs on the sequential state passing
     BV = min(block_v if B * HV * triton.cdiv(V, block_v) >= 256 else 16, BVfull)
-    h = torch.empty(B, NT, HV, K, V, device=dev, dtype=torch.float32) if save else o
+    h = torch.empty(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o
     Rs = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), B * HV)](
         q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT, scale, T,

@@ -17,8 +17,11 @@ class _TritonChunkGDN2(torch.autograd.Function):
     def forward(ctx, q, k, v, g, b, w, h0, scale, output_final_state):
         from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
-        o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True,
-                                 decayed_qk=True)
+        # 16-bit inputs: the chunk states (and, in the backward, their gradients) are kept in bf16, as the
+        # inputs' own precision; this keeps forward + backward memory under FLA's
+        half = q.dtype in (torch.bfloat16, torch.float16)
+        o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True, decayed_qk=True,
+                                 wy_warps=8, saved_state_dtype=torch.bfloat16 if half else torch.float32)
         ctx.save_for_backward(q, k, v, g, b, w, *(saved[n] for n in _SAVED))
         ctx.scale, ctx.has_h0 = scale, h0 is not None
         return o, ht
