@@ -4,6 +4,7 @@ errors, and a short fit through the Lightning path."""
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 import torch
 from conftest import ett_frame, long_frame
@@ -13,6 +14,7 @@ from gdn2ts.forecasting.data import DataConfig
 from gdn2ts.forecasting.fit import fit, load_module, predict_frame
 from gdn2ts.forecasting.lightning import ForecastDataModule, ForecastModule, ModelConfig, TrainConfig, evaluate
 from gdn2ts.models.forecaster import ForecasterConfig, GDN2Forecaster, forecast_loss
+from gdn2ts.streaming import MemoryStore, OnlineRunner
 
 PATCHED = dict(channel_independent=True, patch_len=4, patch_stride=2, head="flatten", dropout=0.1)
 
@@ -174,3 +176,18 @@ def test_bench_runs_the_patched_form_with_its_fit_settings(ett_csv, tmp_path):
     assert row["train_overrides"] == {"lr": 1e-3, "recurrent_lr_scale": 0.5}
     assert row["model_config"]["patch_len"] == 16 and row["model_config"]["channel_independent"]
     assert row["test_windows"] == 2880 + 24 - 24 - 4 + 1 and row["mse"] > 0
+
+
+def test_channel_independent_encoder_serves_one_stream_per_variable_in_the_online_runner():
+    model = _model(channel_independent=True, revin=False).eval()   # patch_len 1: one step per token
+    x = torch.randn(12, 3)
+    x[5, 1] = float("nan")
+    t = torch.arange(12.0).double() * 2
+    runner = OnlineRunner(model.encoder, MemoryStore(), channels=["value"])
+    rows = {"stream": [f"var{j}" for j in range(3) for _ in range(12)], "time": t.tolist() * 3,
+            "value": [None if v != v else v for j in range(3) for v in x[:, j].tolist()]}
+    assert runner.observe(pl.DataFrame(rows)).accepted == 36   # the null is accepted as a missing value
+    got = runner.forecast(["var0", "var1", "var2"]).sort("stream")
+    with torch.no_grad():
+        want = model(x[None], t[None])["next_step"][0, -1]  # [C, Q]: each variable's one-step quantiles
+    assert torch.allclose(torch.tensor(got.select(["q0.1", "q0.5", "q0.9"]).to_numpy()).float(), want, atol=1e-4)
