@@ -86,13 +86,23 @@ def _state_tile(ptr, i_b, i_t, NT, i_hv, HV: tl.constexpr, K: tl.constexpr, V: t
 
 @triton.jit
 def _dstate_kernel(
-    q, k, G, Y, Aqk, do, dht, dh0, dSn, dR, QG, KT, scale, T, NT,
+    q, k, G, Y, Aqk, do, dht, dh0, dSn, dR, QG, KT, chunk_lo, chunk_hi, scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr,
+    PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr, VARLEN: tl.constexpr,
 ):
+    """With ``VARLEN``, one program per (value block, sequence, value head) over its sequence's chunks
+    ``chunk_lo[n] .. chunk_hi[n]`` (as the forward's state pass)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_hv = i_bh % HV
+    if VARLEN:
+        i_b = i_bh * 0
+        lo = tl.load(chunk_lo + i_bh // HV)
+        hi = tl.load(chunk_hi + i_bh // HV)
+    else:
+        i_b = i_bh // HV
+        lo = 0
+        hi = NT
     i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
     v0 = i_v * BV
     o_k = tl.arange(0, BK)
@@ -103,8 +113,8 @@ def _dstate_kernel(
     dS = tl.zeros([BK, BV], tl.float32)
     if HAS_DHT:
         dS = tl.load(dht + i_bh * K * V + p_s, mask=m_s, other=0.0).to(tl.float32)
-    for j in range(NT):
-        i_t = NT - 1 - j
+    for j in range(hi - lo):
+        i_t = hi - 1 - j
         t0 = i_t * BT
         p_n, m_n = _state_tile(dSn, i_b, i_t, NT, i_hv, HV, K, V, 0, v0, BK, BV)
         tl.store(dSn + p_n, dS, mask=m_n)
@@ -389,7 +399,7 @@ def chunk_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, saved: dict, do: torch.Tensor, dht: torch.Tensor | None, need_dh0: bool,
     block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4, dk_block_v: int = 32,
-    gram_warps: int = 8,
+    gram_warps: int = 8, chunk_lo: torch.Tensor | None = None, chunk_hi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients ``(dq, dk, dv, dg, db, dw, dh0)`` of the chunked forward from what ``chunk_fwd(..., save=True)``
     kept (``saved``), the output gradient ``do`` and the final-state gradient ``dht`` (None: zero). ``dh0`` is
@@ -413,15 +423,19 @@ def chunk_bwd(
     # the per-chunk state gradients are kept in the dtype the forward kept the chunk states in
     dSn = _empty(B, NT, HV, K, V, device=dev, dtype=h.dtype)
     dR = _empty(B, T, HV, V, device=dev, dtype=f32)
-    dh0 = _empty(B, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
+    varlen = chunk_lo is not None
+    N = chunk_lo.numel() if varlen else B
+    # (varlen: sequences with no token pass their final-state gradient straight to their initial state)
+    dh0 = (dht.clone() if dht is not None else torch.zeros(N, HV, K, V, device=dev)) if need_dh0 and varlen else \
+        _empty(B, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
     # value blocks of 32 at least: with 16, triton 3.6 on Hopper computed wrong state gradients (measured on an
     # H100; the interpreter agrees with the reference for both)
     BV = min(max(block_v, 32), BVfull)
-    _dstate_kernel[(triton.cdiv(V, BV), B * HV)](
+    _dstate_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, G, Y, Aqk, do, dht if dht is not None else dR, dh0 if need_dh0 else dR, dSn, dR,
-        saved.get("qg", dR), saved.get("kt", dR), scale, T, NT, H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT,
-        HAS_DHT=dht is not None, STORE_DH0=need_dh0, PRECISION=precision, DECAYED_QK="qg" in saved,
-        num_warps=num_warps, num_stages=num_stages)
+        saved.get("qg", dR), saved.get("kt", dR), chunk_lo if varlen else dR, chunk_hi if varlen else dR, scale, T,
+        NT, H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+        PRECISION=precision, DECAYED_QK="qg" in saved, VARLEN=varlen, num_warps=num_warps, num_stages=num_stages)
 
     def grad_buffer(heads_in: int, dtype: torch.dtype, D: int) -> torch.Tensor:
         # written in the input's dtype directly when no value heads need summing

@@ -315,16 +315,26 @@ def _store_rows(ptr, x, i_b, r0, T, heads, i_h, D: tl.constexpr, BR: tl.constexp
 
 @triton.jit
 def _state_kernel(
-    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, scale, T,
+    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, chunk_lo, chunk_hi, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    SAVE: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr,
+    SAVE: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """With ``SAVE`` it also keeps, for the backward, each chunk's entry state in ``h`` ``[B, NT, HV, K, V]`` and
     the corrections ``R`` in ``Rs`` ``[B, T, HV, V]``. (Forming the output in a separate parallel launch from the
-    kept states, as FLA does, measured 30-50 % slower in total on an H100.)"""
+    kept states, as FLA does, measured 30-50 % slower in total on an H100.) With ``VARLEN`` the batch is one
+    chunk-aligned packed row and the second grid axis runs over (sequence, value head): sequence ``n`` owns the
+    chunks ``chunk_lo[n] .. chunk_hi[n]``, starts from its own initial state and stores its own final state."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_hv = i_bh % HV
+    if VARLEN:
+        i_b = i_bh * 0
+        lo = tl.load(chunk_lo + i_bh // HV)
+        hi = tl.load(chunk_hi + i_bh // HV)
+    else:
+        i_b = i_bh // HV
+        lo = 0
+        hi = tl.cdiv(T, BT)
     i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -334,7 +344,7 @@ def _state_kernel(
     S = tl.zeros([BK, BV], tl.float32)
     if HAS_H0:
         S = tl.load(h0 + i_bh * K * V + p_s, mask=m_s, other=0.0).to(tl.float32)
-    for i_t in range(tl.cdiv(T, BT)):
+    for i_t in range(lo, hi):
         t0 = i_t * BT
         rows = t0 + o_t
         m_r = rows < T
@@ -375,7 +385,8 @@ def chunk_fwd(
     block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4,
     out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool = False,
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int | None = None,
-    saved_state_dtype: torch.dtype = torch.float32,
+    saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
+    chunk_hi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
@@ -389,7 +400,10 @@ def chunk_fwd(
     and 2 measured 15 % faster than 4 on an H100: their 16 x 16 reductions stay within a warp); ``wy_warps``
     overrides ``intra_warps`` for the WY launch; ``inverse_rows_from_memory`` picks the inverse's substitution
     form. ``saved_state_dtype`` is the dtype of the chunk entry states kept with ``save=True`` (the backward keeps
-    their gradients in the same dtype). No host synchronization.
+    their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the call
+    varlen: ``B == 1``, sequence ``n`` fills chunks ``chunk_lo[n] .. chunk_hi[n]`` (each sequence starts on a chunk
+    boundary; padding between sequences must be identity steps, zero ``g``, ``b``, ``w``), the initial and final
+    states are ``[N, HV, K, V]`` (see ``gdn2ts.ops.chunk_triton``). No host synchronization.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -428,16 +442,23 @@ def chunk_fwd(
                                                    HB=HB, K=K, V=V, BK=BK, BV=BVw, BT=BT, PRECISION=precision,
                                                    DECAYED_QK=decayed_qk, num_warps=wy_warps or intra_warps)
     o = torch.empty_like(v) if out is None else out
-    ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
+    varlen = chunk_lo is not None
+    N = chunk_lo.numel() if varlen else B
+    if varlen and output_final_state:
+        # sequences with no token keep their initial state (no program stores for them)
+        ht = initial_state.clone() if initial_state is not None else torch.zeros(N, HV, K, V, device=dev)
+    else:
+        ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     # few (sequence, head) pairs: narrower value blocks put more programs on the sequential state passing
-    BV = min(block_v if B * HV * triton.cdiv(V, block_v) >= 256 else 16, BVfull)
+    BV = min(block_v if N * HV * triton.cdiv(V, block_v) >= 256 else 16, BVfull)
     h = torch.empty(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o
     Rs = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
-    _state_kernel[(triton.cdiv(V, BV), B * HV)](
-        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT, scale, T,
+    _state_kernel[(triton.cdiv(V, BV), N * HV)](
+        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT,
+        chunk_lo if varlen else o, chunk_hi if varlen else o, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
         STORE_HT=output_final_state, SAVE=save, num_warps=num_warps,
-        num_stages=num_stages, PRECISION=precision, DECAYED_QK=decayed_qk,
+        num_stages=num_stages, PRECISION=precision, DECAYED_QK=decayed_qk, VARLEN=varlen,
     )
     if save:
         saved = dict(G=G, Y=Y, U=U, Aqk=Aqk, Linv=Linv, h=h, R=Rs)

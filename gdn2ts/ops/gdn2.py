@@ -106,13 +106,12 @@ def _triton_chunk_unsupported(q, k, v, g, b, w, initial_state, A_log, dt_bias, c
     """Why the Triton chunked kernels cannot take this call ('' when they can)."""
     if q.dtype == torch.float64:
         return "fp16/bf16/fp32 inputs: fp64 runs backend='torch' with an fp64 state"
-    if cu_seqlens is not None:
-        return "fixed-length batches only so far: no cu_seqlens"
     if q.shape[-1] > TRITON_CHUNK_MAX_DIM or v.shape[-1] > TRITON_CHUNK_MAX_DIM:
         return f"K and V up to {TRITON_CHUNK_MAX_DIM}"
-    if q.shape[0] * v.shape[2] > TRITON_CHUNK_MAX_PAIRS:
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if N * v.shape[2] > TRITON_CHUNK_MAX_PAIRS:
         # the chunked kernels put (sequence, value head) pairs on the second grid axis
-        return f"at most {TRITON_CHUNK_MAX_PAIRS:,} (sequence, value head) pairs, got {q.shape[0] * v.shape[2]:,}"
+        return f"at most {TRITON_CHUNK_MAX_PAIRS:,} (sequence, value head) pairs, got {N * v.shape[2]:,}"
     return ""
 
 
@@ -214,7 +213,7 @@ def chunk_gdn2(
 
             # activations are computed in fp32; the kernels read them back in the inputs' dtypes (as they came)
             q, k, b, w = (t.to(dt) for t, dt in zip((q, k, b, w), dtypes, strict=True))
-            o, final = triton_chunk(q, k, v, g, b, w, opts.scale, initial_state, output_final_state)
+            o, final = triton_chunk(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
         else:
             fn = reference.recurrent_reference if path == "naive" else reference.chunk_reference
             o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
