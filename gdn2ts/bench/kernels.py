@@ -20,6 +20,7 @@ from gdn2ts.ops import chunk_gdn2, recurrent_gdn2, recurrent_reference
 
 H, K, V = 16, 128, 128
 CHUNK_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
+VARLEN_LENGTHS = (1000, 3000, 37, 5000, 2047, 4000, 1300, 1000)  # BENCHMARKS.md: 16,384 tokens in 8 ragged sequences
 DECODE_N = (1, 64, 1024, 4096)
 
 
@@ -249,6 +250,44 @@ def _chunk_row(fla, B: int, T: int) -> dict:
     return row
 
 
+def bench_varlen(fla, lengths=VARLEN_LENGTHS) -> dict:
+    """The packed ragged batch: check against the fp64 chunked path, then forward and forward+backward against
+    FLA's varlen ``chunk_gdn2`` (same inputs, alternating), with the peak memory."""
+    from gdn2ts.ops import chunk_reference
+
+    total = sum(lengths)
+    xs = make_inputs(1, total, seed=total, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    do = torch.randn(1, total, H, V, device="cuda", dtype=torch.bfloat16)
+    paths = {"ours": lambda *a: chunk_gdn2(*a, cu_seqlens=cu, output_final_state=True)}
+    if fla is not None:
+        paths["fla"] = lambda *a: fla[0](*a, cu_seqlens=cu, output_final_state=True)
+    with torch.no_grad():
+        o_ref, s_ref = chunk_reference(*(x.double() for x in xs), K**-0.5, None, True, cu)
+        row = {"lengths": list(lengths)}
+        for name, fn in paths.items():
+            o, s = fn(*xs)
+            row[f"{name}_o_rel_err"], row[f"{name}_state_rel_err"] = rel(o, o_ref), rel(s, s_ref)
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn(*xs)
+        return run
+
+    def fwd_bwd(fn):
+        def run():
+            o, _ = fn(*xs)
+            torch.autograd.grad(o, xs, do)
+        return run
+
+    row["fwd_ms"] = _median_alternating({n: fwd(fn) for n, fn in paths.items()}, rounds=2)
+    row["fwd_bwd_ms"] = _median_alternating({n: fwd_bwd(fn) for n, fn in paths.items()}, rounds=2)
+    row["peak_GB"] = {name: peak_memory_gb(fwd_bwd(fn)) for name, fn in paths.items()}
+    print(f"varlen {total} tokens in {len(lengths)}: {row}", flush=True)
+    return row
+
+
 def tune_decode(N: int = 4096) -> list[dict]:
     """Sweep the step kernel's value block and warps at N streams (CUDA graph replays), checking each variant."""
     from gdn2ts.kernels.recurrent import recurrent_fwd
@@ -301,6 +340,8 @@ def bench_kernels(json_path: str | None = None, decode: bool = True, chunk: bool
         record["chunk_bwd_check"] = check_chunk_bwd(fla)
         print("chunk backward check:", record["chunk_bwd_check"], flush=True)
         record["chunk"] = bench_chunk(fla)
+        write_json(json_path, record)
+        record["varlen"] = bench_varlen(fla)
     write_json(json_path, record)
     return record
 
@@ -310,12 +351,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--no-chunk", action="store_true")
+    parser.add_argument("--varlen-only", action="store_true", help="only the packed ragged batch")
     parser.add_argument("--tune", action="store_true", help="sweep the step kernel's tiling at N = 4096 first")
     args = parser.parse_args(argv)
     if args.tune:
         tuned = {"decode": tune_decode() if not args.no_decode else None,
                  "chunk_fwd": tune_chunk_fwd() if not args.no_chunk else None}
         write_json(None if args.json is None else args.json.replace(".json", "_tune.json"), tuned)
+    if args.varlen_only:
+        write_json(args.json, {"benchmark": "kernels", "environment": environment(), "varlen": bench_varlen(_fla())})
+        return
     bench_kernels(args.json, decode=not args.no_decode, chunk=not args.no_chunk)
 
 
