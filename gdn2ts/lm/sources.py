@@ -23,8 +23,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import polars as pl
-
 __all__ = ["FINEWEB_EDU_CONFIGS", "SOURCE_TYPES", "DocumentSource", "Documents", "JsonLines", "ParquetFiles",
            "TextFiles", "build_source", "expand_paths", "fineweb_edu", "list_hf_files"]
 
@@ -194,7 +192,9 @@ class ParquetFiles:
         self.column = column
         self.batch_rows = batch_rows
 
-    def _scan(self, path: str) -> pl.LazyFrame:
+    def _scan(self, path: str):
+        import polars as pl  # (imported when Parquet is read: importing gdn2ts.lm stays light)
+
         frame = pl.scan_parquet(path)
         schema = frame.collect_schema()
         if self.column not in schema:
@@ -206,6 +206,8 @@ class ParquetFiles:
 
     def documents(self, start: int = 0) -> Iterator[str]:
         index = 0
+        import polars as pl
+
         for path in self.paths:
             frame = self._scan(path)
             rows = frame.select(pl.len()).collect().item()
