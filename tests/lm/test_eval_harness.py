@@ -123,6 +123,8 @@ def test_adapter_errors_are_named():
         CausalLMEvalAdapter(model, object())
     with pytest.raises(ValueError, match="argument 'prefix_token_id' expected a token id in"):
         CausalLMEvalAdapter(model, tok, prefix_token_id=1000)
+    with pytest.raises(ValueError, match="argument 'tokenizer' expected at most the model's 42 tokens"):
+        CausalLMEvalAdapter(model, type("Big", (Chars,), {"vocab_size": 1000})())
     with pytest.raises(ValueError, match="argument 'max_length' expected an int >= 1"):
         CausalLMEvalAdapter(model, tok, max_length=0)
     lm = CausalLMEvalAdapter(model, tok)
@@ -162,6 +164,7 @@ def test_registered_class_answers_lm_eval_instances():
 
     cls = register_lm_eval()
     assert get_model("gdn2ts") is cls and issubclass(cls, LM) and register_lm_eval() is cls
+    assert get_model("dummy").__name__ == "DummyLM"  # the harness's own models stay reachable
     model, tok = _model(), Chars()
     lm = cls(model=model, tokenizer=tok, device="cpu", max_length=16)
     ll = [Instance("loglikelihood", {}, ("the cat", " sat"), 0), Instance("loglikelihood", {}, ("", "ok"), 1)]

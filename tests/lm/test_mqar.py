@@ -172,6 +172,15 @@ def test_interrupted_grid_resumes_with_the_missing_runs(tmp_path, monkeypatch):
     assert calls == [("kda", 0), ("kda", 1)] and len(record["runs"]) == 4
 
 
+def test_pair_mix_trains_on_easier_sequences_of_the_level():
+    level = MQARConfig(vocab_size=64, num_pairs=8, seq_len=32, num_queries=6)
+    mix = MQARTrainConfig(pair_mix=[0.125, 0.5, 1.0]).levels(level)
+    assert [(lv.num_pairs, lv.queries, lv.seq_len, lv.vocab_size) for lv in mix] == [(1, 1, 32, 64), (4, 4, 32, 64),
+                                                                                      (8, 6, 32, 64)]
+    with pytest.raises(ValueError, match="field 'pair_mix' expected a non-empty list of fractions in"):
+        MQARTrainConfig(pair_mix=(0.0, 1.0))
+
+
 def test_bad_grid_arguments(tmp_path):
     level = MQARConfig(vocab_size=16, num_pairs=2, seq_len=10)
     common = dict(model=MQARModelConfig(), train=MQARTrainConfig(), evaluation=MQAREvalConfig(), out=tmp_path)

@@ -80,6 +80,10 @@ class CausalLMEvalAdapter:
                 raise ValueError(f"{op}: argument '{name}' expected an int >= 1, got {value!r}")
         prefix = prefix_token_id if prefix_token_id is not None else getattr(tokenizer, "bos_id", None)
         vocab = model.config.vocab_size if hasattr(model, "config") else None
+        tok_vocab = getattr(tokenizer, "vocab_size", None)
+        if vocab and isinstance(tok_vocab, int) and tok_vocab > vocab:
+            raise ValueError(f"{op}: argument 'tokenizer' expected at most the model's {vocab} tokens, got a "
+                             f"tokenizer of {tok_vocab} (another model's tokenizer?)")
         if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0 or (vocab and prefix >= vocab):
             raise ValueError(f"{op}: argument 'prefix_token_id' expected a token id in [0, {vocab}) (default: the "
                              f"tokenizer's bos_id), got {prefix!r}")
@@ -252,6 +256,9 @@ def register_lm_eval(name: str = "gdn2ts") -> type:
     if name in _REGISTERED:
         return _REGISTERED[name]
     try:
+        # the harness fills its registry with its own models only while the registry is empty: fill it first, so
+        # that registering ours does not hide them
+        import lm_eval.models  # noqa: F401
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
     except ImportError as err:

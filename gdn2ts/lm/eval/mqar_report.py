@@ -120,8 +120,10 @@ def plot_mqar(record: dict, path: str | Path) -> None:
 
 
 def _config(levels, model, mixers, train, evaluation) -> dict:
-    return {"levels": [asdict(lv) for lv in levels], "model": asdict(model), "mixers": list(mixers),
-            "train": {**asdict(train), "seeds": list(train.seeds)}, "evaluation": asdict(evaluation)}
+    config = {"levels": [asdict(lv) for lv in levels], "model": asdict(model), "mixers": list(mixers),
+              "train": asdict(train), "evaluation": asdict(evaluation)}
+    # as it reads back from JSON (tuples become lists), so that a rerun recognizes its own config
+    return json.loads(json.dumps(config))
 
 
 def run_mqar(levels: tuple[MQARConfig, ...], model: MQARModelConfig, mixers: tuple[str, ...],

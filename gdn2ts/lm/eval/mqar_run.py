@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,10 @@ class MQARTrainConfig:
     """Gradient-norm clip (0: none)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One run per seed (weights and training batches)."""
+    pair_mix: tuple[float, ...] = (1.0,)
+    """Training batches cycle through these fractions of the level's pairs (at its length and vocabulary), e.g.
+    ``[0.125, 0.25, 0.5, 1.0]``: the easier sequences teach the recall circuit sooner. Held-out scores are always
+    at the full level."""
     log_every: int = 25
     """Steps between points of the training-loss curve (the mean loss over those steps)."""
     eval_every: int = 100
@@ -130,8 +134,9 @@ class MQARTrainConfig:
 
     def __post_init__(self):
         owner = "MQARTrainConfig"
-        if isinstance(self.seeds, list):
-            object.__setattr__(self, "seeds", tuple(self.seeds))
+        for name in ("seeds", "pair_mix"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _ints(owner, self, ("steps", "batch_size", "log_every"))
         _ints(owner, self, ("warmup_steps", "eval_every"), low=0)
         _floats(owner, self, ("lr",), 1e-8, 10.0)
@@ -141,6 +146,25 @@ class MQARTrainConfig:
         if not isinstance(s, tuple) or not s or len(set(s)) != len(s) or any(
                 isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in s):
             raise ValueError(f"{owner}: field 'seeds' expected a non-empty list of distinct ints >= 0, got {s!r}")
+        m = self.pair_mix
+        if not isinstance(m, tuple) or not m or any(isinstance(f, bool) or not isinstance(f, (int, float))
+                                                    or not 0 < f <= 1 for f in m):
+            raise ValueError(f"{owner}: field 'pair_mix' expected a non-empty list of fractions in (0, 1], got {m!r}")
+
+    def levels(self, level: MQARConfig) -> list[MQARConfig]:
+        """The training levels of ``level`` under ``pair_mix``, in cycle order.
+
+        Example:
+            >>> t = MQARTrainConfig(pair_mix=(0.25, 1.0))
+            >>> [lv.num_pairs for lv in t.levels(MQARConfig(vocab_size=64, num_pairs=8, seq_len=32))]
+            [2, 8]
+        """
+        out = []
+        for f in self.pair_mix:
+            pairs = max(1, round(f * level.num_pairs))
+            queries = None if level.num_queries is None else min(level.num_queries, pairs)
+            out.append(replace(level, num_pairs=pairs, num_queries=queries))
+        return out
 
 
 @dataclass(frozen=True)
@@ -210,6 +234,7 @@ def train_mqar_run(level: MQARConfig, mixer: str, seed: int, model_cfg: MQARMode
     amp = torch.bfloat16 if device.type == "cuda" else None
     # the training stream: a device generator, so that batches are drawn where they are used
     gen = torch.Generator(device=device).manual_seed(1_000_003 * (seed + 1))
+    mix = train.levels(level)
     curve = {"step": [], "loss": []}
     eval_curve = {"step": [], "accuracy": []}
     curve_ids, curve_labels = eval_ids[:curve_examples], eval_labels[:curve_examples]
@@ -221,7 +246,7 @@ def train_mqar_run(level: MQARConfig, mixer: str, seed: int, model_cfg: MQARMode
     for step in range(train.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, train)
-        ids, labels = make_mqar(level, train.batch_size, gen, device)
+        ids, labels = make_mqar(mix[step % len(mix)], train.batch_size, gen, device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits, _ = model(ids)
         mask = labels != IGNORE_INDEX
