@@ -209,3 +209,22 @@ def test_needle_scorer_is_the_model_greedy_continuation():
     assert needle_accuracy(model, prompts, greedy, batch_size=2)["exact_match"] == 1.0
     sweep = needle_depth_sweep(model, cfg, depths=(0.0, 1.0), num_examples=2)
     assert list(sweep) == [0.0, 1.0] and all(0 <= s["exact_match"] <= 1 for s in sweep.values())
+
+
+def test_perplexity_of_the_data_pipeline_blocks(tmp_path):
+    """PackedBlocks items score as training sees them: collate_packed's cu_seqlens over the flattened batch."""
+    from gdn2ts.lm.data import build_dataset, collate_packed
+
+    (tmp_path / "a.txt").write_text("To be, or not to be.\n\nThat is the question.\n\nWhether 'tis nobler.\n")
+    ds = build_dataset(paths=[str(tmp_path / "a.txt")], tokenizer="bytes", block_len=16)
+    items = list(ds)
+    model = _model(vocab=258)
+    r = perplexity(model, items, batch_size=3)
+    total = count = 0
+    for i in range(0, len(items), 3):
+        batch = collate_packed(items[i:i + 3])
+        logits, _ = model(batch["input_ids"].reshape(1, -1), cu_seqlens=batch["cu_seqlens"])
+        labels = batch["labels"].reshape(-1)
+        total += F.cross_entropy(logits[0], labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    assert r.tokens == count and math.isclose(r.nll * r.tokens, total, rel_tol=1e-10)

@@ -212,3 +212,12 @@ def test_every_mqar_recipe_loads(path):
 
 def test_recipes_present():
     assert {p.stem for p in RECIPES} >= {"tiny", "paper"}
+
+
+@pytest.mark.gpu
+def test_tiny_recipe_on_cuda_with_bf16(tmp_path):
+    """The GPU path of the harness: batches drawn on the device, bf16 autocast, the Triton kernels."""
+    main(_tiny_args(tmp_path, "--device", "cuda", "--mixers", "[gdn2, kda, mamba2, swa]"))
+    record = json.loads((tmp_path / "mqar.json").read_text())
+    assert record["device"].startswith("cuda") and len(record["runs"]) == 4
+    assert all(0 <= r["accuracy"] <= 1 and r["loss"] is not None for r in record["runs"].values())

@@ -182,9 +182,12 @@ def run_mqar(levels: tuple[MQARConfig, ...], model: MQARModelConfig, mixers: tup
                 if key in runs:
                     continue
 
-                def report(step, loss, key=key, n=done):
+                run_start = time.perf_counter()
+
+                def report(step, loss, key=key, n=done, t0=run_start):
                     if not quiet and (step % (train.log_every * 4) == 0 or step == train.steps):
-                        print(f"  [{n}/{total}] {key} step {step}/{train.steps} loss {loss:.4f}", flush=True)
+                        print(f"  [{n}/{total}] {key} step {step}/{train.steps} loss {loss:.4f} "
+                              f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
                 result = train_mqar_run(level, mixer, seed, model, train, eval_ids, eval_labels,
                                         evaluation.batch_size, evaluation.curve_examples, dev, report)
