@@ -143,7 +143,7 @@ def test_command_runs_tiny_recipe_and_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(mqar_report, "train_mqar_run", lambda *a, **k: calls.append(a))
     main(_tiny_args(tmp_path))
     assert calls == [] and json.loads((tmp_path / "mqar.json").read_text())["runs"] == record["runs"]
-    with pytest.raises(ValueError, match="holds runs of another config"):
+    with pytest.raises(SystemExit, match="gdn2ts lm mqar: run_mqar: '.*' holds runs of another config"):
         main(_tiny_args(tmp_path, "--train.steps", "31"))
 
 

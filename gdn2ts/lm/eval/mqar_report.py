@@ -235,8 +235,11 @@ def mqar(levels: tuple[MQARConfig, ...] = _LEVELS, model: MQARModelConfig = _MOD
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    record = run_mqar(tuple(levels), model, tuple(mixers), train, evaluation, out, device=device, fresh=fresh,
-                      quiet=quiet, command="gdn2ts lm mqar")
+    try:
+        record = run_mqar(tuple(levels), model, tuple(mixers), train, evaluation, out, device=device, fresh=fresh,
+                          quiet=quiet, command="gdn2ts lm mqar")
+    except ValueError as e:
+        raise SystemExit(f"gdn2ts lm mqar: {e}") from None
     if not quiet:
         print(markdown_table(record), end="")
         print(f"wrote {Path(out) / 'mqar.json'}, {Path(out) / 'mqar.md'}, {Path(out) / 'mqar.png'} "
