@@ -73,6 +73,10 @@ def triton_chunk(q, k, v, g, b, w, scale: float, initial_state, output_final_sta
     initial state (validated, activated inputs with K, V <= 128). With ``cu_seqlens`` (``B == 1``), each sequence
     is moved to its own run of chunks (zero ``g``, ``b``, ``w`` in between: identity steps), run, and gathered
     back; its states are ``[N, HV, K, V]``."""
+    # the kernels address every input as a dense [B, T, heads, D] tensor, in the forward and in the backward (which
+    # reads the tensors saved here): broadcast gates (scalar decay, erase or write expanded over a head's channels)
+    # are materialized once
+    q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     chunk_lo = chunk_hi = None
     if cu_seqlens is not None:
         total = q.shape[1]

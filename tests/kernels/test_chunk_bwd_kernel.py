@@ -74,6 +74,31 @@ def test_wider_heads_two_key_blocks_and_two_value_blocks():
     check(x, x["h0"])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_broadcast_gates_are_read_as_dense_tensors(packed):
+    """Scalar gates expanded over a head's channels (stride 0, as the scalar-decay, scalar-erase and scalar-write
+    variants pass them) give the gradients of the same gates made dense, forward and backward."""
+    B, T, H, K = 1, 70, 2, 16
+    gen = torch.Generator().manual_seed(4)
+    q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(B, T, H, K, generator=gen)
+    g1 = F.logsigmoid(torch.randn(B, T, H, 1, generator=gen) + 2)
+    b1, w1 = (torch.sigmoid(torch.randn(B, T, H, 1, generator=gen)) for _ in range(2))
+    do = torch.randn(B, T, H, K, generator=gen)
+    cu = torch.tensor([0, 30, 70]).to(DEVICE) if packed else None
+    grads = {}
+    for form in ("expanded", "dense"):
+        leaves = [t.clone().to(DEVICE).requires_grad_() for t in (q, k, v, g1, b1, w1)]
+        gates = [t.expand(B, T, H, K) for t in leaves[3:]]
+        if form == "dense":
+            gates = [t.contiguous() for t in gates]
+        o, _ = chunk_gdn2(*leaves[:3], *gates, cu_seqlens=cu, backend="triton")
+        (o * do.to(DEVICE)).sum().backward()
+        grads[form] = [t.grad.cpu() for t in leaves]
+    for name, a, e in zip(("q", "k", "v", "g", "b", "w"), grads["expanded"], grads["dense"], strict=True):
+        torch.testing.assert_close(a, e, msg=f"d{name}")
+
+
 def test_in_op_activations_give_the_same_gradients_as_the_torch_path():
     B, T, H, K = 1, 70, 2, 16
     gen = torch.Generator().manual_seed(3)
