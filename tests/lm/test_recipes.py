@@ -36,6 +36,17 @@ BLOCKS = {
     "small_mamba3_mimo": 31_004_800,
 }
 
+# The CPU comparison recipes (docs/lm-training.md): 2,048 state floats per layer, block stacks within 0.2 %.
+CPU_BLOCKS = {
+    "cpu_gdn2": 407_876,
+    "cpu_kda": 407_876,
+    "cpu_gdn": 407_496,
+    "cpu_mamba2": 407_756,
+    "cpu_erase_only": 408_132,
+    "cpu_write_only": 408_132,
+    "cpu_mamba3_siso": 408_208,
+}
+
 
 def test_the_papers_exact_counts():
     assert build_model("gdn2_1.3B", device="meta").num_parameters()["blocks"] == 1_302_638_112
@@ -43,7 +54,7 @@ def test_the_papers_exact_counts():
 
 
 def test_every_recipe_is_counted_here():
-    assert set(list_recipes()) - {"tiny_gdn2", "tiny_swa_gdn2"} == set(BLOCKS)
+    assert set(list_recipes()) - {"tiny_gdn2", "tiny_swa_gdn2"} == set(BLOCKS) | set(CPU_BLOCKS)
 
 
 @pytest.mark.parametrize("name", list_recipes())
@@ -61,6 +72,8 @@ def test_recipe_loads_and_builds(name):
         assert abs(count["blocks"] - 1.3e9) < 4e6
     elif name.startswith("small"):
         assert cfg.state_floats_per_layer == 65_536 and 20e6 < count["blocks"] < 50e6
+    elif name.startswith("cpu_"):
+        assert cfg.state_floats_per_layer == 2048 and count["blocks"] == CPU_BLOCKS[name]
 
 
 def test_hybrid_layout_is_the_papers():
