@@ -220,16 +220,9 @@ def bench_chunk(fla, shapes=CHUNK_SHAPES) -> list[dict]:
     return [_chunk_row(fla, B, T) for B, T in shapes]
 
 
-def _chunk_row(fla, B: int, T: int) -> dict:
-    xs = make_inputs(B, T, seed=B * T, requires_grad=True)
-    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-    paths = {"ours": lambda *a: chunk_gdn2(*a)}
-    if fla is not None:
-        paths["fla"] = lambda *a: fla[0](*a)
-    o_ref = {name: fn(*xs)[0].float() for name, fn in paths.items()}
-    row = {"B": B, "T": T}
-    if fla is not None:
-        row["ours_vs_fla_o"] = rel(o_ref["ours"], o_ref["fla"])
+def _time_paths(paths: dict, xs: list, do: torch.Tensor) -> dict:
+    """Median ms of the forward (no grad) and of forward+backward of each path on the same inputs (alternating),
+    and each forward+backward's peak memory."""
 
     def fwd(fn):
         def run():
@@ -243,9 +236,22 @@ def _chunk_row(fla, B: int, T: int) -> dict:
             torch.autograd.grad(o, xs, do)
         return run
 
-    row["fwd_ms"] = _median_alternating({n: fwd(fn) for n, fn in paths.items()}, rounds=2)
-    row["fwd_bwd_ms"] = _median_alternating({n: fwd_bwd(fn) for n, fn in paths.items()}, rounds=2)
-    row["peak_GB"] = {name: peak_memory_gb(fwd_bwd(fn)) for name, fn in paths.items()}
+    return {"fwd_ms": _median_alternating({n: fwd(fn) for n, fn in paths.items()}, rounds=2),
+            "fwd_bwd_ms": _median_alternating({n: fwd_bwd(fn) for n, fn in paths.items()}, rounds=2),
+            "peak_GB": {name: peak_memory_gb(fwd_bwd(fn)) for name, fn in paths.items()}}
+
+
+def _chunk_row(fla, B: int, T: int) -> dict:
+    xs = make_inputs(B, T, seed=B * T, requires_grad=True)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    paths = {"ours": lambda *a: chunk_gdn2(*a)}
+    if fla is not None:
+        paths["fla"] = lambda *a: fla[0](*a)
+    o_ref = {name: fn(*xs)[0].float() for name, fn in paths.items()}
+    row = {"B": B, "T": T}
+    if fla is not None:
+        row["ours_vs_fla_o"] = rel(o_ref["ours"], o_ref["fla"])
+    row.update(_time_paths(paths, xs, do))
     print(f"chunk {T}x{B}: fwd {row['fwd_ms']}, fwd+bwd {row['fwd_bwd_ms']}, peak {row['peak_GB']}", flush=True)
     return row
 
@@ -268,22 +274,7 @@ def bench_varlen(fla, lengths=VARLEN_LENGTHS) -> dict:
         for name, fn in paths.items():
             o, s = fn(*xs)
             row[f"{name}_o_rel_err"], row[f"{name}_state_rel_err"] = rel(o, o_ref), rel(s, s_ref)
-
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                fn(*xs)
-        return run
-
-    def fwd_bwd(fn):
-        def run():
-            o, _ = fn(*xs)
-            torch.autograd.grad(o, xs, do)
-        return run
-
-    row["fwd_ms"] = _median_alternating({n: fwd(fn) for n, fn in paths.items()}, rounds=2)
-    row["fwd_bwd_ms"] = _median_alternating({n: fwd_bwd(fn) for n, fn in paths.items()}, rounds=2)
-    row["peak_GB"] = {name: peak_memory_gb(fwd_bwd(fn)) for name, fn in paths.items()}
+    row.update(_time_paths(paths, xs, do))
     print(f"varlen {total} tokens in {len(lengths)}: {row}", flush=True)
     return row
 
