@@ -1,5 +1,5 @@
-"""Triton kernels for the chunked GDN-2 backward, fixed-length batches (notation and formulas of ``docs/gdn2.md``
-section 3).
+"""Triton kernels for the chunked GDN-2 backward, fixed-length or chunk-aligned packed batches (notation and
+formulas of ``docs/gdn2.md`` section 3).
 
 The forward (``chunk_fwd(..., save=True)``) keeps ``G``, the read-out Gram ``A_qk``, ``L^-1``, ``Y``, ``U``, each
 chunk's entry state ``S0`` and the corrections ``R``. Five launches, each over chunks of 64 tokens:

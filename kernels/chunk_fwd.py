@@ -1,4 +1,4 @@
-"""Triton kernels for the chunked GDN-2 forward (prefill and inference), fixed-length batches.
+"""Triton kernels for the chunked GDN-2 forward (prefill and inference), fixed-length or chunk-aligned packed batches.
 
 Six launches, each over chunks of 64 tokens (notation of ``docs/gdn2.md``):
 

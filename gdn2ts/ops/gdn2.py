@@ -34,7 +34,7 @@ __all__ = ["GDN2Options", "chunk_gdn2", "recurrent_gdn2", "BACKENDS", "l2norm"]
 BACKENDS = ("auto", "torch", "naive", "triton")
 # backends each op has; "auto" picks the device's fast path
 CHUNK_BACKENDS = ("auto", "torch", "naive", "triton")
-# the Triton chunked kernels so far: forward and backward for fixed-length batches, K and V <= 128
+# the Triton chunked kernels so far: forward and backward for fixed-length and packed batches, K and V <= 128
 TRITON_CHUNK_MAX_DIM = 128
 TRITON_CHUNK_MAX_PAIRS = 65_535
 RECURRENT_BACKENDS = ("auto", "torch", "naive", "triton")
@@ -171,7 +171,7 @@ def chunk_gdn2(
         use_bw_sigmoid_in_kernel: ``b`` and ``w`` are logits; the op applies ``erase_max * sigmoid`` / ``sigmoid``.
         erase_max: range of the erase gate with logits; 2.0 is the negative-eigenvalue variant.
         backend: ``auto`` (Triton on CUDA where the kernels apply, else ``torch``), ``torch`` (chunked PyTorch),
-            ``naive`` (token-by-token reference) or ``triton`` (fixed-length batches, K and V up to 128).
+            ``naive`` (token-by-token reference) or ``triton`` (fixed-length or packed batches, K and V up to 128).
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, HV, V]`` in v's dtype; ``final_state`` ``[N, HV, K, V]`` or None.
