@@ -227,6 +227,7 @@ def conv_bwd(
     N, L, C = x.shape
     W = weight.shape[1]
     x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
+    tail_dtype = torch.float32 if tail is None else tail.dtype
     tail = None if tail is None or W == 1 else tail.contiguous()
     dnew_tail = None if dnew_tail is None or W == 1 else dnew_tail.contiguous()
     bt, bc = block_t or BWD_BT, _blocks(C, block_c)
@@ -236,8 +237,7 @@ def conv_bwd(
     dx = (torch.empty_like(x) if out_dx is None else out_dx) if need_dx else None
     dtail = None
     if need_dtail:
-        dtail = out_dtail if out_dtail is not None else torch.empty(
-            N, C, W - 1, dtype=torch.float32 if tail is None else tail.dtype, device=x.device)
+        dtail = torch.empty(N, C, W - 1, dtype=tail_dtype, device=x.device) if out_dtail is None else out_dtail
     dw_part = torch.empty(N * NS, W, C, dtype=torch.float32, device=x.device)
     _conv_bwd_kernel[(N * NS, triton.cdiv(C, bc))](
         x, x if tail is None else tail, weight, dy, dy if dnew_tail is None else dnew_tail,
