@@ -74,12 +74,13 @@ def test_kernels_match_fp64(W, L):
         compare(run_kernels(x, weight, t, dy, dnt), truth(x, weight, t, dy, dnt), torch.float32)
 
 
-@pytest.mark.parametrize("W,L,N", [(4, 67, 2), (3, 2, 2), (8, 35, 1)])
-def test_tiling_many_blocks(W, L, N):
+@pytest.mark.parametrize("W,L,N,block_t", [(4, 67, 2, 16), (3, 2, 2, 16), (8, 35, 1, None)])
+def test_tiling_many_blocks(W, L, N, block_t):
     """Several channel blocks (the last partial), several time blocks and several backward spans, so halos cross
-    block edges and the dweight partials of many programs are added; W = 8, the widest, included."""
+    block edges and the dweight partials of many programs are added; W = 8, the widest, with its default 8-step
+    backward blocks."""
     x, weight, tail, dy, dnt = inputs(N, L, 21, W, seed=W)
-    got = run_kernels(x, weight, tail, dy, dnt, block_t=16, block_c=16, span_blocks=2)
+    got = run_kernels(x, weight, tail, dy, dnt, block_t=block_t, block_c=16, span_blocks=2)
     compare(got, truth(x, weight, tail, dy, dnt), torch.float32)
 
 
