@@ -191,3 +191,50 @@ def test_gpu_layer_shape_bf16():
                                  bounds, strict=True):
         rms, _ = errors(a, e)
         assert torch.isfinite(a).all() and rms <= bound, f"{name}: relative RMS error {rms:.3e} (bound {bound})"
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """N * L * C = 2.2e9 elements (> 2**31): the end of the last sequence, forward and backward, against fp64 on
+    that segment (its first W - 1 rows as the tail); the gradient is zero wherever dy does not reach."""
+    N, L, C, W, K = 2, 2**17, 8320, 4, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, L, C, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    weight = (torch.randn(C, 1, W, device="cuda", generator=gen) / 2).requires_grad_()
+    dy = torch.zeros_like(x)
+    dy[-1, -K:] = torch.randn(K, C, device="cuda", generator=gen).to(torch.bfloat16)
+    y, new_tail = causal_conv1d(x, weight, activation="silu")
+    y.backward(dy)
+    seg = x.detach()[-1:, L - K - (W - 1):].double()
+    xs, ws = seg[:, W - 1:].clone().requires_grad_(), weight.detach().double().requires_grad_()
+    ys, tail_s = causal_conv1d(xs, ws, seg[:, :W - 1].transpose(1, 2), activation="silu", backend="torch")
+    ys.backward(dy[-1:, -K:].double())
+    assert_close("y", y[-1:, -K:], ys, torch.bfloat16)
+    assert torch.equal(new_tail[-1:].double(), tail_s)
+    assert_close("dx", x.grad[-1:, -K:], xs.grad, torch.bfloat16)
+    assert_close("dweight", weight.grad, ws.grad, torch.bfloat16)
+    assert x.grad[0].abs().max().item() == 0 and x.grad[-1, : L - K - (W - 1)].abs().max().item() == 0
+
+
+@pytest.mark.gpu
+def test_gpu_layer_uses_kernels(monkeypatch):
+    """GatedDeltaNet2 on CUDA (fp32) gives the same outputs, final conv state and gradients with the kernels as
+    with the PyTorch conv (forced by declaring every call unsupported)."""
+    from gdn2ts.layers import GatedDeltaNet2, GDN2Config
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet2(GDN2Config.variant("gdn2", hidden_size=128, num_heads=2, head_k_dim=32,
+                                              head_v_dim=32)).cuda()
+    x = torch.randn(3, 77, 128, device="cuda")
+
+    def run():
+        layer.zero_grad()
+        y, state = layer(x)
+        y.square().sum().backward()
+        return y.detach(), state.conv, layer.conv.weight.grad.clone()
+
+    got = run()
+    monkeypatch.setattr(conv_module, "_kernel_unsupported", lambda *args: "forced")
+    want = run()
+    for name, a, e in zip(("y", "conv state", "conv weight grad"), got, want, strict=True):
+        assert_close(name, a, e.double(), torch.float32)
