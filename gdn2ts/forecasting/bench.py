@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gdn2ts.forecasting.data import DataConfig
+from gdn2ts.forecasting.ensemble import fit_ensemble
 from gdn2ts.forecasting.fit import fit
 from gdn2ts.forecasting.lightning import ForecastDataModule, ModelConfig, TrainConfig, evaluate
 
@@ -68,8 +69,9 @@ def run_bench(data: str, lookbacks=(96,), horizons=(96, 192, 336, 720), models=(
         models: names from ``MODEL_DEFAULTS`` (gdn2, gdn2_ci, gdn2_skip_only, dlinear, gru).
         train: the training budget shared by all models (its lr is replaced by each model's default unless
             ``model_overrides`` sets one).
-        model_overrides: name -> dict of ModelConfig fields and TrainConfig fields (``lr``,
-            ``recurrent_lr_scale``, ...) replacing the model's defaults.
+        model_overrides: name -> dict of ModelConfig fields, TrainConfig fields (``lr``,
+            ``recurrent_lr_scale``, ...) and ``ensemble`` (fits with seeds ``seed, seed + 1, ...`` whose forecasts
+            are averaged; 1 by default) replacing the model's defaults.
         threads: torch CPU threads (None: torch's choice).
         json_path: where the record goes (rewritten after each fit, so a stopped run keeps what finished).
         quiet: print nothing.
@@ -80,6 +82,10 @@ def run_bench(data: str, lookbacks=(96,), horizons=(96, 192, 336, 720), models=(
     unknown = [m for m in models if m not in MODEL_DEFAULTS]
     if unknown:
         raise ValueError(f"bench forecast: unknown models {unknown}; expected some of {sorted(MODEL_DEFAULTS)}")
+    for name, fields in (model_overrides or {}).items():
+        members = fields.get("ensemble", 1)
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise ValueError(f"bench forecast: 'ensemble' of {name} expected a positive int, got {members!r}")
     train = train or TrainConfig()
     device = "cuda" if train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     record = {"data": str(data), "protocol": "ETTh1, BENCHMARKS.md section 2", "train": train.__dict__,
@@ -95,20 +101,26 @@ def run_bench(data: str, lookbacks=(96,), horizons=(96, 192, 336, 720), models=(
                 fields = {**extra, **overrides.get(name, {})}
                 # TrainConfig fields (lr, recurrent_lr_scale, ...) set the fit; the others set the model
                 fit_fields = {k: fields.pop(k) for k in list(fields) if k in TRAIN_FIELDS}
+                members = fields.pop("ensemble", 1)
                 lr = fit_fields["lr"]
                 model = replace(model, **fields)
-                module, info = fit(model, dm, replace(train, **fit_fields), quiet=not progress)
-                metrics = {split: evaluate(module.net, getattr(dm, f"{split}_dataloader")(), 0, 0)
-                           for split in ("test",)}
+                if members == 1:
+                    module, info = fit(model, dm, replace(train, **fit_fields), quiet=not progress)
+                    net = module.net
+                else:
+                    net, info = fit_ensemble(model, dm, replace(train, **fit_fields), members, quiet=not progress)
+                metrics = {split: evaluate(net, getattr(dm, f"{split}_dataloader")(), 0, 0)
+                           for split in ("val", "test")}
                 row = {"model": name, "lookback": lookback, "horizon": horizon, "mse": metrics["test"]["mse"],
                        "mae": metrics["test"]["mae"], "test_windows": metrics["test"]["windows"],
-                       "params": sum(p.numel() for p in module.net.parameters()), "model_config": model.__dict__,
+                       "val_mse": metrics["val"]["mse"], "val_mae": metrics["val"]["mae"], "ensemble": members,
+                       "params": sum(p.numel() for p in net.parameters()), "model_config": model.__dict__,
                        "lr": lr, "train_overrides": fit_fields,
                        **{k: v for k, v in info.items() if k != "checkpoint"}}
                 record["results"].append(row)
                 if not quiet:
                     print(f"{name:>15} L={lookback:<4} H={horizon:<4} MSE {row['mse']:.4f} MAE {row['mae']:.4f} "
-                          f"({row['epochs']} epochs, {row['seconds']:.0f} s)", flush=True)
+                          f"val MSE {row['val_mse']:.4f} ({row['epochs']} epochs, {row['seconds']:.0f} s)", flush=True)
                 record["averages"] = _averages(record["results"])
                 record["wall_seconds"] = time.perf_counter() - start
                 if json_path:

@@ -103,7 +103,7 @@ def bench_forecast(data: str = "../shared/data/ett/ETTh1.csv", lookback: tuple[i
                    epochs: int = 10, patience: int = 3, max_minutes: float | None = None,
                    limit_train_batches: int | None = None, device: str = "auto", threads: int | None = 1,
                    json: str | None = "docs/results/forecast_etth1.json", progress: bool = False,
-                   quiet: bool = False) -> dict:
+                   quiet: bool = False, ensemble: int = 1) -> dict:
     """ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU under the standard protocol.
 
     One harness for all models (same splits, scaler, windows and metric); MSE/MAE per horizon and averaged, beside
@@ -124,6 +124,7 @@ def bench_forecast(data: str = "../shared/data/ett/ETTh1.csv", lookback: tuple[i
         json: path of the JSON record (rewritten after each fit).
         progress: show the progress bar of each fit.
         quiet: print nothing.
+        ensemble: fits per model and horizon (seeds 0, 1, ...) whose forecasts are averaged.
     """
     from gdn2ts.forecasting.bench import run_bench
 
@@ -133,6 +134,7 @@ def bench_forecast(data: str = "../shared/data/ett/ETTh1.csv", lookback: tuple[i
         train = TrainConfig(max_epochs=epochs, patience=patience, max_minutes=max_minutes,
                             limit_train_batches=limit_train_batches, accelerator=device)
         return run_bench(data, lookbacks=tuple(lookback), horizons=tuple(horizons), models=tuple(models), train=train,
-                         threads=threads, json_path=json, quiet=quiet, progress=progress)
+                         threads=threads, json_path=json, quiet=quiet, progress=progress,
+                         model_overrides={m: {"ensemble": ensemble} for m in models} if ensemble != 1 else None)
     except (ValueError, DataError) as e:
         raise SystemExit(f"gdn2ts bench forecast: {e}") from None

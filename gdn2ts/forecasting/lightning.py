@@ -71,6 +71,15 @@ class ModelConfig:
     """gdn2: horizon head over the last token's encoder output (last) or every token's (flatten)."""
     dropout: float = 0.0
     """gdn2: dropout before the horizon head."""
+    head_basis: str = "free"
+    """gdn2: the horizon head writes every horizon step (free) or a lookback adjustment carried to the horizon by
+    the skip path's linear map (skip)."""
+    center: str = "none"
+    """gdn2: constraint on the encoder's median correction over the horizon: none, mean (zero mean: the level is
+    the skip path's) or trend (zero mean and slope)."""
+    correction_reach: float | None = None
+    """gdn2: steps over which the encoder's median correction fades by e (``exp(-h / reach)`` at step h); None:
+    no fading."""
     kernel: int = 25
     """dlinear: moving-average window."""
 
@@ -91,7 +100,8 @@ class ModelConfig:
             num_heads=self.num_heads, head_dim=self.head_dim, variant=self.variant,
             channel_independent=self.channel_independent, revin=self.revin, linear_skip=self.linear_skip,
             recurrent=self.recurrent, patch_len=self.patch_len, patch_stride=self.patch_stride, head=self.head,
-            dropout=self.dropout))
+            dropout=self.dropout, head_basis=self.head_basis, center=self.center,
+            correction_reach=self.correction_reach))
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,9 @@ class TrainConfig:
     recurrent_lr_scale: float = 1.0
     """gdn2: learning-rate multiplier of the encoder path (encoder and horizon head); the skip path and the
     covariate head keep ``lr``. Below 1 the encoder learns its correction while the linear path converges."""
+    recurrent_weight_decay: float | None = None
+    """gdn2: Adam's L2 weight decay on the encoder path (encoder and horizon head) in place of ``weight_decay``
+    (None: ``weight_decay``): shrinks the encoder's correction toward the skip path's forecast."""
     seed: int = 0
     """Seed of the weights and the sampler."""
     accelerator: str = "auto"
@@ -129,6 +142,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: 'point_loss' expected 'mse' or 'mae', got {self.point_loss!r}")
         if not self.lr > 0 or not self.recurrent_lr_scale > 0 or self.max_epochs < 1 or self.patience < 1:
             raise ValueError(f"TrainConfig: expected lr > 0, max_epochs >= 1 and patience >= 1, got {self!r}")
+        if not (self.weight_decay >= 0 and (self.recurrent_weight_decay or 0) >= 0):
+            raise ValueError(f"TrainConfig: 'weight_decay' and 'recurrent_weight_decay' expected numbers >= 0, got "
+                             f"{self.weight_decay!r} and {self.recurrent_weight_decay!r}")
 
 
 def _to_dict(cfg) -> dict:
@@ -290,9 +306,11 @@ class ForecastModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.train_config
         params = list(self.parameters())
-        if self.model_config.kind == "gdn2" and t.recurrent_lr_scale != 1.0:
+        slow_decay = t.weight_decay if t.recurrent_weight_decay is None else t.recurrent_weight_decay
+        if self.model_config.kind == "gdn2" and (t.recurrent_lr_scale != 1.0 or slow_decay != t.weight_decay):
             slow = {id(p) for m in (self.net.encoder, self.net.head) for p in m.parameters()}
-            groups = [{"params": [p for p in params if id(p) in slow], "lr": t.lr * t.recurrent_lr_scale},
+            groups = [{"params": [p for p in params if id(p) in slow], "lr": t.lr * t.recurrent_lr_scale,
+                       "weight_decay": slow_decay},
                       {"params": [p for p in params if id(p) not in slow]}]
             return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)

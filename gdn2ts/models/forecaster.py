@@ -84,6 +84,20 @@ class ForecasterConfig:
     concatenated; a fully missing token contributes zeros)."""
     dropout: float = 0.0
     """Dropout on the encoder outputs before the horizon head (training only)."""
+    head_basis: str = "free"
+    """What the horizon head writes: ``free`` (one output per horizon step, ``horizon`` rows of weights) or
+    ``skip`` (an adjustment of the lookback, ``lookback`` rows, which the skip path's linear map carries to the
+    horizon: the correction lies in the skip map's span and the head's size does not grow with the horizon;
+    needs ``linear_skip``)."""
+    center: str = "none"
+    """Constraint on the encoder's correction of the median, over the horizon steps of each window and channel:
+    ``none``; ``mean`` (zero mean: the forecast's level over the horizon is the skip path's); ``trend`` (zero mean
+    and zero least-squares slope: level and slope are the skip path's, the encoder adds shape only). Quantile
+    spreads are not constrained. Needs ``linear_skip``."""
+    correction_reach: float | None = None
+    """Lead time, in steps, over which the encoder's correction of the median fades by a factor e: it is
+    multiplied by ``exp(-h / correction_reach)`` at horizon step ``h = 1..H``, so the forecast tends to the skip
+    path's far ahead (None: no fading). Needs ``linear_skip``."""
 
     def __post_init__(self):
         for name in ("n_channels", "lookback", "horizon", "hidden_size", "n_layers", "num_heads", "head_dim",
@@ -108,6 +122,24 @@ class ForecasterConfig:
             raise ValueError(f"ForecasterConfig: 'head' expected 'last' or 'flatten', got {self.head!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"ForecasterConfig: 'dropout' expected a number in [0, 1), got {self.dropout!r}")
+        if self.head_basis not in ("free", "skip"):
+            raise ValueError(f"ForecasterConfig: 'head_basis' expected 'free' or 'skip', got {self.head_basis!r}")
+        if self.center not in ("none", "mean", "trend"):
+            raise ValueError(f"ForecasterConfig: 'center' expected 'none', 'mean' or 'trend', got {self.center!r}")
+        if self.center != "none" and not self.linear_skip:
+            raise ValueError(f"ForecasterConfig: center {self.center!r} expected linear_skip on (the skip path then "
+                             f"sets the level the correction leaves out)")
+        if self.correction_reach is not None:
+            if isinstance(self.correction_reach, bool) or not isinstance(self.correction_reach, int | float) or \
+                    not self.correction_reach > 0:
+                raise ValueError(f"ForecasterConfig: 'correction_reach' expected a positive number of steps or None, "
+                                 f"got {self.correction_reach!r}")
+            if not self.linear_skip:
+                raise ValueError("ForecasterConfig: correction_reach expected linear_skip on (the forecast fades to "
+                                 "the skip path's)")
+        if self.head_basis == "skip" and not self.linear_skip:
+            raise ValueError("ForecasterConfig: head_basis 'skip' expected linear_skip on (it maps the head's "
+                             "lookback adjustment to the horizon)")
 
     @property
     def n_tokens(self) -> int:
@@ -198,7 +230,7 @@ class GDN2Forecaster(nn.Module):
         c_out = 1 if cfg.channel_independent else cfg.n_channels
         self.encoder = StreamEncoder(cfg.encoder_config())
         head_in = cfg.hidden_size * (cfg.n_tokens if cfg.head == "flatten" else 1)
-        self.head = nn.Linear(head_in, cfg.horizon * c_out * n_q)
+        self.head = nn.Linear(head_in, self._head_steps * c_out * n_q)
         self.dropout = nn.Dropout(cfg.dropout)
         self._hidden = None
         if cfg.head == "flatten":
@@ -213,6 +245,11 @@ class GDN2Forecaster(nn.Module):
         n_cov = cfg.n_known + cfg.n_static
         self.known_head = nn.Sequential(nn.Linear(n_cov, cfg.hidden_size), nn.SiLU(),
                                         nn.Linear(cfg.hidden_size, c_out * n_q)) if cfg.n_known else None
+
+    @property
+    def _head_steps(self) -> int:
+        # rows the horizon head writes per channel and quantile: horizon steps, or lookback steps (skip basis)
+        return self.config.lookback if self.config.head_basis == "skip" else self.config.horizon
 
     # -- the state API of the streaming encoder ----------------------------------------------------------------
 
@@ -264,6 +301,17 @@ class GDN2Forecaster(nn.Module):
             cov = self._covariates(known, static, B, L)
         if cfg.recurrent:
             raw, next_step, next_target = self._recurrent(x, timestamps, cov)
+            if cfg.head_basis == "skip":
+                # the head's lookback adjustment [B, L, C, Q] through the skip map (weights only: the skip's
+                # bias is added once, below)
+                raw = torch.einsum("hl,blcq->bhcq", self.skip.weight, raw)
+            if cfg.center != "none":
+                raw = self._centered(raw)
+            if cfg.correction_reach is not None:
+                lead = torch.arange(1, cfg.horizon + 1, dtype=raw.dtype, device=raw.device)
+                fade = torch.exp(-lead / cfg.correction_reach)[None, :, None]
+                raw = torch.cat([raw[..., :self.mid], raw[..., self.mid:self.mid + 1] * fade[..., None],
+                                 raw[..., self.mid + 1:]], dim=-1)
             out = out + raw
         if self.known_head is not None:
             fut = known[:, L:]
@@ -276,6 +324,17 @@ class GDN2Forecaster(nn.Module):
         forecast = forecast * scale[..., None] + loc[..., None]
         return {"forecast": forecast, "point": forecast[..., self.mid], "next_step": next_step,
                 "next_target": next_target, "normalized": x, "loc": loc, "scale": scale}
+
+    def _centered(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw`` ``[B, H, C, Q]`` with the median's mean (and, for ``trend``, least-squares slope) over the
+        horizon steps removed."""
+        med = raw[..., self.mid]
+        med = med - med.mean(1, keepdim=True)
+        if self.config.center == "trend" and raw.shape[1] > 1:
+            t = torch.arange(raw.shape[1], dtype=med.dtype, device=med.device)
+            t = (t - t.mean())[None, :, None]
+            med = med - t * (med * t).sum(1, keepdim=True) / t.square().sum()
+        return torch.cat([raw[..., :self.mid], med[..., None], raw[..., self.mid + 1:]], dim=-1)
 
     def _keep_hidden(self, module, inputs, output):
         self._hidden = output
@@ -292,8 +351,9 @@ class GDN2Forecaster(nn.Module):
         return tokens, timestamps[:, ends], None if cov is None else cov[:, ends]
 
     def _recurrent(self, x, timestamps, cov):
-        """The encoder path: raw horizon outputs ``[B, H, C, Q]``, the one-step forecasts ``[B, N, D, Q]`` and
-        their targets ``[B, N, D]`` (N tokens of D values; per step and channel without patching)."""
+        """The encoder path: raw head outputs ``[B, H, C, Q]`` (``[B, L, C, Q]`` with the skip basis), the
+        one-step forecasts ``[B, N, D, Q]`` and their targets ``[B, N, D]`` (N tokens of D values; per step and
+        channel without patching)."""
         cfg = self.config
         B, L, C = x.shape
         n_q = len(cfg.quantiles)
@@ -315,11 +375,12 @@ class GDN2Forecaster(nn.Module):
         raw = self.head(self.dropout(feats))  # [B', H * c_out * Q]
         nxt = enc["forecast"][:, :, 0]  # [B', N, D', Q]
         N = tokens.shape[1]
+        steps = self._head_steps
         if cfg.channel_independent:
-            raw = raw.view(B, C, cfg.horizon, n_q).transpose(1, 2)
+            raw = raw.view(B, C, steps, n_q).transpose(1, 2)
             nxt = nxt.view(B, C, N, cfg.patch_len, n_q).transpose(1, 2).reshape(B, N, C * cfg.patch_len, n_q)
             tokens = tokens.view(B, C, N, cfg.patch_len).transpose(1, 2).reshape(B, N, C * cfg.patch_len)
-        return raw.reshape(B, cfg.horizon, C, n_q), nxt, tokens
+        return raw.reshape(B, steps, C, n_q), nxt, tokens
 
     def _covariates(self, known, static, B, L):
         parts = []
