@@ -67,6 +67,10 @@ def chunk_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, to
     return dest, lo.to(torch.int32), hi.to(torch.int32), total + (BT - 1) * N
 
 
+# torch.compile must not trace into the launches: inductor re-types the kernels' float arguments (fp64 against
+# fp32 operands in tl.dot), and the kernels are fused already. A compiled model breaks its graph here and runs
+# this Function as it is; what surrounds it (projections, gates, norms) still compiles.
+@torch.compiler.disable
 def triton_chunk(q, k, v, g, b, w, scale: float, initial_state, output_final_state: bool,
                  cu_seqlens: torch.Tensor | None = None):
     """``(o, final_state)`` of the chunked forward on the Triton kernels, differentiable in q, k, v, g, b, w and the
