@@ -441,8 +441,11 @@ def chunk_fwd(
     _wy_kernel[(NT, B * HV, triton.cdiv(V, BVw))](q, k, v, G, b, w, Linv, Y, U, QG, KT, scale, T, H=H, HV=HV, HG=HG,
                                                    HB=HB, K=K, V=V, BK=BK, BV=BVw, BT=BT, PRECISION=precision,
                                                    DECAYED_QK=decayed_qk, num_warps=wy_warps or intra_warps)
-    o = torch.empty_like(v) if out is None else out
     varlen = chunk_lo is not None
+    # varlen: rows past the last sequence's chunks are never run; zeros there (not stale memory) keep every
+    # output deterministic
+    alloc = torch.zeros if varlen else torch.empty
+    o = alloc(v.shape, device=dev, dtype=v.dtype) if out is None else out
     N = chunk_lo.numel() if varlen else B
     if varlen and output_final_state:
         # sequences with no token keep their initial state (no program stores for them)
@@ -451,8 +454,8 @@ def chunk_fwd(
         ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
     # few (sequence, head) pairs: narrower value blocks put more programs on the sequential state passing
     BV = min(block_v if N * HV * triton.cdiv(V, block_v) >= 256 else 16, BVfull)
-    h = torch.empty(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o
-    Rs = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
+    h = alloc(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o
+    Rs = alloc(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT,
         chunk_lo if varlen else o, chunk_hi if varlen else o, scale, T,

@@ -166,13 +166,19 @@ class Attention(nn.Module):
             check_cu_seqlens(op, cu_seqlens, B, T, x.device)
             return self._forward_packed(q, k, v, cu_seqlens), None
         if state is None:
-            state = self.init_state(B, x.device, v.dtype)
-        self._check_state(op, state, B, v.dtype, x.device)
-        start = int(state.pos)
+            # an empty cache: nothing to check or concatenate (and no read of a position tensor, which would
+            # break a compiled graph at every attention layer)
+            start = 0
+        else:
+            self._check_state(op, state, B, v.dtype, x.device)
+            start = int(state.pos)
         qpos = torch.arange(start, start + T, device=x.device)
         q, k = apply_rope(q, qpos, cfg.rope_theta), apply_rope(k, qpos, cfg.rope_theta)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, Dh]
-        k_all, v_all = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+        if state is None:
+            k_all, v_all = k, v
+        else:
+            k_all, v_all = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         L = k_all.shape[2]
         kpos = torch.arange(start + T - L, start + T, device=x.device)
         if L == T and (cfg.window is None or cfg.window >= T):

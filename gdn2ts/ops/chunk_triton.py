@@ -1,6 +1,7 @@
-"""The Triton chunked path as one autograd Function: ``chunk_fwd`` forward (keeping what the backward needs only
-when a gradient is wanted) and ``chunk_bwd`` backward; packed sequences (``cu_seqlens``) by a chunk-aligned
-re-layout, computed on the device (no host synchronization)."""
+"""The Triton chunked path as torch.library custom ops (``gdn2ts::chunk_fwd_train`` with its autograd,
+``gdn2ts::chunk_bwd``, and the inference-only ``gdn2ts::chunk_fwd``): the ``chunk_fwd`` forward (keeping what the
+backward needs only when a gradient is wanted) and the ``chunk_bwd`` backward; packed sequences (``cu_seqlens``)
+by a chunk-aligned re-layout, computed on the device (no host synchronization)."""
 
 from __future__ import annotations
 
@@ -15,32 +16,103 @@ BT = 64  # the kernels' chunk
 _SAVED = ("G", "Y", "U", "Aqk", "Linv", "h", "R", "qg", "kt")
 
 
-class _TritonChunkGDN2(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
-        from gdn2ts.kernels.chunk_fwd import chunk_fwd
+_F32 = torch.float32
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor b, Tensor w, Tensor? h0, float scale, "
+               "bool output_final_state, Tensor? chunk_lo, Tensor? chunk_hi) -> Tensor[]")
 
-        # 16-bit inputs: the chunk states (and, in the backward, their gradients) are kept in bf16, as the
-        # inputs' own precision; this keeps forward + backward memory under FLA's
-        half = q.dtype in (torch.bfloat16, torch.float16)
-        o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True, decayed_qk=True,
-                                 wy_warps=8, saved_state_dtype=torch.bfloat16 if half else torch.float32,
-                                 chunk_lo=chunk_lo, chunk_hi=chunk_hi)
-        ctx.save_for_backward(q, k, v, g, b, w, chunk_lo, chunk_hi, *(saved[n] for n in _SAVED))
-        ctx.scale, ctx.has_h0 = scale, h0 is not None
-        return o, ht
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        from gdn2ts.kernels.chunk_bwd import chunk_bwd
+# The kernels run as torch.library custom ops: torch.compile keeps them whole in its graph (no graph break at each
+# layer, and inductor never re-traces the Triton launches), and the fake functions below give it their outputs'
+# shapes. The ops return lists; a final state that was not asked for is an empty fp32 tensor.
+def _fwd_train_impl(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
+    from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
-        q, k, v, g, b, w, chunk_lo, chunk_hi, *rest = ctx.saved_tensors
-        # (inside an autocast region the few PyTorch ops here must keep their dtypes)
-        with torch.autocast(do.device.type, enabled=False):
-            grads = chunk_bwd(q, k, v, g, b, w, ctx.scale, dict(zip(_SAVED, rest, strict=True)), do, dht,
-                              need_dh0=ctx.has_h0 and ctx.needs_input_grad[6], chunk_lo=chunk_lo,
-                              chunk_hi=chunk_hi)
-        return (*grads, None, None, None, None)
+    # 16-bit inputs: the chunk states (and, in the backward, their gradients) are kept in bf16, as the inputs' own
+    # precision; this keeps forward + backward memory under FLA's
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True, decayed_qk=True,
+                             wy_warps=8, saved_state_dtype=torch.bfloat16 if half else _F32,
+                             chunk_lo=chunk_lo, chunk_hi=chunk_hi)
+    ht = q.new_empty(0, dtype=_F32) if ht is None else ht
+    return [o, ht, *(saved[n] for n in _SAVED)]
+
+
+def _fwd_train_fake(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
+    B, T, _, K = q.shape
+    HG, HV, V = g.shape[2], v.shape[2], v.shape[3]
+    NT = (T + BT - 1) // BT
+    N = B if chunk_lo is None else chunk_lo.shape[0]
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    qk_dtype = torch.float16 if half else _F32
+
+    def new(*shape, dtype=_F32):
+        return q.new_empty(shape, dtype=dtype)
+
+    ht = new(N, HV, K, V) if output_final_state else new(0)
+    return [v.new_empty(B, T, HV, V), ht, new(B, T, HG, K), new(B, T, HV, K), new(B, T, HV, V), new(B, T, HV, BT),
+            new(B, T, HV, BT), new(B, NT, HV, K, V, dtype=torch.bfloat16 if half else _F32), new(B, T, HV, V),
+            new(B, T, HV, K, dtype=qk_dtype), new(B, T, HV, K, dtype=qk_dtype)]
+
+
+def _fwd_infer_impl(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
+    from gdn2ts.kernels.chunk_fwd import chunk_fwd
+
+    o, ht = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, chunk_lo=chunk_lo, chunk_hi=chunk_hi)
+    return [o, q.new_empty(0, dtype=_F32) if ht is None else ht]
+
+
+def _fwd_infer_fake(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
+    return _fwd_train_fake(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi)[:2]
+
+
+def _bwd_impl(q, k, v, g, b, w, saved, do, dht, scale, need_dh0, chunk_lo, chunk_hi):
+    from gdn2ts.kernels.chunk_bwd import chunk_bwd
+
+    # (inside an autocast region the few PyTorch ops here must keep their dtypes)
+    # (incoming gradients may be strided views; the kernels address them as dense tensors)
+    do, dht = do.contiguous(), None if dht is None else dht.contiguous()
+    with torch.autocast(do.device.type, enabled=False):
+        *grads, dh0 = chunk_bwd(q, k, v, g, b, w, scale, dict(zip(_SAVED, saved, strict=True)), do, dht,
+                                need_dh0=need_dh0, chunk_lo=chunk_lo, chunk_hi=chunk_hi)
+    return [*grads, q.new_empty(0, dtype=_F32) if dh0 is None else dh0]
+
+
+def _bwd_fake(q, k, v, g, b, w, saved, do, dht, scale, need_dh0, chunk_lo, chunk_hi):
+    N = q.shape[0] if chunk_lo is None else chunk_lo.shape[0]
+    dh0 = q.new_empty((N, v.shape[2], q.shape[3], v.shape[3]) if need_dh0 else (0,), dtype=_F32)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, g, b, w)] + [dh0]
+
+
+_fwd_train = torch.library.custom_op("gdn2ts::chunk_fwd_train", _fwd_train_impl, mutates_args=(),
+                                     schema=_FWD_SCHEMA)
+_fwd_train.register_fake(_fwd_train_fake)
+_fwd_infer = torch.library.custom_op("gdn2ts::chunk_fwd", _fwd_infer_impl, mutates_args=(), schema=_FWD_SCHEMA)
+_fwd_infer.register_fake(_fwd_infer_fake)
+_bwd = torch.library.custom_op(
+    "gdn2ts::chunk_bwd", _bwd_impl, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor g, Tensor b, Tensor w, Tensor[] saved, Tensor do, Tensor? dht, "
+           "float scale, bool need_dh0, Tensor? chunk_lo, Tensor? chunk_hi) -> Tensor[]")
+_bwd.register_fake(_bwd_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi = inputs
+    ctx.save_for_backward(q, k, v, g, b, w, chunk_lo, chunk_hi, *output[2:])
+    ctx.scale, ctx.has_h0, ctx.has_ht = scale, h0 is not None, output_final_state
+
+
+def _backward(ctx, grads):
+    q, k, v, g, b, w, chunk_lo, chunk_hi, *saved = ctx.saved_tensors
+    do, dht = grads[0], grads[1]
+    if do is None:
+        do = torch.zeros_like(v)
+    dht = dht if ctx.has_ht and dht is not None else None
+    need_dh0 = ctx.has_h0 and ctx.needs_input_grad[6]
+    dq, dk, dv, dg, db, dw, dh0 = _bwd(q, k, v, g, b, w, saved, do, dht, ctx.scale, need_dh0, chunk_lo, chunk_hi)
+    return dq, dk, dv, dg, db, dw, (dh0 if need_dh0 else None), None, None, None, None
+
+
+_fwd_train.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -67,10 +139,6 @@ def chunk_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, to
     return dest, lo.to(torch.int32), hi.to(torch.int32), total + (BT - 1) * N
 
 
-# torch.compile must not trace into the launches: inductor re-types the kernels' float arguments (fp64 against
-# fp32 operands in tl.dot), and the kernels are fused already. A compiled model breaks its graph here and runs
-# this Function as it is; what surrounds it (projections, gates, norms) still compiles.
-@torch.compiler.disable
 def triton_chunk(q, k, v, g, b, w, scale: float, initial_state, output_final_state: bool,
                  cu_seqlens: torch.Tensor | None = None):
     """``(o, final_state)`` of the chunked forward on the Triton kernels, differentiable in q, k, v, g, b, w and the
@@ -91,16 +159,11 @@ def triton_chunk(q, k, v, g, b, w, scale: float, initial_state, output_final_sta
 
         q, k, v, g, b, w = (pad(x) for x in (q, k, v, g, b, w))
     tensors = (q, k, v, g, b, w, initial_state)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        # inference: nothing to keep for a backward (ctx.needs_input_grad would still report requires_grad
-        # under no_grad, and keeping the chunk states costs a sixth of the forward's time)
-        from gdn2ts.kernels.chunk_fwd import chunk_fwd
-
-        o, final = chunk_fwd(q, k, v, g, b, w, scale, initial_state, output_final_state, chunk_lo=chunk_lo,
-                             chunk_hi=chunk_hi)
-    else:
-        o, final = _TritonChunkGDN2.apply(q, k, v, g, b, w, initial_state, scale, output_final_state, chunk_lo,
-                                          chunk_hi)
+    # inference keeps nothing for a backward (keeping the chunk states costs a sixth of the forward's time)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    o, final = (_fwd_train if train else _fwd_infer)(q, k, v, g, b, w, initial_state, scale, output_final_state,
+                                                      chunk_lo, chunk_hi)[:2]
+    final = final if output_final_state else None
     if cu_seqlens is not None:
         o = o.index_select(1, dest)
     return o, final
