@@ -1,9 +1,10 @@
 """GPU: where the GatedDeltaNet2 layer's time goes, at the paper's width (``gdn2ts.bench.layer``'s shapes).
 
-``python -m gdn2ts.bench.profile_layer [--B 8 --T 2048] [--compile] [--json F]``: one forward+backward of our layer
-under ``torch.profiler``, the CUDA kernels ranked by their total time (the top rows are what to fuse next), then
-the forward and forward+backward medians of the eager layer, of ``torch.compile(layer)`` (``--compile``) and of
-FLA's ``GatedDeltaNet2`` layer when it is importable, timed in alternating order in this process.
+``python -m gdn2ts.bench.profile_layer [--B 8 --T 2048] [--compile] [--fla] [--json F]``: the forward and
+forward+backward medians of the eager layer, of ``torch.compile(layer)`` (``--compile``) and of FLA's
+``GatedDeltaNet2`` layer (``--fla``, when it is importable; its first calls autotune for minutes on a cold
+machine), timed in alternating order in this process; then one forward+backward of our layer under
+``torch.profiler``, the CUDA kernels ranked by their total time (the top rows are what to fuse next).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _kernel_table(fn, rows: int = 30) -> list[dict]:
     return table
 
 
-def profile_layer(B: int = 8, T: int = 2048, compile: bool = False, json_path: str | None = None) -> dict:
+def profile_layer(B: int = 8, T: int = 2048, compile: bool = False, fla: bool = False,
+                  json_path: str | None = None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("profile_layer needs a CUDA device")
     torch.manual_seed(0)
@@ -46,9 +48,9 @@ def profile_layer(B: int = 8, T: int = 2048, compile: bool = False, json_path: s
     layers = {n: m.to("cuda", torch.bfloat16) for n, m in layers.items()}
     if compile:
         layers["ours_compiled"] = torch.compile(layers["ours"])
-    fla = _fla_layer()
-    if fla is not None:
-        layers["fla"] = fla.to("cuda", torch.bfloat16)
+    fla_layer = _fla_layer() if fla else None
+    if fla_layer is not None:
+        layers["fla"] = fla_layer.to("cuda", torch.bfloat16)
     x = torch.randn(B, T, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
 
@@ -88,9 +90,10 @@ def main(argv=None) -> None:
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--fla", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    profile_layer(a.B, a.T, a.compile, a.json)
+    profile_layer(a.B, a.T, a.compile, a.fla, a.json)
 
 
 if __name__ == "__main__":
