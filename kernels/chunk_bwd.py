@@ -420,10 +420,13 @@ def chunk_bwd(
     G, Y, U, Aqk, Linv, h, R = (saved[n] for n in ("G", "Y", "U", "Aqk", "Linv", "h", "R"))
     do = do.contiguous()
 
-    # the per-chunk state gradients are kept in the dtype the forward kept the chunk states in
-    dSn = _empty(B, NT, HV, K, V, device=dev, dtype=h.dtype)
-    dR = _empty(B, T, HV, V, device=dev, dtype=f32)
     varlen = chunk_lo is not None
+    # varlen: chunks past the last sequence are never run by the sequential pass; zeros there (not stale memory)
+    # keep every gradient the per-chunk kernels derive from them deterministic
+    alloc = (lambda *shape, device, dtype: torch.zeros(shape, device=device, dtype=dtype)) if varlen else _empty
+    # the per-chunk state gradients are kept in the dtype the forward kept the chunk states in
+    dSn = alloc(B, NT, HV, K, V, device=dev, dtype=h.dtype)
+    dR = alloc(B, T, HV, V, device=dev, dtype=f32)
     N = chunk_lo.numel() if varlen else B
     # (varlen: sequences with no token pass their final-state gradient straight to their initial state)
     dh0 = (dht.clone() if dht is not None else torch.zeros(N, HV, K, V, device=dev)) if need_dh0 and varlen else \
