@@ -124,7 +124,7 @@ def _dstate_kernel(
         dOt = _tile(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
         rows = t0 + o_t
         At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
-                     mask=(rows < T)[:, None], other=0.0)
+                     mask=(rows < T)[:, None], other=0.0).to(tl.float32)
         if DECAYED_QK:
             kt = _tile(KT, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
         else:

@@ -364,7 +364,7 @@ def _state_kernel(
         else:
             qg = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale * tl.exp(Gt)
         At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
-                     mask=m_r[:, None], other=0.0)
+                     mask=m_r[:, None], other=0.0).to(tl.float32)
         ot = tl.dot(qg, S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
         tl.store(o + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
                  ot.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
@@ -386,7 +386,7 @@ def chunk_fwd(
     out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool = False,
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int | None = None,
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
-    chunk_hi: torch.Tensor | None = None,
+    chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
 
@@ -403,7 +403,10 @@ def chunk_fwd(
     their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the call
     varlen: ``B == 1``, sequence ``n`` fills chunks ``chunk_lo[n] .. chunk_hi[n]`` (each sequence starts on a chunk
     boundary; padding between sequences must be identity steps, zero ``g``, ``b``, ``w``), the initial and final
-    states are ``[N, HV, K, V]`` (see ``gdn2ts.ops.chunk_triton``). No host synchronization.
+    states are ``[N, HV, K, V]`` (see ``gdn2ts.ops.chunk_triton``). ``key_dtype``: the storage of ``Y`` and the
+    read-out Gram ``A_qk``, which every value block of the sequential pass re-reads (fp16 holds the 10 mantissa bits
+    that the tf32 products keep; every product still runs on fp32 values). A variant under measurement (fp32 by
+    default). No host synchronization.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -421,9 +424,9 @@ def chunk_fwd(
     precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32)
     _cumsum_kernel[(NT, B * HG)](g, G, T, HG=HG, K=K, BT=BT, BK=BK)
-    Y = torch.empty(B, T, HV, K, device=dev, dtype=torch.float32)
+    Y = torch.empty(B, T, HV, K, device=dev, dtype=key_dtype)
     U = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
-    Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
+    Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=key_dtype)
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     Linv = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from triton.testing import do_bench
 
 from gdn2ts.bench.kernels import K, make_inputs, rel
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
 VARIANTS = [dict(), dict(inverse_warps=4, gram_warps=4), dict(wy_warps=2), dict(wy_warps=8), dict(decayed_qk=True),
-            dict(decayed_qk=True, wy_warps=8), dict(inverse_rows_from_memory=True), dict(intra_warps=2)]
+            dict(decayed_qk=True, wy_warps=8), dict(inverse_rows_from_memory=True), dict(intra_warps=2),
+            dict(key_dtype=torch.float16), dict(key_dtype=torch.float16, decayed_qk=True, wy_warps=8)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]

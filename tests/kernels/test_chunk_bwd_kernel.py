@@ -152,33 +152,40 @@ def test_gpu_benchmark_shapes_bf16(B, T):
                      factor=4.0 if n in GATES else 2.0)
 
 
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("gates", ["normal", "strong_mixed"])
-def test_decayed_qk_variant_matches_the_token_loop(gates):
+def test_decayed_qk_variant_matches_the_token_loop(gates, key_dtype):
     """The variant that forms the decayed q and k once in the forward (and reuses them in the backward's
-    state pass) gives the same outputs and gradients, up to the dtype's tolerance."""
+    state pass) gives the same outputs and gradients, up to the dtype's tolerance; with ``Y`` and ``A_qk`` kept
+    in fp16 (``key_dtype``), within the 16-bit table (fp16 keeps tf32's 10 mantissa bits)."""
     from gdn2ts.kernels.chunk_bwd import chunk_bwd
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
     x = make_inputs(B=1, T=100, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=11)
     on = {n: t.to(DEVICE) for n, t in x.items()}
     scale = 0.3
-    o, s, saved = chunk_fwd(*(on[n] for n in ARGS), scale, on["h0"], True, save=True, decayed_qk=True)
+    o, s, saved = chunk_fwd(*(on[n] for n in ARGS), scale, on["h0"], True, save=True, decayed_qk=True,
+                            key_dtype=key_dtype)
     assert "qg" in saved and "kt" in saved
+    assert saved["Y"].dtype == saved["Aqk"].dtype == key_dtype
     gen = torch.Generator().manual_seed(2)
     do, dht = torch.randn(o.shape, generator=gen, dtype=torch.float64), torch.randn(s.shape, generator=gen,
                                                                                     dtype=torch.float64)
     got = chunk_bwd(*(on[n] for n in ARGS), scale, saved, do.float().to(DEVICE), dht.float().to(DEVICE), True)
     o_ref, s_ref, want = grads_of(recurrent_reference, {n: t.double() for n, t in x.items() if t is not None},
                                   x["h0"].double(), do, dht, scale=scale)
-    assert_close("o", o.cpu(), o_ref.detach(), torch.float32)
-    assert_close("final state", s.cpu(), s_ref.detach(), torch.float32)
+    table = torch.float32 if key_dtype == torch.float32 else torch.float16
+    assert_close("o", o.cpu(), o_ref.detach(), table)
+    assert_close("final state", s.cpu(), s_ref.detach(), table)
     for name, a in zip((*ARGS, "h0"), got, strict=True):
-        assert_close(f"d{name}", a.cpu(), want[name], torch.float32, factor=2.0 if name in GATES else 1.0)
+        assert_close(f"d{name}", a.cpu(), want[name], table, factor=2.0 if name in GATES else 1.0)
 
 
 @pytest.mark.gpu
-def test_gpu_decayed_qk_variant_bf16():
-    """The decayed-q/k variant (fp16 storage for bf16 inputs) on the GPU against fp64, at FLA's tolerances."""
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16])
+def test_gpu_decayed_qk_variant_bf16(key_dtype):
+    """The decayed-q/k variant (fp16 storage for bf16 inputs) on the GPU against fp64, at FLA's tolerances; also
+    with ``Y`` and ``A_qk`` kept in fp16."""
     from gdn2ts.kernels.chunk_bwd import chunk_bwd
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
@@ -193,7 +200,8 @@ def test_gpu_decayed_qk_variant_bf16():
              w=torch.sigmoid(r(B, T, H, V)).bfloat16())
     h0 = r(B, H, K, V)
     do, dht = r(B, T, H, V).bfloat16(), r(B, H, K, V)
-    o, s, saved = chunk_fwd(*(x[n] for n in ARGS), K**-0.5, h0, True, save=True, decayed_qk=True)
+    o, s, saved = chunk_fwd(*(x[n] for n in ARGS), K**-0.5, h0, True, save=True, decayed_qk=True,
+                            key_dtype=key_dtype)
     got = chunk_bwd(*(x[n] for n in ARGS), K**-0.5, saved, do, dht, True)
     o_ref, s_ref, want = grads_of(chunk_reference, {n: t.double() for n, t in x.items()}, h0.double(), do.double(),
                                   dht.double())
