@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import BC, BT, SAFE_SPREAD
+from .chunk_fwd import BC, BT, SAFE_SPREAD, _chunk_range
 
 __all__ = ["chunk_bwd"]
 
@@ -95,14 +95,7 @@ def _dstate_kernel(
     ``chunk_lo[n] .. chunk_hi[n]`` (as the forward's state pass)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_hv = i_bh % HV
-    if VARLEN:
-        i_b = i_bh * 0
-        lo = tl.load(chunk_lo + i_bh // HV)
-        hi = tl.load(chunk_hi + i_bh // HV)
-    else:
-        i_b = i_bh // HV
-        lo = 0
-        hi = NT
+    i_b, lo, hi = _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
     i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
     v0 = i_v * BV
     o_k = tl.arange(0, BK)

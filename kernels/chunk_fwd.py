@@ -314,6 +314,22 @@ def _store_rows(ptr, x, i_b, r0, T, heads, i_h, D: tl.constexpr, BR: tl.constexp
 
 
 @triton.jit
+def _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV: tl.constexpr, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """``(batch row, first chunk, end chunk)`` that the sequential passes' program ``i_bh`` (a sequence or batch row
+    times ``HV`` plus its value head) runs over: its sequence's chunks ``chunk_lo[n] .. chunk_hi[n]`` of the one
+    packed row with ``VARLEN``, else every chunk of batch row ``i_bh // HV``."""
+    if VARLEN:
+        i_b = i_bh * 0
+        lo = tl.load(chunk_lo + i_bh // HV)
+        hi = tl.load(chunk_hi + i_bh // HV)
+    else:
+        i_b = i_bh // HV
+        lo = 0
+        hi = tl.cdiv(T, BT)
+    return i_b, lo, hi
+
+
+@triton.jit
 def _state_kernel(
     q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, chunk_lo, chunk_hi, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -327,14 +343,7 @@ def _state_kernel(
     chunks ``chunk_lo[n] .. chunk_hi[n]``, starts from its own initial state and stores its own final state."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_hv = i_bh % HV
-    if VARLEN:
-        i_b = i_bh * 0
-        lo = tl.load(chunk_lo + i_bh // HV)
-        hi = tl.load(chunk_hi + i_bh // HV)
-    else:
-        i_b = i_bh // HV
-        lo = 0
-        hi = tl.cdiv(T, BT)
+    i_b, lo, hi = _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
     i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
