@@ -10,7 +10,9 @@ from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
 VARIANTS = [dict(), dict(inverse_warps=4, gram_warps=4), dict(wy_warps=2), dict(wy_warps=8), dict(decayed_qk=True),
             dict(decayed_qk=True, wy_warps=8), dict(inverse_rows_from_memory=True), dict(intra_warps=2),
-            dict(key_dtype=torch.float16), dict(key_dtype=torch.float16, decayed_qk=True, wy_warps=8)]
+            dict(key_dtype=torch.float16), dict(key_dtype=torch.float16, decayed_qk=True, wy_warps=8),
+            # wider value blocks: half the programs re-read the key side (may not fit in shared memory at 2 stages)
+            dict(block_v=64, num_stages=1), dict(key_dtype=torch.float16, decayed_qk=True, block_v=64, num_stages=1)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]
