@@ -1,6 +1,6 @@
 """How the encoder's correction reaches the horizon: the skip-basis head (a lookback adjustment carried by the skip
-map), the centered correction (level, or level and slope, left to the skip path), the encoder path's own weight
-decay, and the named errors of bad values."""
+map), the centered correction (level, or level and slope, left to the skip path), the fading correction, the
+encoder path's own weight decay, and the named errors of bad values."""
 
 from __future__ import annotations
 
@@ -74,11 +74,27 @@ def test_centered_correction_leaves_the_level_and_slope_to_the_skip_path(center)
     assert torch.allclose(one(x)["point"], one_plain(x)["point"], atol=1e-6)
 
 
+def test_fading_correction_shrinks_by_e_every_reach_steps_and_leaves_the_spreads():
+    model, plain = _pair(horizon=20, correction_reach=4.0)
+    free = GDN2Forecaster(ForecasterConfig(**{**SMALL, "horizon": 20})).eval()
+    free.load_state_dict(model.state_dict())
+    x = torch.randn(3, 12, 3)
+    base = plain(x)["point"]
+    faded, full = model(x)["point"] - base, free(x)["point"] - base
+    fade = torch.exp(-torch.arange(1.0, 21.0) / 4.0)[None, :, None]
+    assert full.abs().max() > 1e-2 and torch.allclose(faded, full * fade, atol=1e-5)
+    lo = model(x)["forecast"][..., 0] - model(x)["point"]
+    assert torch.allclose(lo, free(x)["forecast"][..., 0] - free(x)["point"], atol=1e-5)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(head_basis="lookback"), "'head_basis' expected 'free' or 'skip'"),
     (dict(head_basis="skip", linear_skip=False), "head_basis 'skip' expected linear_skip on"),
     (dict(center="median"), "'center' expected 'none', 'mean' or 'trend'"),
     (dict(center="trend", linear_skip=False), "center 'trend' expected linear_skip on"),
+    (dict(correction_reach=0.0), "'correction_reach' expected a positive number of steps or None"),
+    (dict(correction_reach="96"), "'correction_reach' expected a positive number of steps or None"),
+    (dict(correction_reach=96, linear_skip=False), "correction_reach expected linear_skip on"),
 ])
 def test_bad_correction_configs_are_named(change, message):
     with pytest.raises(ValueError, match=message):
