@@ -52,6 +52,16 @@ def _load_rows(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr,
 
 
 @triton.jit
+def _load_rows_native(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """As ``_load_rows``, in the tensor's own dtype."""
+    rows = row0 + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (rows < T)[:, None] & (o_d < D)[None, :]
+    offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + o_d[None, :]
+    return tl.load(ptr + offs, mask=m, other=0.0)
+
+
+@triton.jit
 def _load_G_rows(G, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """Rows of the cumulative decay; rows past T repeat row T - 1 (padding is g = 0, an identity step), so
     every decay ratio stays <= 1 in the last, partial chunk."""
@@ -77,12 +87,15 @@ def _load_G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _gram_kernel(
-    q, k, G, b, Akk, Aqk, scale, T,
+    q, k, G, b, Akk, Aqk, QG, KT, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
+    DECAYED_QK: tl.constexpr,
 ):
     """Row block i of the decayed Grams of one (chunk, value head): erase ``T`` (strictly lower) into ``Akk``,
-    read-out ``A_qk`` (lower) into ``Aqk``; blocks above the diagonal are written as zeros."""
+    read-out ``A_qk`` (lower) into ``Aqk``; blocks above the diagonal are written as zeros. With ``DECAYED_QK`` it
+    also writes the block's decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k`` (from the
+    rows it has loaded anyway), which the sequential passes then load instead of q, k and G."""
     i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -94,6 +107,12 @@ def _gram_kernel(
     ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
     qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
     bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
+    if DECAYED_QK:
+        # the last row of the chunk (or of the sequence) holds the chunk's total decay
+        G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
+        _store_rows(QG, (qi * tl.exp(Gi)).to(QG.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
+        _store_rows(KT, (ki * tl.exp(G_last[None, :] - Gi)).to(KT.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC,
+                    BK)
     # diagonal block: one matrix product about the block's mid-point decay (every factor <= exp(spread / 2)). A
     # block whose decay spreads further is left to _diag_fixup_kernel, which forms it pairwise.
     G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
@@ -274,13 +293,12 @@ def _store_block(ptr, x, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.co
 
 @triton.jit
 def _wy_kernel(
-    q, k, v, G, b, w, Linv, Y, U, QG, KT, scale, T,
+    k, v, G, b, w, Linv, Y, U, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Y = L^-1 (exp(G) b k) and U = L^-1 (w v) for one (chunk, value head, value block); with ``DECAYED_QK`` also
-    the decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k`` that the sequential state
-    passes then load instead of q, k and G."""
+    """One (chunk, value head) has ``1 + cdiv(V, BV)`` programs: the first forms ``Y = L^-1 (exp(G) b k)``, each
+    other a value block of ``U = L^-1 (w v)`` (at K = V = BV the two halves are the same size of product)."""
     i_t, i_bh, i_v = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
@@ -290,19 +308,15 @@ def _wy_kernel(
         Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
         kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK)
         E = tl.exp(Gt) * _load_rows(b, i_b, t0, T, HB, i_hb, K, BT, BK) * kt
-        _store_rows(Y, tl.dot(L, E, input_precision=PRECISION), i_b, t0, T, HV, i_hv, K, BT, BK)
-        if DECAYED_QK:
-            G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
-            qg = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * (scale * tl.exp(Gt))
-            _store_rows(QG, qg.to(QG.dtype.element_ty), i_b, t0, T, HV, i_hv, K, BT, BK)
-            _store_rows(KT, (kt * tl.exp(G_last[None, :] - Gt)).to(KT.dtype.element_ty), i_b, t0, T, HV, i_hv, K,
-                        BT, BK)
-    rows = t0 + tl.arange(0, BT)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m = (rows < T)[:, None] & (o_v < V)[None, :]
-    offs = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :]
-    Z = tl.load(v + offs, mask=m, other=0.0).to(tl.float32) * tl.load(w + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(U + offs, tl.dot(L, Z, input_precision=PRECISION), mask=m)
+        _store_rows(Y, tl.dot(L, E, input_precision=PRECISION).to(Y.dtype.element_ty), i_b, t0, T, HV, i_hv, K,
+                    BT, BK)
+    else:
+        rows = t0 + tl.arange(0, BT)
+        o_v = (i_v - 1) * BV + tl.arange(0, BV)
+        m = (rows < T)[:, None] & (o_v < V)[None, :]
+        offs = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :]
+        Z = tl.load(v + offs, mask=m, other=0.0).to(tl.float32) * tl.load(w + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(U + offs, tl.dot(L, Z, input_precision=PRECISION).to(U.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -335,12 +349,15 @@ def _state_kernel(
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     SAVE: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr, VARLEN: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """With ``SAVE`` it also keeps, for the backward, each chunk's entry state in ``h`` ``[B, NT, HV, K, V]`` and
     the corrections ``R`` in ``Rs`` ``[B, T, HV, V]``. (Forming the output in a separate parallel launch from the
     kept states, as FLA does, measured 30-50 % slower in total on an H100.) With ``VARLEN`` the batch is one
     chunk-aligned packed row and the second grid axis runs over (sequence, value head): sequence ``n`` owns the
-    chunks ``chunk_lo[n] .. chunk_hi[n]``, starts from its own initial state and stores its own final state."""
+    chunks ``chunk_lo[n] .. chunk_hi[n]``, starts from its own initial state and stores its own final state.
+    ``LOWP`` (with ``DECAYED_QK``): the key-side operands stay in their 16-bit storage dtype and the state and the
+    corrections are rounded to it for the products (fp32 accumulation; the state itself stays fp32)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_hv = i_bh % HV
     i_b, lo, hi = _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
@@ -357,33 +374,47 @@ def _state_kernel(
         t0 = i_t * BT
         rows = t0 + o_t
         m_r = rows < T
-        if not DECAYED_QK:
-            Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
-        Yt = _load_rows(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
-        Ut = tl.load(U + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
-                     mask=m_r[:, None] & (o_v < V)[None, :], other=0.0)
-        R = Ut - tl.dot(Yt, S, input_precision=PRECISION)
+        m_o = m_r[:, None] & (o_v < V)[None, :]
+        p_o = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :]
+        Ut = tl.load(U + p_o, mask=m_o, other=0.0).to(tl.float32)
+        if LOWP:
+            Yt = _load_rows_native(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
+            S_lp = S.to(Yt.dtype)
+            R = Ut - tl.dot(Yt, S_lp)
+        else:
+            if not DECAYED_QK:
+                Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
+            Yt = _load_rows(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
+            R = Ut - tl.dot(Yt, S, input_precision=PRECISION)
         if SAVE:
             NT = tl.cdiv(T, BT)
             tl.store(h + ((i_b * NT + i_t) * HV + i_hv) * K * V + p_s, S, mask=m_s)
-            tl.store(Rs + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :], R,
-                     mask=m_r[:, None] & (o_v < V)[None, :])
-        if DECAYED_QK:
-            qg = _load_rows(QG, i_b, t0, T, HV, i_hv, K, BT, BK)
+            tl.store(Rs + p_o, R, mask=m_o)
+        p_a = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :]
+        if LOWP:
+            qg = _load_rows_native(QG, i_b, t0, T, HV, i_hv, K, BT, BK)
+            At = tl.load(Aqk + p_a, mask=m_r[:, None], other=0.0)
+            R_lp = R.to(Yt.dtype)
+            ot = tl.dot(qg, S_lp) + tl.dot(At, R_lp)
         else:
-            qg = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale * tl.exp(Gt)
-        At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
-                     mask=m_r[:, None], other=0.0).to(tl.float32)
-        ot = tl.dot(qg, S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
-        tl.store(o + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :],
-                 ot.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
+            if DECAYED_QK:
+                qg = _load_rows(QG, i_b, t0, T, HV, i_hv, K, BT, BK)
+            else:
+                qg = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale * tl.exp(Gt)
+            At = tl.load(Aqk + p_a, mask=m_r[:, None], other=0.0).to(tl.float32)
+            ot = tl.dot(qg, S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
+        tl.store(o + p_o, ot.to(o.dtype.element_ty), mask=m_o)
         # the last row of the chunk (or of the sequence) holds the chunk's total decay
         G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
-        if DECAYED_QK:
-            kt = _load_rows(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
+        if LOWP:
+            kt = _load_rows_native(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
+            S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R_lp)
         else:
-            kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK) * tl.exp(G_last[None, :] - Gt)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R, input_precision=PRECISION)
+            if DECAYED_QK:
+                kt = _load_rows(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
+            else:
+                kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK) * tl.exp(G_last[None, :] - Gt)
+            S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R, input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht + i_bh * K * V + p_s, S, mask=m_s)
 
@@ -391,32 +422,45 @@ def _state_kernel(
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
-    block_v: int = 32, num_warps: int = 4, num_stages: int = 2, intra_warps: int = 4,
-    out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool = False,
+    block_v: int | None = None, num_warps: int = 4, num_stages: int | None = None, intra_warps: int = 4,
+    out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool | None = None,
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int | None = None,
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
-    chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype = torch.float32,
+    chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype | None = None, lowp: bool | None = None,
+    u_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Chunked forward on validated, activated inputs ``[B, T, *, *]`` (no varlen); returns ``(o, final_state)``.
+    """Chunked forward on validated, activated inputs ``[B, T, *, *]``; returns ``(o, final_state)``.
 
-    Intermediates (G, Y, U and the read-out Gram) are fp32. ``block_v``, ``num_warps`` and ``num_stages`` set the
-    state kernel's tiling (its loads are pipelined ``num_stages`` deep: 2 needs about 197 KB of shared memory at
-    K = V = 128, 3 would not fit on an H100). ``out`` may supply the output buffer (tests poison it with NaN).
-    ``save=True`` also returns what ``chunk_bwd`` needs (a dict of intermediates). ``decayed_qk=True`` forms the
-    decayed queries and tail keys once, in the WY kernel (fp16 for 16-bit inputs: the tf32 products keep 10 bits
-    of mantissa anyway; fp32 otherwise), so that the sequential passes load them instead of q, k and G (a variant
-    under measurement, off by default). ``inverse_warps`` and ``gram_warps`` are those launches' warps (1
-    and 2 measured 15 % faster than 4 on an H100: their 16 x 16 reductions stay within a warp); ``wy_warps``
-    overrides ``intra_warps`` for the WY launch; ``inverse_rows_from_memory`` picks the inverse's substitution
-    form. ``saved_state_dtype`` is the dtype of the chunk entry states kept with ``save=True`` (the backward keeps
-    their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the call
-    varlen: ``B == 1``, sequence ``n`` fills chunks ``chunk_lo[n] .. chunk_hi[n]`` (each sequence starts on a chunk
-    boundary; padding between sequences must be identity steps, zero ``g``, ``b``, ``w``), the initial and final
-    states are ``[N, HV, K, V]`` (see ``gdn2ts.ops.chunk_triton``). ``key_dtype``: the storage of ``Y`` and the
-    read-out Gram ``A_qk``, which every value block of the sequential pass re-reads (fp16 holds the 10 mantissa bits
-    that the tf32 products keep; every product still runs on fp32 values). A variant under measurement (fp32 by
-    default). No host synchronization.
+    Options left at ``None`` are chosen here (the choices measured fastest on an H100, ``docs/performance.md``):
+
+    - ``lowp`` (the default for 16-bit inputs without ``save``): the sequential pass runs its products on 16-bit
+      operands, the input dtype: the decayed queries and tail keys (``decayed_qk``), ``Y``, the read-out Gram
+      ``A_qk`` and ``U`` are stored in it, and the state and the corrections are rounded to it for the products
+      only (fp32 accumulation, fp32 state). Otherwise the intermediates are fp32 (``key_dtype``, ``u_dtype``) and
+      16-bit inputs get tf32 products.
+    - ``decayed_qk``: the Gram launch also writes the decayed read-out queries ``scale * exp(G) q`` and tail keys
+      ``exp(G_C - G) k``, which the sequential passes load instead of q, k and G (16-bit for 16-bit inputs).
+    - ``block_v`` / ``num_stages``: the state kernel's value block and load pipelining, by the number of
+      (sequence, value head) pairs: wide blocks when there are many, narrow ones (more programs) when few.
+
+    ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps`` and ``wy_warps`` (default
+    ``intra_warps``) those launches'; ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
+    may supply the output buffer (tests poison it with NaN). ``save=True`` also returns what ``chunk_bwd`` needs (a
+    dict of intermediates); ``saved_state_dtype`` is the dtype of the chunk entry states it keeps (the backward
+    keeps their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the
+    call varlen: ``B == 1``, sequence ``n`` fills chunks ``chunk_lo[n] .. chunk_hi[n]`` (each sequence starts on a
+    chunk boundary; padding between sequences must be identity steps, zero ``g``, ``b``, ``w``), the initial and
+    final states are ``[N, HV, K, V]`` (see ``gdn2ts.ops.chunk_triton``). No host synchronization.
     """
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if lowp is None:
+        lowp = half and not save and decayed_qk is not False and key_dtype is None
+    if decayed_qk is None:
+        decayed_qk = lowp
+    if key_dtype is None:
+        key_dtype = q.dtype if lowp else torch.float32
+    if u_dtype is None:
+        u_dtype = q.dtype if lowp else torch.float32
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     if T == 0:
@@ -424,6 +468,8 @@ def chunk_fwd(
         if save:
             raise ValueError("chunk_fwd: save=True needs at least one token")
         return v.new_empty(B, 0, HV, V), (h0 if output_final_state else None)
+    if lowp and not (decayed_qk and key_dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError("chunk_fwd: lowp=True needs decayed_qk=True and key_dtype bfloat16 or float16")
     HG, HB = g.shape[2], b.shape[2]
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     dev = q.device
@@ -433,26 +479,28 @@ def chunk_fwd(
     precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32)
     _cumsum_kernel[(NT, B * HG)](g, G, T, HG=HG, K=K, BT=BT, BK=BK)
+    qk_dtype = torch.float16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    if lowp:
+        qk_dtype = key_dtype
+    QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
+    KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
     Y = torch.empty(B, T, HV, K, device=dev, dtype=key_dtype)
-    U = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    U = torch.empty(B, T, HV, V, device=dev, dtype=u_dtype)
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=key_dtype)
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     Linv = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
-    _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK,
-                                            BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
-                                            num_warps=gram_warps)
+    _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, QG, KT, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
+                                            BK=BK, BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
+                                            DECAYED_QK=decayed_qk, num_warps=gram_warps)
     _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
                                                   BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD, num_warps=intra_warps)
     _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, ROWS_FROM_MEMORY=inverse_rows_from_memory,
                                   num_warps=inverse_warps)
     del Akk
-    BVw = min(64, BVfull)
-    qk_dtype = torch.float16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else Y
-    KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else Y
-    _wy_kernel[(NT, B * HV, triton.cdiv(V, BVw))](q, k, v, G, b, w, Linv, Y, U, QG, KT, scale, T, H=H, HV=HV, HG=HG,
-                                                   HB=HB, K=K, V=V, BK=BK, BV=BVw, BT=BT, PRECISION=precision,
-                                                   DECAYED_QK=decayed_qk, num_warps=wy_warps or intra_warps)
+    BVw = min(128, BVfull)
+    _wy_kernel[(NT, B * HV, 1 + triton.cdiv(V, BVw))](k, v, G, b, w, Linv, Y, U, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
+                                                       V=V, BK=BK, BV=BVw, BT=BT, PRECISION=precision,
+                                                       num_warps=wy_warps or intra_warps)
     varlen = chunk_lo is not None
     # varlen: rows past the last sequence's chunks are never run; zeros there (not stale memory) keep every
     # output deterministic
@@ -464,8 +512,15 @@ def chunk_fwd(
         ht = initial_state.clone() if initial_state is not None else torch.zeros(N, HV, K, V, device=dev)
     else:
         ht = torch.empty(B, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else o
-    # few (sequence, head) pairs: narrower value blocks put more programs on the sequential state passing
-    BV = min(block_v if N * HV * triton.cdiv(V, block_v) >= 256 else 16, BVfull)
+    # by default 32, and with few (sequence, head) pairs narrower value blocks put more programs on the sequential
+    # state passing; an explicit block_v is taken as given
+    pairs = N * HV
+    if lowp:  # H100, K = V = 128: 2048 x 8 (128 pairs) 64 / 1, 4096 x 4 and 8192 x 2 64 / 2, 16384 x 1 16 / 3
+        auto_bv, auto_stages = (64, 1) if pairs >= 128 else ((64, 2) if pairs >= 32 else (16, 3))
+    else:
+        auto_bv, auto_stages = (32 if pairs * triton.cdiv(V, 32) >= 256 else 16), 2
+    BV = min(auto_bv if block_v is None else block_v, BVfull)
+    num_stages = auto_stages if num_stages is None else num_stages
     h = alloc(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o
     Rs = alloc(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), N * HV)](
@@ -474,6 +529,7 @@ def chunk_fwd(
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
         STORE_HT=output_final_state, SAVE=save, num_warps=num_warps,
         num_stages=num_stages, PRECISION=precision, DECAYED_QK=decayed_qk, VARLEN=varlen,
+        LOWP=lowp,
     )
     if save:
         saved = dict(G=G, Y=Y, U=U, Aqk=Aqk, Linv=Linv, h=h, R=Rs)

@@ -8,11 +8,14 @@ from triton.testing import do_bench
 from gdn2ts.bench.kernels import K, make_inputs, rel
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
-VARIANTS = [dict(), dict(inverse_warps=4, gram_warps=4), dict(wy_warps=2), dict(wy_warps=8), dict(decayed_qk=True),
-            dict(decayed_qk=True, wy_warps=8), dict(inverse_rows_from_memory=True), dict(intra_warps=2),
-            dict(key_dtype=torch.float16), dict(key_dtype=torch.float16, decayed_qk=True, wy_warps=8),
-            # wider value blocks: half the programs re-read the key side (may not fit in shared memory at 2 stages)
-            dict(block_v=64, num_stages=1), dict(key_dtype=torch.float16, decayed_qk=True, block_v=64, num_stages=1)]
+_BF, _FP = torch.bfloat16, torch.float16
+# the sequential pass on 16-bit key-side operands (``lowp``), U in 16 bits too
+_LOWP = dict(decayed_qk=True, lowp=True, key_dtype=_BF, u_dtype=_BF)
+VARIANTS = [dict(), dict(decayed_qk=True, key_dtype=_FP), dict(_LOWP, u_dtype=torch.float32), _LOWP,
+            dict(_LOWP, key_dtype=_FP, u_dtype=_FP), dict(_LOWP, wy_warps=8), dict(_LOWP, wy_warps=2),
+            dict(_LOWP, num_stages=3), dict(_LOWP, block_v=16, num_stages=3), dict(_LOWP, block_v=16),
+            dict(_LOWP, block_v=64, num_stages=1), dict(_LOWP, block_v=64, num_stages=2),
+            dict(_LOWP, block_v=64, num_stages=1, num_warps=8), dict(_LOWP, block_v=32, num_stages=1)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]
@@ -86,7 +89,7 @@ def layer_times(B: int, T: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
-def kernel_times(B: int, T: int, backward: bool = False, fla: bool = False) -> None:
+def kernel_times(B: int, T: int, backward: bool = False, fla: bool = False, opts: dict | None = None) -> None:
     """Per-launch GPU time of one chunked forward (or forward + backward), from the PyTorch profiler; ``fla=True``
     profiles FLA's ``chunk_gdn2`` on the same inputs instead."""
     import torch
@@ -111,7 +114,7 @@ def kernel_times(B: int, T: int, backward: bool = False, fla: bool = False) -> N
         elif backward:
             torch.autograd.grad(chunk_gdn2(*xs)[0], xs, do)
         else:
-            chunk_fwd(*xs, K**-0.5, None, False)
+            chunk_fwd(*xs, K**-0.5, None, False, **(opts or {}))
 
     for _ in range(3):
         call()
@@ -120,7 +123,7 @@ def kernel_times(B: int, T: int, backward: bool = False, fla: bool = False) -> N
         for _ in range(10):
             call()
         torch.cuda.synchronize()
-    print(f"{'FLA ' if fla else ''}{T}x{B} (10 calls{', forward + backward' if backward else ''})")
+    print(f"{'FLA ' if fla else ''}{T}x{B} (10 calls{', forward + backward' if backward else ''}) {opts or ''}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16))
 
 
@@ -143,12 +146,14 @@ def main(argv: list[str] | None = None) -> None:
                 kernel_times(B, T, fla=fla)
                 kernel_times(B, T, backward=True, fla=fla)
         return
-    for B, T in ((8, 2048), (1, 16384)):
+    for B, T in ((8, 2048), (4, 4096), (2, 8192), (1, 16384)) if args.fwd_only else ((8, 2048), (1, 16384)):
         rows += profile(B, T)
         if not args.fwd_only:
             rows += [{"pass": "bwd", **r} for r in profile_bwd(B, T)]
         if args.profile:
             kernel_times(B, T)
+            kernel_times(B, T, opts=_LOWP)
+            kernel_times(B, T, fla=True)
             kernel_times(B, T, backward=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -52,6 +52,32 @@ def test_tiling_options_match_reference(gates, decayed_qk):
     assert_close("state", s.cpu(), s_ref, torch.float32)
 
 
+@pytest.mark.parametrize("gates", ["normal", "strong_mixed", "binary"])
+def test_low_precision_state_pass_matches_reference(gates):
+    """``lowp``: the sequential pass's products on 16-bit key-side operands (state and corrections rounded for the
+    products only) stay within the 16-bit table of the token loop, across a few chunks and with an initial state.
+    fp16 here: the Triton interpreter's ``tl.dot`` on bf16 operands returns garbage (a 16 x 16 product of bf16
+    loads is off by 1e10), so the bf16 form of this same code path is tested on the GPU
+    (``test_gpu_benchmark_shapes``)."""
+    key_dtype = torch.float16
+    x = on(make_inputs(B=2, T=200, H=1, K=16, V=16, dtype=torch.float32, gates=gates, seed=11))
+    out = torch.full_like(x["v"], float("nan"))
+    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, decayed_qk=True,
+                     key_dtype=key_dtype, lowp=True, u_dtype=key_dtype)
+    o_ref, s_ref = truth(x, x["h0"])
+    assert_close("o", o.cpu(), o_ref, torch.bfloat16)
+    assert_close("state", s.cpu(), s_ref, torch.bfloat16)
+
+
+def test_low_precision_state_pass_needs_decayed_16_bit_keys():
+    x = on(make_inputs(B=1, T=8, H=1, K=16, V=16, dtype=torch.float32, seed=1))
+    with pytest.raises(ValueError, match="lowp=True needs decayed_qk"):
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, lowp=True, decayed_qk=False,
+                  key_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="key_dtype bfloat16 or float16"):  # fp32 inputs: key_dtype fp32
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, lowp=True, decayed_qk=True)
+
+
 @pytest.mark.parametrize("HV,g_heads", [(2, 1), (2, 2)])
 def test_grouped_value_heads_without_initial_state(HV, g_heads):
     x = on(make_inputs(B=1, T=70, H=1, HV=HV, g_heads=g_heads, K=16, V=16, dtype=torch.float32, seed=3,
@@ -64,8 +90,9 @@ def test_grouped_value_heads_without_initial_state(HV, g_heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["default", "lowp_bf16", "lowp_fp16"])
 @pytest.mark.parametrize("B,T", [(2, 2048), (1, 1000)])
-def test_gpu_benchmark_shapes(B, T):
+def test_gpu_benchmark_shapes(B, T, variant):
     gen = torch.Generator(device="cuda").manual_seed(T)
     H, K, V = 16, 128, 128
 
@@ -77,7 +104,10 @@ def test_gpu_benchmark_shapes(B, T):
     b, w = torch.sigmoid(r(B, T, H, K)).bfloat16(), torch.sigmoid(r(B, T, H, V)).bfloat16()
     h0 = r(B, H, K, V)
     out = torch.full_like(v, float("nan"))
-    o, s = chunk_fwd(q, k, v, g, b, w, K**-0.5, h0, True, out=out)
+    opts = {} if variant == "default" else dict(
+        decayed_qk=True, lowp=True, key_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16,
+        u_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16)
+    o, s = chunk_fwd(q, k, v, g, b, w, K**-0.5, h0, True, out=out, **opts)
     o_ref, s_ref = recurrent_reference(*(t.double() for t in (q, k, v, g, b, w)), initial_state=h0.double(),
                                        output_final_state=True)
     assert_close("o", o.float(), o_ref, torch.bfloat16)
