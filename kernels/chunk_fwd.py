@@ -5,13 +5,15 @@ Six launches, each over chunks of 64 tokens (notation of ``docs/gdn2.md``):
 1. ``_cumsum_kernel``: ``G`` = in-chunk cumulative log-decay, fp32.
 2. ``_gram_kernel``, one program per (16-row block, chunk, value head): the decayed Grams ``T`` (erase) and
    ``A_qk`` (read-out). Blocks left of the diagonal take the decay about the last position of their column block, a
-   diagonal block about its mid-point, so no factor overflows ...
+   diagonal block about its mid-point, so no factor overflows ... It also writes the decayed erase keys
+   ``E = exp(G) b k`` and, for the sequential pass, the decayed queries and tail keys.
 2b. ``_diag_fixup_kernel``: ... except in a diagonal block whose decay spreads too far for that; those few are
    formed pairwise here.
 3. ``_inverse_kernel``: ``L^-1 = (I + T)^-1`` by blocked forward substitution.
-4. ``_wy_kernel``: ``Y = L^-1 (exp(G) b k)`` and ``U = L^-1 (w v)``.
+4. ``_wy_kernel``: ``Y = L^-1 E`` and ``U = L^-1 (w v)``, in programs of their own.
 5. ``_state_kernel``, one program per (sequence, value head, value block): the sequential state passing
-   ``R = U - Y S``, ``O = (exp(G) q) S + A_qk R``, ``S <- exp(G_C) S + (exp(G_C - G) k)^T R``.
+   ``R = U - Y S``, ``O = (exp(G) q) S + A_qk R``, ``S <- exp(G_C) S + (exp(G_C - G) k)^T R``; for 16-bit inputs
+   its products run on 16-bit operands (fp32 accumulation and state).
 
 Plain pointer arithmetic with masks, int64 offsets, no ``tl.make_block_ptr``.
 """
@@ -87,7 +89,7 @@ def _load_G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _gram_kernel(
-    q, k, G, b, Akk, Aqk, QG, KT, scale, T,
+    q, k, G, b, Akk, Aqk, QG, KT, E, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
     DECAYED_QK: tl.constexpr,
@@ -95,7 +97,9 @@ def _gram_kernel(
     """Row block i of the decayed Grams of one (chunk, value head): erase ``T`` (strictly lower) into ``Akk``,
     read-out ``A_qk`` (lower) into ``Aqk``; blocks above the diagonal are written as zeros. With ``DECAYED_QK`` it
     also writes the block's decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k`` (from the
-    rows it has loaded anyway), which the sequential passes then load instead of q, k and G."""
+    rows it has loaded anyway), which the sequential passes then load instead of q, k and G. Every program also
+    writes its rows of the decayed erase keys ``E = exp(G) b k`` for the WY launch (16-bit for 16-bit inputs:
+    ``|E| <= |k|``, and the tf32 product that reads them keeps 10 mantissa bits, as fp16 does)."""
     i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -107,6 +111,7 @@ def _gram_kernel(
     ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
     qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
     bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
+    _store_rows(E, (tl.exp(Gi) * bki).to(E.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
     if DECAYED_QK:
         # the last row of the chunk (or of the sequence) holds the chunk's total decay
         G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
@@ -137,8 +142,9 @@ def _gram_kernel(
                      i_hv, BT, BC)
         _store_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, j * BC, T, HV,
                      i_hv, BT, BC)
+    # above the diagonal: zeros in A_qk, which the sequential passes read whole (the inverse never reads the
+    # erase Gram's upper blocks)
     for j in range(i + 1, BT // BC):
-        _store_block(Akk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
         _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
 
 
@@ -293,22 +299,20 @@ def _store_block(ptr, x, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.co
 
 @triton.jit
 def _wy_kernel(
-    k, v, G, b, w, Linv, Y, U, T,
-    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
+    E, v, w, Linv, Y, U, T,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """One (chunk, value head) has ``1 + cdiv(V, BV)`` programs: the first forms ``Y = L^-1 (exp(G) b k)``, each
-    other a value block of ``U = L^-1 (w v)`` (at K = V = BV the two halves are the same size of product)."""
+    """One (chunk, value head) has ``1 + cdiv(V, BV)`` programs: the first forms ``Y = L^-1 E`` from the decayed
+    erase keys ``E = exp(G) b k`` of the Gram launch, each other a value block of ``U = L^-1 (w v)`` (at
+    K = V = BV the two halves are the same size of product)."""
     i_t, i_bh, i_v = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hv = i_bh // HV, i_bh % HV
-    i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
     t0 = i_t * BT
     L = _load_rows(Linv, i_b, t0, T, HV, i_hv, BT, BT, BT)
     if i_v == 0:
-        Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
-        kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK)
-        E = tl.exp(Gt) * _load_rows(b, i_b, t0, T, HB, i_hb, K, BT, BK) * kt
-        _store_rows(Y, tl.dot(L, E, input_precision=PRECISION).to(Y.dtype.element_ty), i_b, t0, T, HV, i_hv, K,
+        Et = _load_rows(E, i_b, t0, T, HV, i_hv, K, BT, BK)
+        _store_rows(Y, tl.dot(L, Et, input_precision=PRECISION).to(Y.dtype.element_ty), i_b, t0, T, HV, i_hv, K,
                     BT, BK)
     else:
         rows = t0 + tl.arange(0, BT)
@@ -489,7 +493,8 @@ def chunk_fwd(
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=key_dtype)
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     Linv = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
-    _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, QG, KT, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
+    E = torch.empty(B, T, HV, K, device=dev, dtype=torch.float16 if half else torch.float32)
+    _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
                                             BK=BK, BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
                                             DECAYED_QK=decayed_qk, num_warps=gram_warps)
     _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
@@ -498,9 +503,9 @@ def chunk_fwd(
                                   num_warps=inverse_warps)
     del Akk
     BVw = min(128, BVfull)
-    _wy_kernel[(NT, B * HV, 1 + triton.cdiv(V, BVw))](k, v, G, b, w, Linv, Y, U, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
-                                                       V=V, BK=BK, BV=BVw, BT=BT, PRECISION=precision,
-                                                       num_warps=wy_warps or intra_warps)
+    _wy_kernel[(NT, B * HV, 1 + triton.cdiv(V, BVw))](E, v, w, Linv, Y, U, T, HV=HV, K=K, V=V, BK=BK, BV=BVw,
+                                                       BT=BT, PRECISION=precision, num_warps=wy_warps or intra_warps)
+    del E
     varlen = chunk_lo is not None
     # varlen: rows past the last sequence's chunks are never run; zeros there (not stale memory) keep every
     # output deterministic

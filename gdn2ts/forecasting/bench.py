@@ -3,7 +3,7 @@ horizon for the GDN-2 forecaster and the baselines, in one harness (same splits,
 
 Protocol (``BENCHMARKS.md`` section 2): train rows [0, 8640), val [8640 - L, 11520), test [11520 - L, 14400);
 scaler fit on train rows; all seven channels in and out; MSE and MAE on scaled values over every test window and
-channel.
+channel. ``borders`` moves the three ends (e.g. (11520, 14400, 17280) tests on rows the protocol never uses).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gdn2ts.forecasting.data import DataConfig
+from gdn2ts.forecasting.data import ETTH1_BORDERS, DataConfig, DataError, ett_borders, load_ett
 from gdn2ts.forecasting.ensemble import fit_ensemble
 from gdn2ts.forecasting.fit import fit
 from gdn2ts.forecasting.lightning import ForecastDataModule, ModelConfig, TrainConfig, evaluate
@@ -59,9 +59,22 @@ def _environment(device: str, threads: int) -> dict:
     return env
 
 
+def _check_borders(borders) -> tuple[int, int, int]:
+    try:
+        b = tuple(borders)
+    except TypeError:
+        b = None
+    if b is None or len(b) != 3 or any(isinstance(x, bool) or not isinstance(x, int) for x in b) or \
+            not 0 < b[0] < b[1] < b[2]:
+        raise DataError(f"bench forecast: 'borders' expected three increasing positive row numbers (end rows of "
+                        f"train, val and test), got {borders!r}")
+    return b
+
+
 def run_bench(data: str, lookbacks=(96,), horizons=(96, 192, 336, 720), models=("gdn2", "dlinear", "gru"),
               train: TrainConfig | None = None, model_overrides: dict | None = None, threads: int | None = 1,
-              json_path: str | None = None, quiet: bool = False, progress: bool = False) -> dict:
+              json_path: str | None = None, quiet: bool = False, progress: bool = False,
+              borders: tuple[int, int, int] = ETTH1_BORDERS) -> dict:
     """Fit and test every (model, lookback, horizon); returns (and writes) the record.
 
     Args:
@@ -78,6 +91,8 @@ def run_bench(data: str, lookbacks=(96,), horizons=(96, 192, 336, 720), models=(
         json_path: where the record goes (rewritten after each fit, so a stopped run keeps what finished).
         quiet: print nothing.
         progress: show Lightning's progress bar.
+        borders: end rows of train, val and test: train [0, b0), val [b0 - L, b1), test [b1 - L, b2) (the
+            ETTh1 protocol's (8640, 11520, 14400) by default); checked against the file before any fit.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -88,15 +103,21 @@ def run_bench(data: str, lookbacks=(96,), horizons=(96, 192, 336, 720), models=(
         members = fields.get("ensemble", 1)
         if isinstance(members, bool) or not isinstance(members, int) or members < 1:
             raise ValueError(f"bench forecast: 'ensemble' of {name} expected a positive int, got {members!r}")
+    borders = _check_borders(borders)
+    n_rows = load_ett(data).height
+    for lookback in lookbacks:
+        ett_borders(lookback, n_rows, borders)
     train = train or TrainConfig()
     device = "cuda" if train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
-    record = {"data": str(data), "protocol": "ETTh1, BENCHMARKS.md section 2", "train": train.__dict__,
+    record = {"data": str(data), "protocol": "ETTh1, BENCHMARKS.md section 2", "borders": list(borders),
+              "train": train.__dict__,
               "environment": _environment(device, torch.get_num_threads()), "published": PUBLISHED, "results": []}
     overrides = model_overrides or {}
     start = time.perf_counter()
     for lookback in lookbacks:
         for horizon in horizons:
-            dm = ForecastDataModule(DataConfig(path=str(data), layout="ett", lookback=lookback, horizon=horizon))
+            dm = ForecastDataModule(DataConfig(path=str(data), layout="ett", lookback=lookback, horizon=horizon,
+                                               borders=borders))
             dm.setup()
             for name in models:
                 model, extra = MODEL_DEFAULTS[name]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gdn2ts.forecasting.data import DataConfig, DataError
+from gdn2ts.forecasting.data import ETTH1_BORDERS, DataConfig, DataError
 from gdn2ts.forecasting.lightning import ModelConfig, TrainConfig
 
 __all__ = ["fit", "predict", "bench_forecast"]
@@ -103,7 +103,8 @@ def bench_forecast(data: str = "../shared/data/ett/ETTh1.csv", lookback: tuple[i
                    epochs: int = 10, patience: int = 3, max_minutes: float | None = None,
                    limit_train_batches: int | None = None, device: str = "auto", threads: int | None = 1,
                    json: str | None = "docs/results/forecast_etth1.json", progress: bool = False,
-                   quiet: bool = False, ensemble: int = 1) -> dict:
+                   quiet: bool = False, ensemble: int = 1,
+                   borders: tuple[int, int, int] = ETTH1_BORDERS) -> dict:
     """ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU under the standard protocol.
 
     One harness for all models (same splits, scaler, windows and metric); MSE/MAE per horizon and averaged, beside
@@ -125,6 +126,8 @@ def bench_forecast(data: str = "../shared/data/ett/ETTh1.csv", lookback: tuple[i
         progress: show the progress bar of each fit.
         quiet: print nothing.
         ensemble: fits per model and horizon (seeds 0, 1, ...) whose forecasts are averaged.
+        borders: end rows of train, val and test (train [0, b0), val [b0 - L, b1), test [b1 - L, b2)); the
+            protocol's by default, e.g. [11520, 14400, 17280] to test on ETTh1 rows the protocol leaves unused.
     """
     from gdn2ts.forecasting.bench import run_bench
 
@@ -134,7 +137,7 @@ def bench_forecast(data: str = "../shared/data/ett/ETTh1.csv", lookback: tuple[i
         train = TrainConfig(max_epochs=epochs, patience=patience, max_minutes=max_minutes,
                             limit_train_batches=limit_train_batches, accelerator=device)
         return run_bench(data, lookbacks=tuple(lookback), horizons=tuple(horizons), models=tuple(models), train=train,
-                         threads=threads, json_path=json, quiet=quiet, progress=progress,
+                         threads=threads, json_path=json, quiet=quiet, progress=progress, borders=borders,
                          model_overrides={m: {"ensemble": ensemble} for m in models} if ensemble != 1 else None)
     except (ValueError, DataError) as e:
         raise SystemExit(f"gdn2ts bench forecast: {e}") from None
