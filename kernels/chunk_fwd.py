@@ -428,7 +428,7 @@ def chunk_fwd(
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
     block_v: int | None = None, num_warps: int = 4, num_stages: int | None = None, intra_warps: int = 4,
     out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool | None = None,
-    inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int | None = None,
+    inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int = 2,
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
     chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype | None = None, lowp: bool | None = None,
     u_dtype: torch.dtype | None = None,
@@ -447,8 +447,8 @@ def chunk_fwd(
     - ``block_v`` / ``num_stages``: the state kernel's value block and load pipelining, by the number of
       (sequence, value head) pairs: wide blocks when there are many, narrow ones (more programs) when few.
 
-    ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps`` and ``wy_warps`` (default
-    ``intra_warps``) those launches'; ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
+    ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps``, ``wy_warps`` and ``intra_warps`` (the
+    diagonal fix-up) those launches'; ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
     may supply the output buffer (tests poison it with NaN). ``save=True`` also returns what ``chunk_bwd`` needs (a
     dict of intermediates); ``saved_state_dtype`` is the dtype of the chunk entry states it keeps (the backward
     keeps their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the
@@ -504,7 +504,7 @@ def chunk_fwd(
     del Akk
     BVw = min(128, BVfull)
     _wy_kernel[(NT, B * HV, 1 + triton.cdiv(V, BVw))](E, v, w, Linv, Y, U, T, HV=HV, K=K, V=V, BK=BK, BV=BVw,
-                                                       BT=BT, PRECISION=precision, num_warps=wy_warps or intra_warps)
+                                                       BT=BT, PRECISION=precision, num_warps=wy_warps)
     del E
     varlen = chunk_lo is not None
     # varlen: rows past the last sequence's chunks are never run; zeros there (not stale memory) keep every
@@ -520,8 +520,9 @@ def chunk_fwd(
     # by default 32, and with few (sequence, head) pairs narrower value blocks put more programs on the sequential
     # state passing; an explicit block_v is taken as given
     pairs = N * HV
-    if lowp:  # H100, K = V = 128: 2048 x 8 (128 pairs) 64 / 1, 4096 x 4 and 8192 x 2 64 / 2, 16384 x 1 16 / 3
-        auto_bv, auto_stages = (64, 1) if pairs >= 128 else ((64, 2) if pairs >= 32 else (16, 3))
+    if lowp:  # measured on an H100 at K = V = 128 (docs/performance.md): 2048 x 8 is 128 pairs, 16384 x 1 is 16
+        auto_bv, auto_stages = ((64, 1) if pairs >= 128 else (64, 2) if pairs >= 64 else (32, 3) if pairs >= 32
+                                else (16, 3))
     else:
         auto_bv, auto_stages = (32 if pairs * triton.cdiv(V, 32) >= 256 else 16), 2
     BV = min(auto_bv if block_v is None else block_v, BVfull)
