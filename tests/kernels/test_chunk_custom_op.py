@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from gdn2ts.ops import chunk_gdn2, chunk_reference
 from gdn2ts.ops import chunk_triton as ct
 
+from kernel_cases import DEVICE
 from tolerances import assert_close
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def inputs(B=1, T=70, H=2, K=16, V=16, seed=0, requires_grad=True):

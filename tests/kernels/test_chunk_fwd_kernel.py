@@ -11,14 +11,8 @@ from gdn2ts.kernels.chunk_fwd import chunk_fwd
 from gdn2ts.ops import chunk_gdn2, recurrent_reference
 
 from inputs import make_inputs
+from kernel_cases import ARGS, DEVICE, on
 from tolerances import assert_close, errors
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ARGS = ("q", "k", "v", "g", "b", "w")
-
-
-def on(x):
-    return {n: (t.to(DEVICE) if t is not None else None) for n, t in x.items()}
 
 
 def truth(x, h0):

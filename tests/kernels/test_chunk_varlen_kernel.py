@@ -9,21 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gdn2ts.kernels.chunk_bwd as chunk_bwd_module
 from gdn2ts.ops import chunk_gdn2, chunk_reference, recurrent_reference
 from gdn2ts.ops.chunk_triton import chunk_layout
 
 from inputs import make_inputs
+from kernel_cases import ARGS, DEVICE, GATES
 from tolerances import assert_close
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ARGS = ("q", "k", "v", "g", "b", "w")
-GATES = ("g", "b", "w")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(chunk_bwd_module, "POISON", True)
 
 
 def run(fn, x, h0, cu, do, dht, **kw):

@@ -11,9 +11,8 @@ from gdn2ts.kernels.conv import conv_bwd, conv_fwd
 from gdn2ts.layers import ShortConv, causal_conv1d
 from gdn2ts.layers import conv as conv_module
 
+from kernel_cases import DEVICE
 from tolerances import assert_close, errors
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def poisoned(*shape, dtype=torch.float32, device=DEVICE):

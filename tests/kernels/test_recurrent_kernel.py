@@ -11,9 +11,8 @@ from gdn2ts.kernels.recurrent import recurrent_fwd
 from gdn2ts.ops import chunk_gdn2, recurrent_gdn2, recurrent_reference
 from gdn2ts.ops.gdn2 import GDN2Options, _activate
 
+from kernel_cases import DEVICE
 from tolerances import assert_close
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def inputs(N, T, H, K, V, HV=None, g_heads=None, dtype=torch.float32, raw=False, seed=0, device=DEVICE):

@@ -1,0 +1,13 @@
+"""Shared by the kernel tests: the backward's buffers start as NaN in every test here (``POISON``), so an element a
+kernel should write and does not fails the comparison instead of passing on stale memory."""
+
+from __future__ import annotations
+
+import pytest
+
+import gdn2ts.kernels.chunk_bwd as chunk_bwd_module
+
+
+@pytest.fixture(autouse=True)
+def poison_backward_buffers(monkeypatch):
+    monkeypatch.setattr(chunk_bwd_module, "POISON", True)
