@@ -19,7 +19,7 @@ VARIANTS = [dict(), dict(lowp=False), dict(_LOWP, u_dtype=torch.float32), dict(_
             dict(_LOWP, block_v=32, num_stages=2, num_warps=2)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
-                dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4)]
+                dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4), dict(lowp=True)]
 
 
 def profile(B: int, T: int) -> list[dict]:
@@ -50,13 +50,24 @@ def profile_bwd(B: int, T: int) -> list[dict]:
     h0 = torch.randn(B, xs[2].shape[2], K, xs[2].shape[3], device="cuda")
     o, ht, saved = chunk_fwd(*xs, K**-0.5, h0, True, save=True)
     saved_decayed = chunk_fwd(*xs, K**-0.5, h0, True, save=True, decayed_qk=True)[2]
+    # the training forward's sequential pass on bf16 operands (its time is in the "train fwd" row); the gradients
+    # of the backward that reads its kept intermediates are compared with the default's like every variant here
+    lowp_fwd = dict(decayed_qk=True, lowp=True, key_dtype=torch.bfloat16, u_dtype=torch.bfloat16,
+                    saved_state_dtype=torch.bfloat16)
+    saved_lowp = chunk_fwd(*xs, K**-0.5, h0, True, save=True, **lowp_fwd)[2]
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     ref = chunk_bwd(*xs, K**-0.5, saved, do, dht, True)
     rows = []
+    for name, fwd_opts in (("train fwd", dict(decayed_qk=True, saved_state_dtype=torch.bfloat16)),
+                           ("train fwd lowp", lowp_fwd)):
+        t = do_bench(lambda o=fwd_opts: chunk_fwd(*xs, K**-0.5, h0, True, save=True, **o), warmup=10, rep=60,
+                     return_mode="median")
+        rows.append({"B": B, "T": T, "pass": name, "ms": t})
+        print(f"{name} {T}x{B}: {t:.3f} ms", flush=True)
     for opts in BWD_VARIANTS:
         def run(opts=opts):
-            kept = saved_decayed if opts.get("decayed_qk") else saved
-            tiling = {k_: v_ for k_, v_ in opts.items() if k_ != "decayed_qk"}
+            kept = saved_lowp if opts.get("lowp") else saved_decayed if opts.get("decayed_qk") else saved
+            tiling = {k_: v_ for k_, v_ in opts.items() if k_ not in ("decayed_qk", "lowp")}
             return chunk_bwd(*xs, K**-0.5, kept, do, dht, True, **tiling)
         try:
             err = max(rel(a.float(), r.float()) for a, r in zip(run(), ref, strict=True))

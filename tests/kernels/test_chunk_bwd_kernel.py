@@ -143,12 +143,14 @@ def test_gpu_benchmark_shapes_bf16(B, T):
                      factor=4.0 if n in GATES else 2.0)
 
 
-@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("key_dtype,lowp", [(torch.float32, False), (torch.float16, False), (torch.float16, True)])
 @pytest.mark.parametrize("gates", ["normal", "strong_mixed"])
-def test_decayed_qk_variant_matches_the_token_loop(gates, key_dtype):
+def test_decayed_qk_variant_matches_the_token_loop(gates, key_dtype, lowp):
     """The variant that forms the decayed q and k once in the forward (and reuses them in the backward's
     state pass) gives the same outputs and gradients, up to the dtype's tolerance; with ``Y`` and ``A_qk`` kept
-    in fp16 (``key_dtype``), within the 16-bit table (fp16 keeps tf32's 10 mantissa bits)."""
+    in fp16 (``key_dtype``), within the 16-bit table (fp16 keeps tf32's 10 mantissa bits); and with the forward's
+    sequential pass on 16-bit operands and ``U`` kept in fp16 too (``lowp``), whose intermediates the backward
+    then reads."""
     from gdn2ts.kernels.chunk_bwd import chunk_bwd
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
@@ -156,7 +158,7 @@ def test_decayed_qk_variant_matches_the_token_loop(gates, key_dtype):
     on = {n: t.to(DEVICE) for n, t in x.items()}
     scale = 0.3
     o, s, saved = chunk_fwd(*(on[n] for n in ARGS), scale, on["h0"], True, save=True, decayed_qk=True,
-                            key_dtype=key_dtype)
+                            key_dtype=key_dtype, lowp=lowp, u_dtype=key_dtype if lowp else torch.float32)
     assert "qg" in saved and "kt" in saved
     assert saved["Y"].dtype == saved["Aqk"].dtype == key_dtype
     gen = torch.Generator().manual_seed(2)
@@ -173,10 +175,11 @@ def test_decayed_qk_variant_matches_the_token_loop(gates, key_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16])
-def test_gpu_decayed_qk_variant_bf16(key_dtype):
+@pytest.mark.parametrize("key_dtype,lowp", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)])
+def test_gpu_decayed_qk_variant_bf16(key_dtype, lowp):
     """The decayed-q/k variant (fp16 storage for bf16 inputs) on the GPU against fp64, at FLA's tolerances; also
-    with ``Y`` and ``A_qk`` kept in fp16."""
+    with ``Y`` and ``A_qk`` kept in fp16, and with the forward's sequential pass on bf16 operands (``lowp``, all
+    key-side intermediates and ``U`` in bf16), whose kept intermediates the backward then reads."""
     from gdn2ts.kernels.chunk_bwd import chunk_bwd
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
 
@@ -192,7 +195,8 @@ def test_gpu_decayed_qk_variant_bf16(key_dtype):
     h0 = r(B, H, K, V)
     do, dht = r(B, T, H, V).bfloat16(), r(B, H, K, V)
     o, s, saved = chunk_fwd(*(x[n] for n in ARGS), K**-0.5, h0, True, save=True, decayed_qk=True,
-                            key_dtype=key_dtype)
+                            key_dtype=key_dtype, lowp=lowp, u_dtype=key_dtype if lowp else torch.float32,
+                            saved_state_dtype=torch.bfloat16 if lowp else torch.float32)
     got = chunk_bwd(*(x[n] for n in ARGS), K**-0.5, saved, do, dht, True)
     o_ref, s_ref, want = grads_of(chunk_reference, {n: t.double() for n, t in x.items()}, h0.double(), do.double(),
                                   dht.double())
