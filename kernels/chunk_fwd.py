@@ -88,23 +88,17 @@ def _load_G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _gram_kernel(
-    q, k, G, b, Akk, Aqk, QG, KT, E, scale, T,
+def _gram_diag(
+    q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, i,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
     DECAYED_QK: tl.constexpr,
 ):
-    """Row block i of the decayed Grams of one (chunk, value head): erase ``T`` (strictly lower) into ``Akk``,
-    read-out ``A_qk`` (lower) into ``Aqk``; blocks above the diagonal are written as zeros. With ``DECAYED_QK`` it
-    also writes the block's decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k`` (from the
-    rows it has loaded anyway), which the sequential passes then load instead of q, k and G. Every program also
-    writes its rows of the decayed erase keys ``E = exp(G) b k`` for the WY launch (16-bit for 16-bit inputs:
-    ``|E| <= |k|``, and the tf32 product that reads them keeps 10 mantissa bits, as fp16 does)."""
-    i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
-    i_b, i_hv = i_bh // HV, i_bh % HV
+    """Row block ``i`` of one (chunk, value head): loads its rows, writes their decayed erase keys ``E`` (and with
+    ``DECAYED_QK`` the decayed queries and tail keys) and the diagonal blocks of both Grams. Returns what the blocks
+    left of the diagonal need: the rows' ``G``, scaled ``q`` and ``b k``, and the rows as a column block, keys
+    decayed to the block's last row, with that row's ``G``."""
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
-    t0 = i_t * BT
     r0 = t0 + i * BC
     o_c = tl.arange(0, BC)
     Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
@@ -131,21 +125,86 @@ def _gram_kernel(
     Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
     _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
     _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+    return Gi, qi, bki, ki * tl.exp(G_bot[None, :] - Gi), G_bot
+
+
+@triton.jit
+def _gram_left(Akk, Aqk, Gi, qi, bki, kj, ref, T, i_b, i_hv, r0, c0, HV: tl.constexpr, BT: tl.constexpr,
+               BC: tl.constexpr, PRECISION: tl.constexpr):
+    """A block left of the diagonal (rows ``r0 ..``, in-chunk columns ``c0 ..``): decay about the last row ``ref``
+    of the column block, whose keys ``kj`` are decayed to that row."""
+    into = tl.exp(Gi - ref[None, :])
+    _store_block(Akk, tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
+    _store_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
+
+
+@triton.jit
+def _gram_kernel(
+    q, k, G, b, Akk, Aqk, QG, KT, E, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
+    DECAYED_QK: tl.constexpr,
+):
+    """Row block i of the decayed Grams of one (chunk, value head): erase ``T`` (strictly lower) into ``Akk``,
+    read-out ``A_qk`` (lower) into ``Aqk``, zeros above the diagonal in ``Aqk``. With ``DECAYED_QK`` it also writes
+    the block's decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k`` (from the rows it
+    has loaded anyway), which the sequential passes then load instead of q, k and G. Every program also writes its
+    rows of the decayed erase keys ``E = exp(G) b k`` for the WY launch (16-bit for 16-bit inputs: ``|E| <= |k|``,
+    and the tf32 product that reads them keeps 10 mantissa bits, as fp16 does)."""
+    i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
+    t0 = i_t * BT
+    r0 = t0 + i * BC
+    Gi, qi, bki, _, _ = _gram_diag(q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, i, H, HV, HG, HB, K,
+                                   BK, BT, BC, PRECISION, SAFE_SPREAD, DECAYED_QK)
     # blocks left of the diagonal: decay about the last row of the column block
     for j in range(0, i):
         rj = t0 + j * BC
         ref = _load_G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, BK)
         kj = _load_rows(k, i_b, rj, T, H, i_h, K, BC, BK) * tl.exp(ref[None, :] - _load_G_rows(G, i_b, rj, T, HG,
                                                                                              i_hg, K, BC, BK))
-        into = tl.exp(Gi - ref[None, :])
-        _store_block(Akk, tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, j * BC, T, HV,
-                     i_hv, BT, BC)
-        _store_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, j * BC, T, HV,
-                     i_hv, BT, BC)
+        _gram_left(Akk, Aqk, Gi, qi, bki, kj, ref, T, i_b, i_hv, r0, j * BC, HV, BT, BC, PRECISION)
     # above the diagonal: zeros in A_qk, which the sequential passes read whole (the inverse never reads the
     # erase Gram's upper blocks)
     for j in range(i + 1, BT // BC):
         _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
+
+
+@triton.jit
+def _gram_chunk_kernel(
+    q, k, G, b, Akk, Aqk, QG, KT, E, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
+    DECAYED_QK: tl.constexpr,
+):
+    """The same Grams and key-side rows as ``_gram_kernel``, one program per (chunk, value head) for the four row
+    blocks of a 64-token chunk: each block's rows are loaded once and kept, as a decayed column block, for the
+    blocks below it (``_gram_kernel`` reloads them in every program below)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    t0 = i_t * BT
+    zero = tl.zeros([BC, BC], tl.float32)
+    G0, q0, b0, k0, ref0 = _gram_diag(q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, 0, H, HV, HG, HB, K,
+                                      BK, BT, BC, PRECISION, SAFE_SPREAD, DECAYED_QK)
+    for c in tl.static_range(1, 4):
+        _store_block(Aqk, zero, i_b, t0, c * BC, T, HV, i_hv, BT, BC)
+    G1, q1, b1, k1, ref1 = _gram_diag(q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, 1, H, HV, HG, HB, K,
+                                      BK, BT, BC, PRECISION, SAFE_SPREAD, DECAYED_QK)
+    _gram_left(Akk, Aqk, G1, q1, b1, k0, ref0, T, i_b, i_hv, t0 + BC, 0, HV, BT, BC, PRECISION)
+    for c in tl.static_range(2, 4):
+        _store_block(Aqk, zero, i_b, t0 + BC, c * BC, T, HV, i_hv, BT, BC)
+    G2, q2, b2, k2, ref2 = _gram_diag(q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, 2, H, HV, HG, HB, K,
+                                      BK, BT, BC, PRECISION, SAFE_SPREAD, DECAYED_QK)
+    _gram_left(Akk, Aqk, G2, q2, b2, k0, ref0, T, i_b, i_hv, t0 + 2 * BC, 0, HV, BT, BC, PRECISION)
+    _gram_left(Akk, Aqk, G2, q2, b2, k1, ref1, T, i_b, i_hv, t0 + 2 * BC, BC, HV, BT, BC, PRECISION)
+    _store_block(Aqk, zero, i_b, t0 + 2 * BC, 3 * BC, T, HV, i_hv, BT, BC)
+    G3, q3, b3, k3, ref3 = _gram_diag(q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, 3, H, HV, HG, HB, K,
+                                      BK, BT, BC, PRECISION, SAFE_SPREAD, DECAYED_QK)
+    _gram_left(Akk, Aqk, G3, q3, b3, k0, ref0, T, i_b, i_hv, t0 + 3 * BC, 0, HV, BT, BC, PRECISION)
+    _gram_left(Akk, Aqk, G3, q3, b3, k1, ref1, T, i_b, i_hv, t0 + 3 * BC, BC, HV, BT, BC, PRECISION)
+    _gram_left(Akk, Aqk, G3, q3, b3, k2, ref2, T, i_b, i_hv, t0 + 3 * BC, 2 * BC, HV, BT, BC, PRECISION)
 
 
 @triton.jit
@@ -431,7 +490,7 @@ def chunk_fwd(
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int = 2,
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
     chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype | None = None, lowp: bool | None = None,
-    u_dtype: torch.dtype | None = None,
+    u_dtype: torch.dtype | None = None, gram_per_chunk: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]``; returns ``(o, final_state)``.
 
@@ -446,6 +505,10 @@ def chunk_fwd(
       ``exp(G_C - G) k``, which the sequential passes load instead of q, k and G (16-bit for 16-bit inputs).
     - ``block_v`` / ``num_stages``: the state kernel's value block and load pipelining, by the number of
       (sequence, value head) pairs: wide blocks when there are many, narrow ones (more programs) when few.
+
+    ``gram_per_chunk=True`` forms the Grams with one program per (chunk, value head) instead of one per 16-row
+    block (each row block's keys loaded once; a variant under measurement, off by default; ``gram_warps`` sets its
+    warps too).
 
     ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps``, ``wy_warps`` and ``intra_warps`` (the
     diagonal fix-up) those launches'; ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
@@ -494,9 +557,13 @@ def chunk_fwd(
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     Linv = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
     E = torch.empty(B, T, HV, K, device=dev, dtype=torch.float16 if half else torch.float32)
-    _gram_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
-                                            BK=BK, BT=BT, BC=BC, PRECISION=precision, SAFE_SPREAD=SAFE_SPREAD,
-                                            DECAYED_QK=decayed_qk, num_warps=gram_warps)
+    gram_args = (q, k, G, b, Akk, Aqk, QG, KT, E, scale, T)
+    gram_consts = dict(H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, PRECISION=precision,
+                       SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps)
+    if gram_per_chunk:
+        _gram_chunk_kernel[(NT, B * HV)](*gram_args, **gram_consts)
+    else:
+        _gram_kernel[(NT * (BT // BC), B * HV)](*gram_args, **gram_consts)
     _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
                                                   BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD, num_warps=intra_warps)
     _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, ROWS_FROM_MEMORY=inverse_rows_from_memory,

@@ -16,7 +16,9 @@ VARIANTS = [dict(), dict(lowp=False), dict(_LOWP, u_dtype=torch.float32), dict(_
             dict(_LOWP, wy_warps=2), dict(_LOWP, gram_warps=4), dict(_LOWP, gram_warps=1),
             dict(_LOWP, block_v=16, num_stages=3), dict(_LOWP, block_v=32, num_stages=3),
             dict(_LOWP, block_v=64, num_stages=1), dict(_LOWP, block_v=64, num_stages=2),
-            dict(_LOWP, block_v=32, num_stages=2, num_warps=2)]
+            dict(_LOWP, block_v=32, num_stages=2, num_warps=2),
+            # one Gram program per (chunk, head), each row block's keys loaded once
+            dict(gram_per_chunk=True), dict(gram_per_chunk=True, gram_warps=4), dict(gram_per_chunk=True, gram_warps=8)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4), dict(lowp=True)]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ett_frame
 
 from gdn2ts.cli import main
 from gdn2ts.forecasting.bench import run_bench
 from gdn2ts.forecasting.data import DataError
 from gdn2ts.forecasting.lightning import TrainConfig
+
+from forecast_frames import ett_frame
 
 TINY = TrainConfig(max_epochs=1, patience=1, limit_train_batches=2, accelerator="cpu")
 

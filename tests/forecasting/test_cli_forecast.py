@@ -8,13 +8,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import ett_frame
 
 from gdn2ts.cli import main
 from gdn2ts.forecasting.cli import fit as fit_command
 from gdn2ts.forecasting.data import DataConfig
 from gdn2ts.forecasting.fit import FitConfig
 from gdn2ts.forecasting.lightning import ModelConfig, TrainConfig
+
+from forecast_frames import ett_frame
 
 RECIPES = sorted(Path("tasks/forecasting").glob("*.yaml"))
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REAL_ETTH1, ett_frame, long_frame
 
 from gdn2ts.forecasting.data import (
     ETTH1_SHA256,
@@ -21,6 +20,8 @@ from gdn2ts.forecasting.data import (
     window_count,
 )
 from gdn2ts.forecasting.lightning import ForecastDataModule
+
+from forecast_frames import REAL_ETTH1, ett_frame, long_frame
 
 
 @pytest.mark.parametrize("lookback, horizon", [(96, 96), (96, 720), (336, 192)])

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ett_frame
 
 from gdn2ts.forecasting.data import DataConfig
 from gdn2ts.forecasting.fit import fit, load_module
 from gdn2ts.forecasting.lightning import ForecastDataModule, ForecastModule, ModelConfig, TrainConfig, evaluate
 from gdn2ts.models.forecaster import ForecasterConfig, GDN2Forecaster
+
+from forecast_frames import ett_frame
 
 SMALL = dict(n_channels=3, lookback=12, hidden_size=16, num_heads=2, head_dim=8, channel_independent=True,
              patch_len=4, patch_stride=2)

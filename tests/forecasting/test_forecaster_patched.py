@@ -7,7 +7,6 @@ from __future__ import annotations
 import polars as pl
 import pytest
 import torch
-from conftest import ett_frame, long_frame
 
 from gdn2ts.forecasting.bench import run_bench
 from gdn2ts.forecasting.data import DataConfig
@@ -15,6 +14,8 @@ from gdn2ts.forecasting.fit import fit, load_module, predict_frame
 from gdn2ts.forecasting.lightning import ForecastDataModule, ForecastModule, ModelConfig, TrainConfig, evaluate
 from gdn2ts.models.forecaster import ForecasterConfig, GDN2Forecaster, forecast_loss
 from gdn2ts.streaming import MemoryStore, OnlineRunner
+
+from forecast_frames import ett_frame, long_frame
 
 PATCHED = dict(channel_independent=True, patch_len=4, patch_stride=2, head="flatten", dropout=0.1)
 

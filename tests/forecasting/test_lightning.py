@@ -6,12 +6,13 @@ import matplotlib
 import polars as pl
 import pytest
 import torch
-from conftest import long_frame
 
 from gdn2ts.forecasting.data import DataConfig, DataError
 from gdn2ts.forecasting.fit import fit, load_module, predict_frame
 from gdn2ts.forecasting.lightning import ForecastDataModule, ModelConfig, TrainConfig, evaluate
 from gdn2ts.forecasting.plot import plot_forecast
+
+from forecast_frames import long_frame
 
 TINY = ModelConfig(kind="gdn2", hidden_size=8, num_heads=2, head_dim=4)
 QUICK = TrainConfig(lr=0.01, max_epochs=2, limit_train_batches=12, patience=1)
@@ -19,7 +20,7 @@ QUICK = TrainConfig(lr=0.01, max_epochs=2, limit_train_batches=12, patience=1)
 
 @pytest.fixture(scope="module")
 def fitted_ett(tmp_path_factory):
-    from conftest import ett_frame
+    from forecast_frames import ett_frame
 
     path = tmp_path_factory.mktemp("ett") / "ETTsynth.csv"
     ett_frame(700).write_csv(path)

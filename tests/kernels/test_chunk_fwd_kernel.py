@@ -46,6 +46,24 @@ def test_tiling_options_match_reference(gates, decayed_qk):
     assert_close("state", s.cpu(), s_ref, torch.float32)
 
 
+@pytest.mark.parametrize("gates", ["normal", "strong_mixed", "decay_near_0"])
+@pytest.mark.parametrize("decayed_qk", [False, True])
+def test_per_chunk_gram_launch_matches_the_row_block_launch(gates, decayed_qk):
+    """``gram_per_chunk``: one program per (chunk, value head) gives the token loop's outputs (fp32), a partial last
+    chunk and far-spread diagonal blocks (left to the fix-up launch) included, and the same kept intermediates as
+    the per-row-block launch."""
+    x = on(make_inputs(B=2, T=150, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=9))
+    out = torch.full_like(x["v"], float("nan"))
+    o, s, saved = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, save=True,
+                            decayed_qk=decayed_qk, gram_per_chunk=True)
+    o_ref, s_ref = truth(x, x["h0"])
+    assert_close("o", o.cpu(), o_ref, torch.float32)
+    assert_close("state", s.cpu(), s_ref, torch.float32)
+    _, _, rows = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, save=True, decayed_qk=decayed_qk)
+    for name, kept in saved.items():
+        torch.testing.assert_close(kept, rows[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("gates", ["normal", "strong_mixed", "binary"])
 def test_low_precision_state_pass_matches_reference(gates):
     """``lowp``: the sequential pass's products on 16-bit key-side operands (state and corrections rounded for the
