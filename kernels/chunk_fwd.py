@@ -44,23 +44,20 @@ def _cumsum_kernel(g, G, T, HG: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
 
 
 @triton.jit
-def _load_rows(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """Rows ``row0 .. row0 + BR`` of a ``[B, T, heads, D]`` tensor for head ``i_h``, as fp32 (zeros past T)."""
-    rows = row0 + tl.arange(0, BR)
-    o_d = tl.arange(0, BD)
-    m = (rows < T)[:, None] & (o_d < D)[None, :]
-    offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + o_d[None, :]
-    return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _load_rows_native(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """As ``_load_rows``, in the tensor's own dtype."""
+    """Rows ``row0 .. row0 + BR`` of a ``[B, T, heads, D]`` tensor for head ``i_h``, in its own dtype (zeros past
+    T)."""
     rows = row0 + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m = (rows < T)[:, None] & (o_d < D)[None, :]
     offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + o_d[None, :]
     return tl.load(ptr + offs, mask=m, other=0.0)
+
+
+@triton.jit
+def _load_rows(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """As ``_load_rows_native``, as fp32."""
+    return _load_rows_native(ptr, i_b, row0, T, heads, i_h, D, BR, BD).to(tl.float32)
 
 
 @triton.jit
