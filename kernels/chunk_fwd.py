@@ -405,11 +405,11 @@ def _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV: tl.constexpr, BT: tl.constexpr
 
 @triton.jit
 def _state_kernel(
-    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, chunk_lo, chunk_hi, scale, T,
+    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, E, v, w, Linv, chunk_lo, chunk_hi, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     SAVE: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr, VARLEN: tl.constexpr,
-    LOWP: tl.constexpr,
+    LOWP: tl.constexpr, FUSED_WY: tl.constexpr, LINV_16: tl.constexpr,
 ):
     """With ``SAVE`` it also keeps, for the backward, each chunk's entry state in ``h`` ``[B, NT, HV, K, V]`` and
     the corrections ``R`` in ``Rs`` ``[B, T, HV, V]``. (Forming the output in a separate parallel launch from the
@@ -417,7 +417,9 @@ def _state_kernel(
     chunk-aligned packed row and the second grid axis runs over (sequence, value head): sequence ``n`` owns the
     chunks ``chunk_lo[n] .. chunk_hi[n]``, starts from its own initial state and stores its own final state.
     ``LOWP`` (with ``DECAYED_QK``): the key-side operands stay in their 16-bit storage dtype and the state and the
-    corrections are rounded to it for the products (fp32 accumulation; the state itself stays fp32)."""
+    corrections are rounded to it for the products (fp32 accumulation; the state itself stays fp32).
+    ``FUSED_WY``: no ``Y`` and ``U``; the corrections come from the decayed erase keys ``E``, the gated values and
+    ``L^-1`` directly, ``R = L^-1 (w v - E S)`` (one more product per chunk, and no WY launch)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_hv = i_bh % HV
     i_b, lo, hi = _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
@@ -436,25 +438,40 @@ def _state_kernel(
         m_r = rows < T
         m_o = m_r[:, None] & (o_v < V)[None, :]
         p_o = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :]
-        Ut = tl.load(U + p_o, mask=m_o, other=0.0).to(tl.float32)
-        if LOWP:
+        p_a = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :]
+        if FUSED_WY:
+            Z = tl.load(v + p_o, mask=m_o, other=0.0).to(tl.float32) * tl.load(w + p_o, mask=m_o,
+                                                                                other=0.0).to(tl.float32)
+            Et = _load_rows_native(E, i_b, t0, T, HV, i_hv, K, BT, BK)
+            if LOWP:
+                S_lp = S.to(Et.dtype)
+                Z = Z - tl.dot(Et, S_lp)
+            else:
+                Z = Z - tl.dot(Et.to(tl.float32), S, input_precision=PRECISION)
+            Lt = tl.load(Linv + p_a, mask=m_r[:, None], other=0.0)
+            if LINV_16:
+                R = tl.dot(Lt, Z.to(Lt.dtype))
+            else:
+                R = tl.dot(Lt, Z, input_precision=PRECISION)
+        elif LOWP:
+            Ut = tl.load(U + p_o, mask=m_o, other=0.0).to(tl.float32)
             Yt = _load_rows_native(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
             S_lp = S.to(Yt.dtype)
             R = Ut - tl.dot(Yt, S_lp)
         else:
-            if not DECAYED_QK:
-                Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
+            Ut = tl.load(U + p_o, mask=m_o, other=0.0).to(tl.float32)
             Yt = _load_rows(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
             R = Ut - tl.dot(Yt, S, input_precision=PRECISION)
+        if not DECAYED_QK:
+            Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
         if SAVE:
             NT = tl.cdiv(T, BT)
             tl.store(h + ((i_b * NT + i_t) * HV + i_hv) * K * V + p_s, S, mask=m_s)
             tl.store(Rs + p_o, R, mask=m_o)
-        p_a = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :]
         if LOWP:
             qg = _load_rows_native(QG, i_b, t0, T, HV, i_hv, K, BT, BK)
             At = tl.load(Aqk + p_a, mask=m_r[:, None], other=0.0)
-            R_lp = R.to(Yt.dtype)
+            R_lp = R.to(S_lp.dtype)
             ot = tl.dot(qg, S_lp) + tl.dot(At, R_lp)
         else:
             if DECAYED_QK:
@@ -487,7 +504,8 @@ def chunk_fwd(
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int = 2,
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
     chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype | None = None, lowp: bool | None = None,
-    u_dtype: torch.dtype | None = None, gram_per_chunk: bool = False,
+    u_dtype: torch.dtype | None = None, gram_per_chunk: bool = False, fused_wy: bool | None = None,
+    linv_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]``; returns ``(o, final_state)``.
 
@@ -507,6 +525,13 @@ def chunk_fwd(
     block (each row block's keys loaded once; a variant under measurement, off by default; ``gram_warps`` sets its
     warps too).
 
+    - ``fused_wy`` (the default with ``lowp``; never with ``save``): no WY launch; the state kernel forms the
+      corrections as ``R = L^-1 (w v - E S)`` from the decayed erase keys (in ``key_dtype`` with ``lowp``) and
+      ``L^-1``: one more in-chunk product per chunk on the sequential path, two fewer stored intermediates.
+    - ``linv_dtype`` (by default ``key_dtype`` with ``fused_wy`` and ``lowp``, else fp32; 16 bits never with
+      ``save``): the dtype ``L^-1`` is stored in; the state pass's product with it runs on that dtype (tf32 for
+      fp32). fp32 with ``lowp`` and 32- or 16-wide value blocks exceeds the H100's shared memory.
+
     ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps``, ``wy_warps`` and ``intra_warps`` (the
     diagonal fix-up) those launches'; ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
     may supply the output buffer (tests poison it with NaN). ``save=True`` also returns what ``chunk_bwd`` needs (a
@@ -525,6 +550,10 @@ def chunk_fwd(
         key_dtype = q.dtype if lowp else torch.float32
     if u_dtype is None:
         u_dtype = q.dtype if lowp else torch.float32
+    if fused_wy is None:
+        fused_wy = lowp and not save
+    if linv_dtype is None:
+        linv_dtype = key_dtype if fused_wy and lowp else torch.float32
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     if T == 0:
@@ -534,6 +563,8 @@ def chunk_fwd(
         return v.new_empty(B, 0, HV, V), (h0 if output_final_state else None)
     if lowp and not (decayed_qk and key_dtype in (torch.bfloat16, torch.float16)):
         raise ValueError("chunk_fwd: lowp=True needs decayed_qk=True and key_dtype bfloat16 or float16")
+    if fused_wy and save:
+        raise ValueError("chunk_fwd: fused_wy=True is an inference form; the backward needs Y and U (save=True)")
     HG, HB = g.shape[2], b.shape[2]
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     dev = q.device
@@ -548,12 +579,17 @@ def chunk_fwd(
         qk_dtype = key_dtype
     QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
     KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
-    Y = torch.empty(B, T, HV, K, device=dev, dtype=key_dtype)
-    U = torch.empty(B, T, HV, V, device=dev, dtype=u_dtype)
+    # fused_wy: no Y and U (the state kernel forms the corrections from E and L^-1)
+    Y = torch.empty(0 if fused_wy else B, T, HV, K, device=dev, dtype=key_dtype)
+    U = torch.empty(0 if fused_wy else B, T, HV, V, device=dev, dtype=u_dtype)
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=key_dtype)
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
-    Linv = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
-    E = torch.empty(B, T, HV, K, device=dev, dtype=torch.float16 if half else torch.float32)
+    if linv_dtype not in (torch.float32, torch.bfloat16, torch.float16) or (linv_dtype != torch.float32 and save):
+        raise ValueError(f"chunk_fwd: linv_dtype {linv_dtype} is not float32, or bfloat16/float16 without save")
+    Linv = torch.empty(B, T, HV, BT, device=dev, dtype=linv_dtype)
+    # E is read by a tf32 product (WY launch) or, fused with lowp, by a 16-bit product with the rounded state
+    e_dtype = key_dtype if fused_wy and lowp else torch.float16 if half else torch.float32
+    E = torch.empty(B, T, HV, K, device=dev, dtype=e_dtype)
     gram_args = (q, k, G, b, Akk, Aqk, QG, KT, E, scale, T)
     gram_consts = dict(H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, PRECISION=precision,
                        SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps)
@@ -566,10 +602,11 @@ def chunk_fwd(
     _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, ROWS_FROM_MEMORY=inverse_rows_from_memory,
                                   num_warps=inverse_warps)
     del Akk
-    BVw = min(128, BVfull)
-    _wy_kernel[(NT, B * HV, 1 + triton.cdiv(V, BVw))](E, v, w, Linv, Y, U, T, HV=HV, K=K, V=V, BK=BK, BV=BVw,
-                                                       BT=BT, PRECISION=precision, num_warps=wy_warps)
-    del E
+    if not fused_wy:
+        BVw = min(128, BVfull)
+        _wy_kernel[(NT, B * HV, 1 + triton.cdiv(V, BVw))](E, v, w, Linv, Y, U, T, HV=HV, K=K, V=V, BK=BK, BV=BVw,
+                                                           BT=BT, PRECISION=precision, num_warps=wy_warps)
+        del E
     varlen = chunk_lo is not None
     # varlen: rows past the last sequence's chunks are never run; zeros there (not stale memory) keep every
     # output deterministic
@@ -595,11 +632,11 @@ def chunk_fwd(
     Rs = alloc(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT,
-        chunk_lo if varlen else o, chunk_hi if varlen else o, scale, T,
+        E if fused_wy else o, v, w, Linv, chunk_lo if varlen else o, chunk_hi if varlen else o, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
         STORE_HT=output_final_state, SAVE=save, num_warps=num_warps,
         num_stages=num_stages, PRECISION=precision, DECAYED_QK=decayed_qk, VARLEN=varlen,
-        LOWP=lowp,
+        LOWP=lowp, FUSED_WY=fused_wy, LINV_16=Linv.dtype != torch.float32,
     )
     if save:
         saved = dict(G=G, Y=Y, U=U, Aqk=Aqk, Linv=Linv, h=h, R=Rs)

@@ -11,34 +11,70 @@ from gdn2ts.kernels.chunk_fwd import chunk_fwd
 _BF, _FP = torch.bfloat16, torch.float16
 # the sequential pass on 16-bit key-side operands (``lowp``), U in 16 bits too
 _LOWP = dict(decayed_qk=True, lowp=True, key_dtype=_BF, u_dtype=_BF)
-# the first row is the default (lowp for these bf16 inputs, tiling by the number of (sequence, head) pairs)
-VARIANTS = [dict(), dict(lowp=False), dict(_LOWP, u_dtype=torch.float32), dict(_LOWP, wy_warps=8),
-            dict(_LOWP, wy_warps=2), dict(_LOWP, gram_warps=4), dict(_LOWP, gram_warps=1),
-            dict(_LOWP, block_v=16, num_stages=3), dict(_LOWP, block_v=32, num_stages=3),
-            dict(_LOWP, block_v=64, num_stages=1), dict(_LOWP, block_v=64, num_stages=2),
-            dict(_LOWP, block_v=32, num_stages=2, num_warps=2),
-            # one Gram program per (chunk, head), each row block's keys loaded once
-            dict(gram_per_chunk=True), dict(gram_per_chunk=True, gram_warps=4), dict(gram_per_chunk=True, gram_warps=8)]
+# the first row is the default: lowp for these bf16 inputs, the corrections formed in the state pass (no WY launch)
+# with a bf16 L^-1, the state tiling by the number of (sequence, head) pairs
+VARIANTS = [dict(), dict(fused_wy=False), dict(lowp=False), dict(_LOWP, fused_wy=False, u_dtype=torch.float32),
+            *(dict(block_v=bv, num_stages=st) for bv, st in ((64, 1), (64, 2), (32, 2), (32, 3), (16, 2), (16, 3))),
+            dict(block_v=64, num_warps=8), dict(gram_warps=4), dict(inverse_warps=2),
+            dict(linv_dtype=torch.float32, block_v=64, num_stages=1), dict(linv_dtype=_FP),
+            *(dict(_LOWP, fused_wy=False, block_v=bv, num_stages=st) for bv, st in ((64, 1), (64, 2), (32, 3),
+                                                                                    (16, 3))),
+            dict(_LOWP, fused_wy=False, wy_warps=4)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4), dict(lowp=True)]
 
 
-def profile(B: int, T: int) -> list[dict]:
+def profile(B: int, T: int, which: list[int] | None = None) -> list[dict]:
+    """Every forward variant (or those whose ``VARIANTS`` index is in ``which``): median ms, and the relative RMS
+    error of the output and final state against the fp64 token loop on the same inputs (and of the output against
+    the default's)."""
+    from gdn2ts.ops import recurrent_reference
+
     xs = make_inputs(B, T, seed=1)
-    ref, _ = chunk_fwd(*xs, K**-0.5, None, False)
+    h0 = torch.randn(B, xs[2].shape[2], K, xs[2].shape[3], device="cuda")
+    o64, s64 = recurrent_reference(*(x.double() for x in xs), initial_state=h0.double(), output_final_state=True)
+    ref, _ = chunk_fwd(*xs, K**-0.5, h0, True)
     rows = []
-    for opts in VARIANTS:
+    for n, opts in enumerate(VARIANTS):
+        if which is not None and n not in which:
+            continue
+
         def run(opts=opts):
-            return chunk_fwd(*xs, K**-0.5, None, False, **opts)[0]
+            return chunk_fwd(*xs, K**-0.5, h0, True, **opts)
         try:
-            err = rel(run().float(), ref.float())
+            o, s = run()
+            err, err_o, err_s = rel(o.float(), ref.float()), rel(o.float(), o64), rel(s, s64)
         except Exception as e:  # a tiling that does not fit this GPU
             print(f"{T}x{B} {opts}: {str(e)[:100]}", flush=True)
             continue
         t = do_bench(run, warmup=20, rep=100, return_mode="median")
-        rows.append({"B": B, "T": T, **opts, "ms": t, "rel_err": err})
-        print(f"{T}x{B} {opts or 'default'}: {t:.3f} ms (err {err:.1e})", flush=True)
+        row = {"B": B, "T": T, **{k_: str(v_) for k_, v_ in opts.items()}, "ms": t, "rel_to_default": err,
+               "err_o": err_o, "err_state": err_s}
+        rows.append(row)
+        print(f"{T}x{B} {opts or 'default'}: {t:.3f} ms (o {err_o:.1e}, state {err_s:.1e} vs fp64; "
+              f"{err:.1e} vs default)", flush=True)
+    return rows
+
+
+def profile_isolated(B: int, T: int, which: list[int] | None = None) -> list[dict]:
+    """``profile``, one variant per process: a variant that faults the device loses only its own row."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    rows = []
+    for n in range(len(VARIANTS)) if which is None else which:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            r = subprocess.run([sys.executable, "-m", "gdn2ts.bench.profile_chunk", "--fwd-only", "--shape",
+                                f"{B}x{T}", "--variant", str(n), "--json", f.name], capture_output=True, text=True)
+            print(r.stdout, end="", flush=True)
+            if r.returncode:
+                print(f"{T}x{B} variant {n} {VARIANTS[n]}: exit {r.returncode}: {r.stderr.strip()[-300:]}",
+                      flush=True)
+                continue
+            rows += json.load(open(f.name))
     return rows
 
 
@@ -152,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print per-launch profiler tables too")
     parser.add_argument("--fwd-only", action="store_true", help="time the forward variants only")
     parser.add_argument("--only-profile", action="store_true", help="only the profiler tables, ours and FLA's")
+    parser.add_argument("--shape", default=None, help="one BxT shape (for example 8x2048) instead of all")
+    parser.add_argument("--variant", default=None, help="only these forward variants: an index, or a range 12-20")
+    parser.add_argument("--isolate", action="store_true", help="each forward variant in its own process")
     args = parser.parse_args(argv)
     rows = []
     if args.only_profile:
@@ -160,8 +199,15 @@ def main(argv: list[str] | None = None) -> None:
                 kernel_times(B, T, fla=fla)
                 kernel_times(B, T, backward=True, fla=fla)
         return
-    for B, T in ((8, 2048), (4, 4096), (2, 8192), (1, 16384)) if args.fwd_only else ((8, 2048), (1, 16384)):
-        rows += profile(B, T)
+    shapes = ((8, 2048), (4, 4096), (2, 8192), (1, 16384)) if args.fwd_only else ((8, 2048), (1, 16384))
+    if args.shape:
+        shapes = (tuple(int(n) for n in args.shape.split("x")),)
+    for B, T in shapes:
+        which = None
+        if args.variant is not None:
+            lo, _, hi = args.variant.partition("-")
+            which = list(range(int(lo), int(hi or lo) + 1))
+        rows += profile_isolated(B, T, which) if args.isolate else profile(B, T, which)
         if not args.fwd_only:
             rows += [{"pass": "bwd", **r} for r in profile_bwd(B, T)]
         if args.profile:

@@ -65,7 +65,8 @@ def test_per_chunk_gram_launch_matches_the_row_block_launch(gates, decayed_qk):
 
 
 @pytest.mark.parametrize("gates", ["normal", "strong_mixed", "binary"])
-def test_low_precision_state_pass_matches_reference(gates):
+@pytest.mark.parametrize("fused_wy", [False, True])
+def test_low_precision_state_pass_matches_reference(gates, fused_wy):
     """``lowp``: the sequential pass's products on 16-bit key-side operands (state and corrections rounded for the
     products only) stay within the 16-bit table of the token loop, across a few chunks and with an initial state.
     fp16 here: the Triton interpreter's ``tl.dot`` on bf16 operands returns garbage (a 16 x 16 product of bf16
@@ -75,10 +76,36 @@ def test_low_precision_state_pass_matches_reference(gates):
     x = on(make_inputs(B=2, T=200, H=1, K=16, V=16, dtype=torch.float32, gates=gates, seed=11))
     out = torch.full_like(x["v"], float("nan"))
     o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, decayed_qk=True,
-                     key_dtype=key_dtype, lowp=True, u_dtype=key_dtype)
+                     key_dtype=key_dtype, lowp=True, u_dtype=key_dtype, fused_wy=fused_wy)
     o_ref, s_ref = truth(x, x["h0"])
     assert_close("o", o.cpu(), o_ref, torch.bfloat16)
     assert_close("state", s.cpu(), s_ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("gates", ["normal", "strong_mixed", "decay_near_0"])
+@pytest.mark.parametrize("lowp,linv_dtype", [(False, None), (True, None), (True, torch.float32)])
+def test_corrections_formed_in_the_state_pass_match_reference(gates, lowp, linv_dtype):
+    """``fused_wy``: the state pass forms ``R = L^-1 (w v - E S)`` itself (no WY launch), in fp32 and with the
+    16-bit products of ``lowp`` (fp16 under the interpreter, as above), grouped value heads, a partial last chunk
+    and an initial state included."""
+    x = on(make_inputs(B=2, T=150, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=13))
+    out = torch.full_like(x["v"], float("nan"))
+    opts = dict(decayed_qk=True, lowp=True, key_dtype=torch.float16, u_dtype=torch.float16) if lowp else {}
+    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, fused_wy=True, linv_dtype=linv_dtype,
+                     **opts)
+    o_ref, s_ref = truth(x, x["h0"])
+    assert_close("o", o.cpu(), o_ref, torch.bfloat16 if lowp else torch.float32)
+    assert_close("state", s.cpu(), s_ref, torch.bfloat16 if lowp else torch.float32)
+
+
+def test_corrections_in_the_state_pass_are_inference_only():
+    x = on(make_inputs(B=1, T=8, H=1, K=16, V=16, dtype=torch.float32, seed=1))
+    with pytest.raises(ValueError, match="fused_wy=True is an inference form"):
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True, fused_wy=True)
+    with pytest.raises(ValueError, match="linv_dtype torch.bfloat16 is not float32"):  # the backward reads L^-1
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True, linv_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="linv_dtype torch.int8"):
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, linv_dtype=torch.int8)
 
 
 def test_low_precision_state_pass_needs_decayed_16_bit_keys():
@@ -102,7 +129,7 @@ def test_grouped_value_heads_without_initial_state(HV, g_heads):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["default", "lowp_bf16", "lowp_fp16"])
+@pytest.mark.parametrize("variant", ["default", "lowp_bf16", "lowp_fp16", "wy_launch", "linv_fp32"])
 @pytest.mark.parametrize("B,T", [(2, 2048), (1, 1000)])
 def test_gpu_benchmark_shapes(B, T, variant):
     gen = torch.Generator(device="cuda").manual_seed(T)
@@ -116,7 +143,11 @@ def test_gpu_benchmark_shapes(B, T, variant):
     b, w = torch.sigmoid(r(B, T, H, K)).bfloat16(), torch.sigmoid(r(B, T, H, V)).bfloat16()
     h0 = r(B, H, K, V)
     out = torch.full_like(v, float("nan"))
-    opts = {} if variant == "default" else dict(
+    # the default is lowp (bf16) with the corrections formed in the state pass and a bf16 L^-1; "wy_launch" forms
+    # them in a launch of their own, "linv_fp32" keeps L^-1 in fp32 (64-wide value blocks: narrower ones exceed
+    # the shared memory)
+    opts = {"default": {}, "wy_launch": dict(fused_wy=False),
+            "linv_fp32": dict(linv_dtype=torch.float32, block_v=64, num_stages=1)}.get(variant) or dict(
         decayed_qk=True, lowp=True, key_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16,
         u_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16)
     o, s = chunk_fwd(q, k, v, g, b, w, K**-0.5, h0, True, out=out, **opts)

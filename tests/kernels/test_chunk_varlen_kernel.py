@@ -56,16 +56,18 @@ def test_packed_outputs_states_and_gradients_match_the_token_loop(lens, gates):
         assert_close(f"d{n}", got[n].cpu(), ref, torch.float32, factor=2.0 if n in GATES else 1.0)
 
 
-def test_packed_without_initial_state_inference_path():
-    """No initial state and no gradient wanted: the inference forward on the packed layout."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_without_initial_state_inference_path(dtype):
+    """No initial state and no gradient wanted: the inference forward on the packed layout (fp16 inputs take the
+    16-bit state pass with the corrections formed in it, as bf16 does on the GPU)."""
     x, _, cu, _, _ = packed_inputs((40, 90), initial_state=False, seed=3)
-    on = {n: t.to(DEVICE) for n, t in x.items() if t is not None}
+    on = {n: t.to(DEVICE, dtype if n != "g" else torch.float32) for n, t in x.items() if t is not None}
     with torch.no_grad():
         o, s = chunk_gdn2(*(on[n] for n in ARGS), output_final_state=True, cu_seqlens=cu.to(DEVICE),
                           backend="triton")
-    o_ref, s_ref = recurrent_reference(*(x[n].double() for n in ARGS), output_final_state=True, cu_seqlens=cu)
-    assert_close("o", o.cpu(), o_ref, torch.float32)
-    assert_close("final states", s.cpu(), s_ref, torch.float32)
+    o_ref, s_ref = recurrent_reference(*(on[n].double().cpu() for n in ARGS), output_final_state=True, cu_seqlens=cu)
+    assert_close("o", o.float().cpu(), o_ref, dtype)
+    assert_close("final states", s.cpu(), s_ref, dtype)
 
 
 def test_chunk_layout_puts_each_sequence_on_its_own_chunks():
