@@ -33,7 +33,7 @@ def test_matches_reference(T, gates):
     assert_close("state", s.cpu(), s_ref, torch.float32)
 
 
-@pytest.mark.parametrize("gates", ["normal", "strong_mixed"])
+@pytest.mark.parametrize("gates", ["normal", "strong_mixed", "decay_near_0"])
 @pytest.mark.parametrize("decayed_qk", [False, True])
 def test_tiling_options_match_reference(gates, decayed_qk):
     """The inverse's row-from-memory substitution and the launch overrides give the token loop's outputs."""
@@ -46,22 +46,17 @@ def test_tiling_options_match_reference(gates, decayed_qk):
     assert_close("state", s.cpu(), s_ref, torch.float32)
 
 
-@pytest.mark.parametrize("gates", ["normal", "strong_mixed", "decay_near_0"])
-@pytest.mark.parametrize("decayed_qk", [False, True])
-def test_per_chunk_gram_launch_matches_the_row_block_launch(gates, decayed_qk):
-    """``gram_per_chunk``: one program per (chunk, value head) gives the token loop's outputs (fp32), a partial last
-    chunk and far-spread diagonal blocks (left to the fix-up launch) included, and the same kept intermediates as
-    the per-row-block launch."""
-    x = on(make_inputs(B=2, T=150, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=9))
-    out = torch.full_like(x["v"], float("nan"))
-    o, s, saved = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, save=True,
-                            decayed_qk=decayed_qk, gram_per_chunk=True)
-    o_ref, s_ref = truth(x, x["h0"])
-    assert_close("o", o.cpu(), o_ref, torch.float32)
-    assert_close("state", s.cpu(), s_ref, torch.float32)
-    _, _, rows = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, save=True, decayed_qk=decayed_qk)
-    for name, kept in saved.items():
-        torch.testing.assert_close(kept, rows[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+@pytest.mark.parametrize("T", [64, 150])
+def test_gram_launch_keeps_the_in_chunk_cumulative_decay(T):
+    """The Gram launch forms G from g itself; what it keeps for the backward is the in-chunk cumulative sum, a
+    partial last chunk and grouped gate heads included."""
+    x = on(make_inputs(B=2, T=T, H=1, HV=2, g_heads=2, K=16, V=16, dtype=torch.float32, gates="strong_mixed",
+                       seed=4))
+    saved = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, save=True)[2]
+    g = x["g"].double().cpu()
+    pad = (-T) % 64
+    want = F.pad(g, (0, 0, 0, 0, 0, pad)).view(2, -1, 64, 2, 16).cumsum(2).view(2, T + pad, 2, 16)[:, :T]
+    torch.testing.assert_close(saved["G"].double().cpu(), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("gates", ["normal", "strong_mixed", "binary"])
