@@ -2,19 +2,20 @@
 
 Launches over chunks of 64 tokens (notation of ``docs/gdn2.md``):
 
-1. ``_gram_kernel``, one program per (16-row block, chunk, value head): the in-chunk cumulative log-decay ``G`` of
-   its rows, formed from ``g`` in the program, and from it the decayed Grams ``T`` (erase) and ``A_qk``
-   (read-out), the decayed erase keys ``E = exp(G) b k``, for the sequential pass the decayed queries and tail
-   keys, and the chunks' total decay. Every exponent is a sum of log-decays over a span of rows, taken about a
-   reference row that keeps every factor <= 1 (or <= exp(spread / 2) in a diagonal block; a diagonal block whose
-   decay spreads too far for that is formed pairwise), so no factor overflows.
-2. ``_inverse_kernel``: ``L^-1 = (I + T)^-1`` by blocked forward substitution.
-3. ``_wy_kernel`` (training, and when asked for): ``Y = L^-1 E`` and ``U = L^-1 (w v)``, in programs of their
+1. ``_cumsum_kernel``: ``G`` = in-chunk cumulative log-decay, fp32.
+2. ``_gram_kernel``, one program per (16-row block, chunk, value head): the decayed Grams ``T`` (erase) and
+   ``A_qk`` (read-out). Blocks left of the diagonal take the decay about the last position of their column block, a
+   diagonal block about its mid-point, so no factor overflows ... It also writes the decayed erase keys
+   ``E = exp(G) b k`` and, for the sequential pass, the decayed queries and tail keys.
+2b. ``_diag_fixup_kernel``: ... except in a diagonal block whose decay spreads too far for that; those few are
+   formed pairwise here.
+3. ``_inverse_kernel``: ``L^-1 = (I + T)^-1`` by blocked forward substitution.
+4. ``_wy_kernel`` (training, and when asked for): ``Y = L^-1 E`` and ``U = L^-1 (w v)``, in programs of their
    own.
-4. ``_state_kernel``, one program per (sequence, value head, value block): the sequential state passing
-   ``R = U - Y S`` (or, without the WY launch, ``R = L^-1 (w v - E S)``), ``O = (exp(G) q) S + A_qk R``,
-   ``S <- exp(G_C) S + (exp(G_C - G) k)^T R``; for 16-bit inference its products run on 16-bit operands (fp32
-   accumulation and state).
+5. ``_state_kernel``, one program per (sequence, value head, value block): the sequential state passing
+   ``R = U - Y S`` (or, for 16-bit inference, without the WY launch, ``R = L^-1 (w v - E S)``),
+   ``O = (exp(G) q) S + A_qk R``, ``S <- exp(G_C) S + (exp(G_C - G) k)^T R``; for 16-bit inference its products
+   run on 16-bit operands (fp32 accumulation and state).
 
 Plain pointer arithmetic with masks, int64 offsets, no ``tl.make_block_ptr``.
 """
@@ -30,6 +31,18 @@ __all__ = ["chunk_fwd"]
 BT = 64  # chunk
 BC = 16  # sub-block of the in-chunk products
 SAFE_SPREAD = 40.0  # largest in-block decay spread for the one-product form of a diagonal block
+
+
+@triton.jit
+def _cumsum_kernel(g, G, T, HG: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HG, i_bh % HG
+    rows = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m = (rows < T)[:, None] & (o_k < K)[None, :]
+    offs = ((i_b * T + rows.to(tl.int64)) * HG + i_h)[:, None] * K + o_k[None, :]
+    x = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(G + offs, tl.cumsum(x, axis=0), mask=m)
 
 
 @triton.jit
@@ -74,93 +87,124 @@ def _load_G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _gram_kernel(
-    q, k, g, b, G, Gc, Akk, Aqk, QG, KT, E, scale, T,
+def _gram_diag(
+    q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, i,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
-    DECAYED_QK: tl.constexpr, WRITE_G: tl.constexpr,
+    DECAYED_QK: tl.constexpr,
 ):
-    """Row block ``i`` (16 rows) of one (chunk, value head). It forms the in-chunk cumulative decay of its rows
-    from the log-decays ``g`` itself, and from it:
+    """Row block ``i`` of one (chunk, value head): loads its rows, writes their decayed erase keys ``E`` (and with
+    ``DECAYED_QK`` the decayed queries and tail keys) and the diagonal blocks of both Grams. Returns what the blocks
+    left of the diagonal need: the rows' ``G``, scaled ``q`` and ``b k``, and the rows as a column block, keys
+    decayed to the block's last row, with that row's ``G``."""
+    i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
+    r0 = t0 + i * BC
+    o_c = tl.arange(0, BC)
+    Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
+    ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
+    qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
+    bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
+    _store_rows(E, (tl.exp(Gi) * bki).to(E.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
+    if DECAYED_QK:
+        # the last row of the chunk (or of the sequence) holds the chunk's total decay
+        G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
+        _store_rows(QG, (qi * tl.exp(Gi)).to(QG.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
+        _store_rows(KT, (ki * tl.exp(G_last[None, :] - Gi)).to(KT.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC,
+                    BK)
+    # diagonal block: one matrix product about the block's mid-point decay (every factor <= exp(spread / 2)). A
+    # block whose decay spreads further is left to _diag_fixup_kernel, which forms it pairwise.
+    G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
+    G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+    safe = tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD
+    mid = tl.where(safe, 0.5 * (G_top + G_bot), 0.0)
+    Gs = tl.where(safe, Gi, 0.0)
+    up = tl.exp(Gs - mid[None, :])
+    kd = ki * tl.exp(mid[None, :] - Gs)
+    Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION), 0.0)
+    Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
+    _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+    _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+    return Gi, qi, bki, ki * tl.exp(G_bot[None, :] - Gi), G_bot
 
-    - the decayed Grams: erase ``T`` (strictly lower) into ``Akk``, read-out ``A_qk`` (lower) into ``Aqk``, with
-      zeros above the diagonal in ``Aqk`` (the sequential passes read it whole; the inverse never reads the erase
-      Gram's upper blocks);
-    - the decayed erase keys ``E = exp(G) b k`` (16-bit for 16-bit inputs: ``|E| <= |k|``);
-    - with ``DECAYED_QK``, the decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k``,
-      which the sequential passes load instead of q, k and G;
-    - the chunk's total decay ``G_C`` into ``Gc`` ``[B, NT, HG, K]`` (block 0 writes it), and with ``WRITE_G`` the
-      rows' ``G`` (the backward and the undecayed sequential pass read it).
 
-    Every exponent is a sum of log-decays over a span of rows, never a difference of two long cumulative sums:
-    a block left of the diagonal takes the decay about the last row of its column block, the diagonal block about
-    its mid-point (every factor <= exp(spread / 2)), or pairwise, column by column, when its decay spreads further
-    than ``SAFE_SPREAD``. Rows past ``T`` load g = 0, an identity step."""
+@triton.jit
+def _gram_left(Akk, Aqk, Gi, qi, bki, kj, ref, T, i_b, i_hv, r0, c0, HV: tl.constexpr, BT: tl.constexpr,
+               BC: tl.constexpr, PRECISION: tl.constexpr):
+    """A block left of the diagonal (rows ``r0 ..``, in-chunk columns ``c0 ..``): decay about the last row ``ref``
+    of the column block, whose keys ``kj`` are decayed to that row."""
+    into = tl.exp(Gi - ref[None, :])
+    _store_block(Akk, tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
+    _store_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
+
+
+@triton.jit
+def _gram_kernel(
+    q, k, G, b, Akk, Aqk, QG, KT, E, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
+    DECAYED_QK: tl.constexpr,
+):
+    """Row block i of the decayed Grams of one (chunk, value head): erase ``T`` (strictly lower) into ``Akk``,
+    read-out ``A_qk`` (lower) into ``Aqk``, zeros above the diagonal in ``Aqk``. With ``DECAYED_QK`` it also writes
+    the block's decayed read-out queries ``scale * exp(G) q`` and tail keys ``exp(G_C - G) k`` (from the rows it
+    has loaded anyway), which the sequential passes then load instead of q, k and G. Every program also writes its
+    rows of the decayed erase keys ``E = exp(G) b k`` for the WY launch (16-bit for 16-bit inputs: ``|E| <= |k|``,
+    and the tf32 product that reads them keeps 10 mantissa bits, as fp16 does)."""
+    i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
+    t0 = i_t * BT
+    r0 = t0 + i * BC
+    Gi, qi, bki, _, _ = _gram_diag(q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, i, H, HV, HG, HB, K,
+                                   BK, BT, BC, PRECISION, SAFE_SPREAD, DECAYED_QK)
+    # blocks left of the diagonal: decay about the last row of the column block
+    for j in range(0, i):
+        rj = t0 + j * BC
+        ref = _load_G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, BK)
+        kj = _load_rows(k, i_b, rj, T, H, i_h, K, BC, BK) * tl.exp(ref[None, :] - _load_G_rows(G, i_b, rj, T, HG,
+                                                                                             i_hg, K, BC, BK))
+        _gram_left(Akk, Aqk, Gi, qi, bki, kj, ref, T, i_b, i_hv, r0, j * BC, HV, BT, BC, PRECISION)
+    # above the diagonal: zeros in A_qk, which the sequential passes read whole (the inverse never reads the
+    # erase Gram's upper blocks)
+    for j in range(i + 1, BT // BC):
+        _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
+
+
+@triton.jit
+def _diag_fixup_kernel(
+    q, k, G, b, Akk, Aqk, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr,
+):
+    """Diagonal blocks whose decay spreads too far for the one-product form: formed pairwise, column by column,
+    every exponent <= 0 (most programs only read two rows of G and return)."""
     i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
-    t0 = i_t * BT
-    r0 = t0 + i * BC
-    o_c = tl.arange(0, BC)
-    gi = _load_rows(g, i_b, r0, T, HG, i_hg, K, BC, BK)
-    ci = tl.cumsum(gi, axis=0)  # decay from the block's start (inclusive)
-    si = tl.sum(gi, axis=0)
-    ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
-    qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
-    bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
-    # blocks left of the diagonal, right to left; D = the decay over the blocks strictly between block j and i
-    D = tl.zeros([BK], tl.float32)
-    for jj in range(0, i):
-        j = i - 1 - jj
-        gj = _load_rows(g, i_b, t0 + j * BC, T, HG, i_hg, K, BC, BK)
-        sj = tl.sum(gj, axis=0)
-        # column block j's keys decayed to its last row, the rows' decay from there
-        kj = _load_rows(k, i_b, t0 + j * BC, T, H, i_h, K, BC, BK) * tl.exp(sj[None, :] - tl.cumsum(gj, axis=0))
-        into = tl.exp(ci + D[None, :])
-        _store_block(Akk, tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, j * BC, T, HV, i_hv,
-                     BT, BC)
-        _store_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, j * BC, T, HV, i_hv,
-                     BT, BC)
-        D += sj
-    Gi = D[None, :] + ci  # D is now the decay of the chunk's rows before this block
-    later = tl.zeros([BK], tl.float32)  # the decay over the blocks after this one
-    for j in range(i + 1, BT // BC):
-        later += tl.sum(_load_rows(g, i_b, t0 + j * BC, T, HG, i_hg, K, BC, BK), axis=0)
-    G_C = D + si + later
-    o_k = tl.arange(0, BK)
-    if i == 0:
-        tl.store(Gc + ((i_b * tl.cdiv(T, BT) + i_t) * HG + i_hg) * K + o_k, G_C, mask=o_k < K)
-    if WRITE_G:
-        _store_rows(G, Gi, i_b, r0, T, HG, i_hg, K, BC, BK)
-    _store_rows(E, (tl.exp(Gi) * bki).to(E.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
-    if DECAYED_QK:
-        _store_rows(QG, (qi * tl.exp(Gi)).to(QG.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
-        # G_C - G as the sum of the g after each row (not a difference of two long sums: exactly 0 on the last)
-        after = later[None, :] + (tl.cumsum(gi, axis=0, reverse=True) - gi)
-        _store_rows(KT, (ki * tl.exp(after)).to(KT.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
-    # the diagonal block; its decay spreads from the first row's g to the block's total
-    c_top = _load_row(g, i_b, r0, T, HG, i_hg, K, BK)
-    if tl.max(tl.abs(si - c_top), axis=0) < SAFE_SPREAD:
-        mid = 0.5 * (c_top + si)
-        up = tl.exp(ci - mid[None, :])
-        kd = ki * tl.exp(mid[None, :] - ci)
-        Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-        Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-    else:
+    r0 = i_t * BT + i * BC
+    G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
+    G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+    if tl.max(tl.abs(G_top - G_bot), axis=0) >= SAFE_SPREAD:
+        o_c = tl.arange(0, BC)
+        Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
+        ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
+        qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
+        bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
         Td = tl.zeros([BC, BC], tl.float32)
         Qd = tl.zeros([BC, BC], tl.float32)
         for c in range(BC):
             kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
-            cc = tl.sum(tl.where(o_c[:, None] == c, ci, 0.0), axis=0)
-            d = tl.exp(tl.where((o_c >= c)[:, None], ci - cc[None, :], float("-inf")))
+            Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
+            d = tl.exp(tl.where((o_c >= c)[:, None], Gi - Gc[None, :], float("-inf")))
             kd = kc[None, :] * d
-            Td = tl.where(o_c[None, :] == c, tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)[:, None], Td)
-            Qd = tl.where(o_c[None, :] == c, tl.sum(qi * kd, axis=1)[:, None], Qd)
-    _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
-    _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
-    for j in range(i + 1, BT // BC):
-        _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
+            col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
+            col_q = tl.sum(qi * kd, axis=1)
+            Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
+            Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
+        _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+        _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
 
 
 @triton.jit
@@ -328,7 +372,7 @@ def _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV: tl.constexpr, BT: tl.constexpr
 
 @triton.jit
 def _state_kernel(
-    q, k, G, Gc, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, E, v, w, Linv, chunk_lo, chunk_hi, scale, T,
+    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, E, v, w, Linv, chunk_lo, chunk_hi, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     SAVE: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr, VARLEN: tl.constexpr,
@@ -404,11 +448,8 @@ def _state_kernel(
             At = tl.load(Aqk + p_a, mask=m_r[:, None], other=0.0).to(tl.float32)
             ot = tl.dot(qg, S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
         tl.store(o + p_o, ot.to(o.dtype.element_ty), mask=m_o)
-        # the chunk's total decay (to its last row, or the sequence's)
-        if DECAYED_QK:
-            G_last = tl.load(Gc + ((i_b * tl.cdiv(T, BT) + i_t) * HG + i_hg) * K + o_k, mask=o_k < K, other=0.0)
-        else:  # the row of G the tail keys' decay is taken against
-            G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
+        # the last row of the chunk (or of the sequence) holds the chunk's total decay
+        G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
         if LOWP:
             kt = _load_rows_native(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
             S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R_lp)
@@ -425,7 +466,7 @@ def _state_kernel(
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
-    block_v: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+    block_v: int | None = None, num_warps: int = 4, num_stages: int | None = None, intra_warps: int = 4,
     out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool | None = None,
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int = 2,
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
@@ -454,8 +495,8 @@ def chunk_fwd(
       ``save``): the dtype ``L^-1`` is stored in; the state pass's product with it runs on that dtype (tf32 for
       fp32). fp32 with ``lowp`` and 32- or 16-wide value blocks exceeds the H100's shared memory.
 
-    ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps`` and ``wy_warps`` those launches';
-    ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
+    ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps``, ``wy_warps`` and ``intra_warps`` (the
+    diagonal fix-up) those launches'; ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
     may supply the output buffer (tests poison it with NaN). ``save=True`` also returns what ``chunk_bwd`` needs (a
     dict of intermediates); ``saved_state_dtype`` is the dtype of the chunk entry states it keeps (the backward
     keeps their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the
@@ -494,16 +535,13 @@ def chunk_fwd(
     BK, BVfull = triton.next_power_of_2(K), triton.next_power_of_2(V)
     # fp32 inputs get fp32 products; bf16/fp16 inputs use tf32 tensor cores (error well under their rounding)
     precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    # the in-chunk cumulative decay G is formed in the Gram launch; it is stored only where it is read again (the
-    # backward, the undecayed sequential pass), the chunks' total decay always
-    write_g = save or not decayed_qk
-    G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32) if write_g else None
-    Gc = torch.empty(B, NT, HG, K, device=dev, dtype=torch.float32)
+    G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32)
+    _cumsum_kernel[(NT, B * HG)](g, G, T, HG=HG, K=K, BT=BT, BK=BK)
     qk_dtype = torch.float16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
     if lowp:
         qk_dtype = key_dtype
-    QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else None
-    KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else None
+    QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
+    KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
     # fused_wy: no Y and U (the state kernel forms the corrections from E and L^-1)
     Y = torch.empty(0 if fused_wy else B, T, HV, K, device=dev, dtype=key_dtype)
     U = torch.empty(0 if fused_wy else B, T, HV, V, device=dev, dtype=u_dtype)
@@ -515,10 +553,12 @@ def chunk_fwd(
     # E is read by a tf32 product (WY launch) or, fused with lowp, by a 16-bit product with the rounded state
     e_dtype = key_dtype if fused_wy and lowp else torch.float16 if half else torch.float32
     E = torch.empty(B, T, HV, K, device=dev, dtype=e_dtype)
-    _gram_kernel[(NT * (BT // BC), B * HV)](
-        q, k, g, b, Gc if G is None else G, Gc, Akk, Aqk, QG if decayed_qk else Gc, KT if decayed_qk else Gc, E,
-        scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, PRECISION=precision,
-        SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, WRITE_G=write_g, num_warps=gram_warps)
+    gram_args = (q, k, G, b, Akk, Aqk, QG, KT, E, scale, T)
+    gram_consts = dict(H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, PRECISION=precision,
+                       SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps)
+    _gram_kernel[(NT * (BT // BC), B * HV)](*gram_args, **gram_consts)
+    _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
+                                                  BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD, num_warps=intra_warps)
     _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, ROWS_FROM_MEMORY=inverse_rows_from_memory,
                                   num_warps=inverse_warps)
     del Akk
@@ -551,8 +591,7 @@ def chunk_fwd(
     h = alloc(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o
     Rs = alloc(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, Gc if G is None else G, Gc, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs,
-        QG if decayed_qk else o, KT if decayed_qk else o,
+        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT,
         E if fused_wy else o, v, w, Linv, chunk_lo if varlen else o, chunk_hi if varlen else o, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
         STORE_HT=output_final_state, SAVE=save, num_warps=num_warps,
