@@ -5,11 +5,11 @@ Launches over chunks of 64 tokens (notation of ``docs/gdn2.md``):
 1. ``_cumsum_kernel``: ``G`` = in-chunk cumulative log-decay, fp32.
 2. ``_gram_kernel``, one program per (16-row block, chunk, value head): the decayed Grams ``T`` (erase) and
    ``A_qk`` (read-out). Blocks left of the diagonal take the decay about the last position of their column block, a
-   diagonal block about its mid-point, so no factor overflows ... It also writes the decayed erase keys
+   diagonal block about its mid-point, so no factor overflows (a diagonal block whose decay spreads too far for
+   that is left to the inverse launch, which forms it pairwise). It also writes the decayed erase keys
    ``E = exp(G) b k`` and, for the sequential pass, the decayed queries and tail keys.
-2b. ``_diag_fixup_kernel``: ... except in a diagonal block whose decay spreads too far for that; those few are
-   formed pairwise here.
-3. ``_inverse_kernel``: ``L^-1 = (I + T)^-1`` by blocked forward substitution.
+3. ``_inverse_kernel``: the far-spread diagonal blocks, then ``L^-1 = (I + T)^-1`` by blocked forward
+   substitution.
 4. ``_wy_kernel`` (training, and when asked for): ``Y = L^-1 E`` and ``U = L^-1 (w v)``, in programs of their
    own.
 5. ``_state_kernel``, one program per (sequence, value head, value block): the sequential state passing
@@ -112,7 +112,7 @@ def _gram_diag(
         _store_rows(KT, (ki * tl.exp(G_last[None, :] - Gi)).to(KT.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC,
                     BK)
     # diagonal block: one matrix product about the block's mid-point decay (every factor <= exp(spread / 2)). A
-    # block whose decay spreads further is left to _diag_fixup_kernel, which forms it pairwise.
+    # block whose decay spreads further is left to the inverse launch, which forms it pairwise (_diag_fixup).
     G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
     G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
     safe = tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD
@@ -172,18 +172,15 @@ def _gram_kernel(
 
 
 @triton.jit
-def _diag_fixup_kernel(
-    q, k, G, b, Akk, Aqk, scale, T,
+def _diag_fixup(
+    q, k, G, b, Akk, Aqk, scale, T, i_b, i_hv, r0, c0,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr,
 ):
-    """Diagonal blocks whose decay spreads too far for the one-product form: formed pairwise, column by column,
-    every exponent <= 0 (most programs only read two rows of G and return)."""
-    i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
-    i_b, i_hv = i_bh // HV, i_bh % HV
+    """A diagonal block (rows ``r0 ..``, in-chunk columns ``c0 ..``) whose decay spreads too far for the Gram
+    launch's one-product form: formed pairwise, column by column, every exponent <= 0. Most blocks only read two
+    rows of G and return."""
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
-    r0 = i_t * BT + i * BC
     G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
     G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
     if tl.max(tl.abs(G_top - G_bot), axis=0) >= SAFE_SPREAD:
@@ -203,18 +200,28 @@ def _diag_fixup_kernel(
             col_q = tl.sum(qi * kd, axis=1)
             Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
             Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
-        _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
-        _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+        _store_block(Akk, Td, i_b, r0, c0, T, HV, i_hv, BT, BC)
+        _store_block(Aqk, Qd, i_b, r0, c0, T, HV, i_hv, BT, BC)
 
 
 @triton.jit
-def _inverse_kernel(Akk, Linv, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ROWS_FROM_MEMORY: tl.constexpr):
+def _inverse_kernel(
+    q, k, G, b, Akk, Aqk, Linv, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr, ROWS_FROM_MEMORY: tl.constexpr,
+):
     """L^-1 for L = I + T of one (chunk, value head): the unit lower diagonal blocks by forward substitution,
     then the blocks below them. ``ROWS_FROM_MEMORY`` loads each substitution row from the (cached) Gram instead of
-    extracting it from registers, one cross-thread reduction per row instead of two."""
+    extracting it from registers, one cross-thread reduction per row instead of two. First, the few diagonal blocks
+    whose decay spreads too far for the Gram launch are formed here (``_diag_fixup``). ``Akk`` may be 16-bit; the
+    substitution runs in fp32."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_hv = i_bh // HV, i_bh % HV
     t0 = i_t * BT
+    for c in tl.static_range(0, BT // BC):
+        _diag_fixup(q, k, G, b, Akk, Aqk, scale, T, i_b, i_hv, t0 + c * BC, c * BC, H, HV, HG, HB, K, BK, BT, BC,
+                    SAFE_SPREAD)
+    tl.debug_barrier()  # the fixed blocks' stores are read back below by other threads of this program
     if ROWS_FROM_MEMORY:
         I00, I11, I22, I33 = _unit_lower_inverse4_rows(Akk, i_b, t0, T, HV, i_hv, BT, BC)
     else:
@@ -255,10 +262,11 @@ def _inverse_kernel(Akk, Linv, T, HV: tl.constexpr, BT: tl.constexpr, BC: tl.con
 
 @triton.jit
 def _load_block(ptr, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.constexpr):
+    """Block [BC, BC] at rows ``r0..`` and in-chunk columns ``c0..`` of a ``[B, T, heads, BT]`` buffer, as fp32."""
     o = tl.arange(0, BC)
     rows = r0 + o
     return tl.load(ptr + ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * BT + (c0 + o)[None, :],
-                   mask=(rows < T)[:, None], other=0.0)
+                   mask=(rows < T)[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -288,7 +296,7 @@ def _gram_row(Akk, i_b, row, c0, r, T, heads, i_h, BT: tl.constexpr, BC: tl.cons
     o = tl.arange(0, BC)
     a = tl.load(Akk + ((i_b * T + row.to(tl.int64)) * heads + i_h) * BT + c0 + o, mask=(o < r) & (row < T),
                 other=0.0)
-    return a
+    return a.to(tl.float32)
 
 
 @triton.jit
@@ -466,13 +474,13 @@ def _state_kernel(
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
-    block_v: int | None = None, num_warps: int = 4, num_stages: int | None = None, intra_warps: int = 4,
+    block_v: int | None = None, num_warps: int = 4, num_stages: int | None = None,
     out: torch.Tensor | None = None, save: bool = False, decayed_qk: bool | None = None,
     inverse_warps: int = 1, inverse_rows_from_memory: bool = False, gram_warps: int = 2, wy_warps: int = 2,
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
     chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype | None = None, lowp: bool | None = None,
     u_dtype: torch.dtype | None = None, fused_wy: bool | None = None,
-    linv_dtype: torch.dtype | None = None,
+    linv_dtype: torch.dtype | None = None, akk_dtype: torch.dtype | None = None, gram_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]``; returns ``(o, final_state)``.
 
@@ -494,9 +502,12 @@ def chunk_fwd(
     - ``linv_dtype`` (by default ``key_dtype`` with ``fused_wy`` and ``lowp``, else fp32; 16 bits never with
       ``save``): the dtype ``L^-1`` is stored in; the state pass's product with it runs on that dtype (tf32 for
       fp32). fp32 with ``lowp`` and 32- or 16-wide value blocks exceeds the H100's shared memory.
+    - ``akk_dtype`` (fp16 where ``L^-1`` is 16-bit, else fp32): the erase Gram's storage between the Gram launch and
+      the inverse, which reads it into fp32 (its entries are bounded by the keys' squared norms).
 
-    ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps``, ``wy_warps`` and ``intra_warps`` (the
-    diagonal fix-up) those launches'; ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
+    ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps`` and ``wy_warps`` those launches'
+    (``gram_stages`` the Gram launch's load pipelining, Triton's default when ``None``);
+    ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
     may supply the output buffer (tests poison it with NaN). ``save=True`` also returns what ``chunk_bwd`` needs (a
     dict of intermediates); ``saved_state_dtype`` is the dtype of the chunk entry states it keeps (the backward
     keeps their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the
@@ -546,7 +557,11 @@ def chunk_fwd(
     Y = torch.empty(0 if fused_wy else B, T, HV, K, device=dev, dtype=key_dtype)
     U = torch.empty(0 if fused_wy else B, T, HV, V, device=dev, dtype=u_dtype)
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=key_dtype)
-    Akk = torch.empty(B, T, HV, BT, device=dev, dtype=torch.float32)
+    if akk_dtype is None:  # the erase Gram, read by the inverse only: 16 bits where L^-1 is stored in 16 bits
+        akk_dtype = torch.float16 if linv_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    if akk_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"chunk_fwd: akk_dtype {akk_dtype} is not float32 or float16")
+    Akk = torch.empty(B, T, HV, BT, device=dev, dtype=akk_dtype)
     if linv_dtype not in (torch.float32, torch.bfloat16, torch.float16) or (linv_dtype != torch.float32 and save):
         raise ValueError(f"chunk_fwd: linv_dtype {linv_dtype} is not float32, or bfloat16/float16 without save")
     Linv = torch.empty(B, T, HV, BT, device=dev, dtype=linv_dtype)
@@ -555,11 +570,11 @@ def chunk_fwd(
     E = torch.empty(B, T, HV, K, device=dev, dtype=e_dtype)
     gram_args = (q, k, G, b, Akk, Aqk, QG, KT, E, scale, T)
     gram_consts = dict(H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, PRECISION=precision,
-                       SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps)
+                       SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps,
+                       **({} if gram_stages is None else dict(num_stages=gram_stages)))
     _gram_kernel[(NT * (BT // BC), B * HV)](*gram_args, **gram_consts)
-    _diag_fixup_kernel[(NT * (BT // BC), B * HV)](q, k, G, b, Akk, Aqk, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K,
-                                                  BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD, num_warps=intra_warps)
-    _inverse_kernel[(NT, B * HV)](Akk, Linv, T, HV=HV, BT=BT, BC=BC, ROWS_FROM_MEMORY=inverse_rows_from_memory,
+    _inverse_kernel[(NT, B * HV)](q, k, G, b, Akk, Aqk, Linv, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT,
+                                  BC=BC, SAFE_SPREAD=SAFE_SPREAD, ROWS_FROM_MEMORY=inverse_rows_from_memory,
                                   num_warps=inverse_warps)
     del Akk
     if not fused_wy:

@@ -101,6 +101,8 @@ def test_corrections_in_the_state_pass_are_inference_only():
         chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True, linv_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="linv_dtype torch.int8"):
         chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, linv_dtype=torch.int8)
+    with pytest.raises(ValueError, match="akk_dtype torch.bfloat16 is not float32 or float16"):
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, akk_dtype=torch.bfloat16)
 
 
 def test_low_precision_state_pass_needs_decayed_16_bit_keys():
