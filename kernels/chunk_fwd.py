@@ -480,7 +480,7 @@ def chunk_fwd(
     saved_state_dtype: torch.dtype = torch.float32, chunk_lo: torch.Tensor | None = None,
     chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype | None = None, lowp: bool | None = None,
     u_dtype: torch.dtype | None = None, fused_wy: bool | None = None,
-    linv_dtype: torch.dtype | None = None, akk_dtype: torch.dtype | None = None, gram_stages: int | None = None,
+    linv_dtype: torch.dtype | None = None, akk_dtype: torch.dtype | None = None, gram_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]``; returns ``(o, final_state)``.
 
@@ -502,11 +502,11 @@ def chunk_fwd(
     - ``linv_dtype`` (by default ``key_dtype`` with ``fused_wy`` and ``lowp``, else fp32; 16 bits never with
       ``save``): the dtype ``L^-1`` is stored in; the state pass's product with it runs on that dtype (tf32 for
       fp32). fp32 with ``lowp`` and 32- or 16-wide value blocks exceeds the H100's shared memory.
-    - ``akk_dtype`` (fp16 where ``L^-1`` is 16-bit, else fp32): the erase Gram's storage between the Gram launch and
-      the inverse, which reads it into fp32 (its entries are bounded by the keys' squared norms).
+    - ``akk_dtype`` (fp32, or fp16): the erase Gram's storage between the Gram launch and the inverse, which reads
+      it into fp32.
 
     ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps`` and ``wy_warps`` those launches'
-    (``gram_stages`` the Gram launch's load pipelining, Triton's default when ``None``);
+    (``gram_stages`` the Gram launch's load pipelining);
     ``inverse_rows_from_memory`` picks the inverse's substitution form. ``out``
     may supply the output buffer (tests poison it with NaN). ``save=True`` also returns what ``chunk_bwd`` needs (a
     dict of intermediates); ``saved_state_dtype`` is the dtype of the chunk entry states it keeps (the backward
@@ -557,8 +557,8 @@ def chunk_fwd(
     Y = torch.empty(0 if fused_wy else B, T, HV, K, device=dev, dtype=key_dtype)
     U = torch.empty(0 if fused_wy else B, T, HV, V, device=dev, dtype=u_dtype)
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=key_dtype)
-    if akk_dtype is None:  # the erase Gram, read by the inverse only: 16 bits where L^-1 is stored in 16 bits
-        akk_dtype = torch.float16 if linv_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    if akk_dtype is None:  # the erase Gram, read by the inverse only (fp16 measured no faster on the H100)
+        akk_dtype = torch.float32
     if akk_dtype not in (torch.float32, torch.float16):
         raise ValueError(f"chunk_fwd: akk_dtype {akk_dtype} is not float32 or float16")
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=akk_dtype)
@@ -570,8 +570,7 @@ def chunk_fwd(
     E = torch.empty(B, T, HV, K, device=dev, dtype=e_dtype)
     gram_args = (q, k, G, b, Akk, Aqk, QG, KT, E, scale, T)
     gram_consts = dict(H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, PRECISION=precision,
-                       SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps,
-                       **({} if gram_stages is None else dict(num_stages=gram_stages)))
+                       SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps, num_stages=gram_stages)
     _gram_kernel[(NT * (BT // BC), B * HV)](*gram_args, **gram_consts)
     _inverse_kernel[(NT, B * HV)](q, k, G, b, Akk, Aqk, Linv, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT,
                                   BC=BC, SAFE_SPREAD=SAFE_SPREAD, ROWS_FROM_MEMORY=inverse_rows_from_memory,

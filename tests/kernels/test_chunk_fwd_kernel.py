@@ -78,8 +78,9 @@ def test_low_precision_state_pass_matches_reference(gates, fused_wy):
 
 
 @pytest.mark.parametrize("gates", ["normal", "strong_mixed", "decay_near_0"])
-@pytest.mark.parametrize("lowp,linv_dtype", [(False, None), (True, None), (True, torch.float32)])
-def test_corrections_formed_in_the_state_pass_match_reference(gates, lowp, linv_dtype):
+@pytest.mark.parametrize("lowp,linv_dtype,akk_dtype", [(False, None, None), (True, None, None),
+                                                        (True, torch.float32, None), (True, None, torch.float16)])
+def test_corrections_formed_in_the_state_pass_match_reference(gates, lowp, linv_dtype, akk_dtype):
     """``fused_wy``: the state pass forms ``R = L^-1 (w v - E S)`` itself (no WY launch), in fp32 and with the
     16-bit products of ``lowp`` (fp16 under the interpreter, as above), grouped value heads, a partial last chunk
     and an initial state included."""
@@ -87,7 +88,7 @@ def test_corrections_formed_in_the_state_pass_match_reference(gates, lowp, linv_
     out = torch.full_like(x["v"], float("nan"))
     opts = dict(decayed_qk=True, lowp=True, key_dtype=torch.float16, u_dtype=torch.float16) if lowp else {}
     o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, fused_wy=True, linv_dtype=linv_dtype,
-                     **opts)
+                     akk_dtype=akk_dtype, **opts)
     o_ref, s_ref = truth(x, x["h0"])
     assert_close("o", o.cpu(), o_ref, torch.bfloat16 if lowp else torch.float32)
     assert_close("state", s.cpu(), s_ref, torch.bfloat16 if lowp else torch.float32)
