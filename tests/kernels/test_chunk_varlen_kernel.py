@@ -109,3 +109,28 @@ def test_gpu_packed_documents_bf16():
     assert_close("o vs FLA", o.float(), o_f.double(), torch.bfloat16, factor=2.0)
     for n in want:
         assert_close(f"d{n} vs FLA", got[n].float(), fla[n].double(), torch.bfloat16, factor=4.0 if n in GATES else 2.0)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_documents_inference_bf16():
+    """The inference forward on a packed bf16 batch (the 16-bit state pass that forms the corrections itself, per
+    sequence) against the fp64 token loop, with and without initial states."""
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    lens = [1, 700, 64, 0, 1500, 129, 5]
+    total, N, H, K, V = sum(lens), len(lens), 16, 128, 128
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, device="cuda")
+
+    x = dict(q=F.normalize(r(1, total, H, K), dim=-1).bfloat16(), k=F.normalize(r(1, total, H, K), dim=-1).bfloat16(),
+             v=r(1, total, H, V).bfloat16(), g=F.logsigmoid(r(1, total, H, K) + 3.0),
+             b=torch.sigmoid(r(1, total, H, K)).bfloat16(), w=torch.sigmoid(r(1, total, H, V)).bfloat16())
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    for h0 in (r(N, H, K, V), None):
+        with torch.no_grad():
+            o, s = chunk_gdn2(*(x[n] for n in ARGS), initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                              backend="triton")
+        o_ref, s_ref = recurrent_reference(*(x[n].double() for n in ARGS), initial_state=None if h0 is None else
+                                           h0.double(), output_final_state=True, cu_seqlens=cu)
+        assert_close("o", o.float(), o_ref, torch.bfloat16)
+        assert_close("final states", s, s_ref, torch.bfloat16)
