@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fwd-only", action="store_true", help="time the forward variants only")
     parser.add_argument("--only-profile", action="store_true", help="only the profiler tables, ours and FLA's")
     parser.add_argument("--shape", default=None, help="one BxT shape (for example 8x2048) instead of all")
-    parser.add_argument("--variant", default=None, help="only these forward variants: an index, or a range 12-20")
+    parser.add_argument("--variant", default=None, help="only these forward variants, e.g. 0,12-15")
     parser.add_argument("--isolate", action="store_true", help="each forward variant in its own process")
     args = parser.parse_args(argv)
     rows = []
@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     for B, T in shapes:
         which = None
         if args.variant is not None:
-            lo, _, hi = args.variant.partition("-")
-            which = list(range(int(lo), int(hi or lo) + 1))
+            which = []
+            for part in args.variant.split(","):
+                lo, _, hi = part.partition("-")
+                which += range(int(lo), int(hi or lo) + 1)
         rows += profile_isolated(B, T, which) if args.isolate else profile(B, T, which)
         if not args.fwd_only:
             rows += [{"pass": "bwd", **r} for r in profile_bwd(B, T)]
