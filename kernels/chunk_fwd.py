@@ -172,95 +172,20 @@ def _gram_kernel(
 
 
 @triton.jit
-def _gram_cumsum_kernel(
-    q, k, g, b, G, Gc, flags, Akk, Aqk, QG, KT, E, scale, T,
-    H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, SAFE_SPREAD: tl.constexpr,
-    DECAYED_QK: tl.constexpr, WRITE_G: tl.constexpr,
-):
-    """``_gram_kernel`` on the raw log-decays ``g`` (no cumsum launch): the program forms its rows' in-chunk
-    cumulative decay itself, with every exponent a sum of g over a span of rows. It writes the chunk's total decay
-    into ``Gc`` ``[B, NT, HG, K]`` (row block 0), ``G`` only with ``WRITE_G`` (the backward and the undecayed
-    sequential pass read it), and one flag per row block, set when the diagonal block's decay spreads too far for
-    the one-product form: the inverse launch forms those blocks pairwise (``_diag_fixup`` with ``RAW``). The tail
-    keys' decay ``exp(G_C - G)`` is the sum of the g after each row, exactly 0 on the chunk's last row."""
-    i_tc, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_t, i = i_tc // (BT // BC), i_tc % (BT // BC)
-    i_b, i_hv = i_bh // HV, i_bh % HV
-    i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
-    t0 = i_t * BT
-    r0 = t0 + i * BC
-    o_c = tl.arange(0, BC)
-    gi = _load_rows(g, i_b, r0, T, HG, i_hg, K, BC, BK)  # rows past T: g = 0, identity steps
-    ci = tl.cumsum(gi, axis=0)  # decay from the block's start, inclusive
-    si = tl.sum(gi, axis=0)
-    ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
-    qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
-    bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
-    # blocks left of the diagonal, right to left; D = the decay over the blocks strictly between block j and i
-    zero_k = tl.zeros([BK], tl.float32)
-    D = zero_k
-    for jj in range(0, i):
-        j = i - 1 - jj
-        gj = _load_rows(g, i_b, t0 + j * BC, T, HG, i_hg, K, BC, BK)
-        sj = tl.sum(gj, axis=0)
-        # column block j's keys decayed to its last row; the rows' decay from there is ci + D
-        kj = _load_rows(k, i_b, t0 + j * BC, T, H, i_h, K, BC, BK) * tl.exp(sj[None, :] - tl.cumsum(gj, axis=0))
-        _gram_left(Akk, Aqk, ci + D[None, :], qi, bki, kj, zero_k, T, i_b, i_hv, r0, j * BC, HV, BT, BC, PRECISION)
-        D += sj
-    Gi = D[None, :] + ci  # D is now the decay of the chunk's rows before this block
-    later = zero_k  # the decay over the blocks after this one
-    for j in range(i + 1, BT // BC):
-        later += tl.sum(_load_rows(g, i_b, t0 + j * BC, T, HG, i_hg, K, BC, BK), axis=0)
-    o_k = tl.arange(0, BK)
-    if i == 0:
-        tl.store(Gc + ((i_b * tl.cdiv(T, BT) + i_t) * HG + i_hg) * K + o_k, si + later, mask=o_k < K)
-    if WRITE_G:
-        _store_rows(G, Gi, i_b, r0, T, HG, i_hg, K, BC, BK)
-    _store_rows(E, (tl.exp(Gi) * bki).to(E.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
-    if DECAYED_QK:
-        _store_rows(QG, (qi * tl.exp(Gi)).to(QG.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
-        after = later[None, :] + (tl.cumsum(gi, axis=0, reverse=True) - gi)
-        _store_rows(KT, (ki * tl.exp(after)).to(KT.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
-    # the diagonal block about its mid-point decay; its spread is the g after the block's first row
-    c_top = _load_row(g, i_b, r0, T, HG, i_hg, K, BK)
-    safe = tl.max(tl.abs(si - c_top), axis=0) < SAFE_SPREAD
-    tl.store(flags + (i_b * tl.cdiv(T, BT) * (BT // BC) + i_tc) * HV + i_hv, (~safe).to(tl.int8))
-    mid = tl.where(safe, 0.5 * (c_top + si), 0.0)
-    cs = tl.where(safe, ci, 0.0)
-    up = tl.exp(cs - mid[None, :])
-    kd = ki * tl.exp(mid[None, :] - cs)
-    Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-    Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-    _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
-    _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
-    for j in range(i + 1, BT // BC):
-        _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
-
-
-@triton.jit
 def _diag_fixup(
-    q, k, G, b, Akk, Aqk, flags, scale, T, i_b, i_hv, r0, c0, i_tc,
+    q, k, G, b, Akk, Aqk, scale, T, i_b, i_hv, r0, c0,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr, RAW: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr,
 ):
     """A diagonal block (rows ``r0 ..``, in-chunk columns ``c0 ..``) whose decay spreads too far for the Gram
     launch's one-product form: formed pairwise, column by column, every exponent <= 0. Most blocks only read two
-    rows of G and return. With ``RAW``, ``G`` holds the raw log-decays ``g`` and the Gram launch's flag (row block
-    ``i_tc``) says which blocks to form; the decay differences come from the block's own cumulative sum."""
+    rows of G and return."""
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
-    if RAW:
-        far = tl.load(flags + (i_b * tl.cdiv(T, BT) * (BT // BC) + i_tc) * HV + i_hv) != 0
-    else:
-        G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
-        G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
-        far = tl.max(tl.abs(G_top - G_bot), axis=0) >= SAFE_SPREAD
-    if far:
+    G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
+    G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+    if tl.max(tl.abs(G_top - G_bot), axis=0) >= SAFE_SPREAD:
         o_c = tl.arange(0, BC)
-        if RAW:
-            Gi = tl.cumsum(_load_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK), axis=0)
-        else:
-            Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
+        Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
         ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
         qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
         bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
@@ -268,7 +193,7 @@ def _diag_fixup(
         Qd = tl.zeros([BC, BC], tl.float32)
         for c in range(BC):
             kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
-            Gc = tl.sum(tl.where(o_c[:, None] == c, Gi, 0.0), axis=0)  # row c of Gi
+            Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
             d = tl.exp(tl.where((o_c >= c)[:, None], Gi - Gc[None, :], float("-inf")))
             kd = kc[None, :] * d
             col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
@@ -281,9 +206,9 @@ def _diag_fixup(
 
 @triton.jit
 def _inverse_kernel(
-    q, k, G, b, Akk, Aqk, Linv, flags, scale, T,
+    q, k, G, b, Akk, Aqk, Linv, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr, ROWS_FROM_MEMORY: tl.constexpr, RAW: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, SAFE_SPREAD: tl.constexpr, ROWS_FROM_MEMORY: tl.constexpr,
 ):
     """L^-1 for L = I + T of one (chunk, value head): the unit lower diagonal blocks by forward substitution,
     then the blocks below them. ``ROWS_FROM_MEMORY`` loads each substitution row from the (cached) Gram instead of
@@ -294,8 +219,8 @@ def _inverse_kernel(
     i_b, i_hv = i_bh // HV, i_bh % HV
     t0 = i_t * BT
     for c in tl.static_range(0, BT // BC):
-        _diag_fixup(q, k, G, b, Akk, Aqk, flags, scale, T, i_b, i_hv, t0 + c * BC, c * BC, i_t * (BT // BC) + c, H,
-                    HV, HG, HB, K, BK, BT, BC, SAFE_SPREAD, RAW)
+        _diag_fixup(q, k, G, b, Akk, Aqk, scale, T, i_b, i_hv, t0 + c * BC, c * BC, H, HV, HG, HB, K, BK, BT, BC,
+                    SAFE_SPREAD)
     tl.debug_barrier()  # the fixed blocks' stores are read back below by other threads of this program
     if ROWS_FROM_MEMORY:
         I00, I11, I22, I33 = _unit_lower_inverse4_rows(Akk, i_b, t0, T, HV, i_hv, BT, BC)
@@ -455,11 +380,11 @@ def _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV: tl.constexpr, BT: tl.constexpr
 
 @triton.jit
 def _state_kernel(
-    q, k, G, Gc, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, E, v, w, Linv, chunk_lo, chunk_hi, scale, T,
+    q, k, G, Y, U, Aqk, o, h0, ht, h, Rs, QG, KT, E, v, w, Linv, chunk_lo, chunk_hi, scale, T,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     SAVE: tl.constexpr, PRECISION: tl.constexpr, DECAYED_QK: tl.constexpr, VARLEN: tl.constexpr,
-    LOWP: tl.constexpr, FUSED_WY: tl.constexpr, LINV_16: tl.constexpr, CHUNK_DECAY: tl.constexpr,
+    LOWP: tl.constexpr, FUSED_WY: tl.constexpr, LINV_16: tl.constexpr,
 ):
     """With ``SAVE`` it also keeps, for the backward, each chunk's entry state in ``h`` ``[B, NT, HV, K, V]`` and
     the corrections ``R`` in ``Rs`` ``[B, T, HV, V]``. (Forming the output in a separate parallel launch from the
@@ -532,10 +457,7 @@ def _state_kernel(
             ot = tl.dot(qg, S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
         tl.store(o + p_o, ot.to(o.dtype.element_ty), mask=m_o)
         # the last row of the chunk (or of the sequence) holds the chunk's total decay
-        if CHUNK_DECAY:  # the chunks' total decay from the Gram launch that formed G itself
-            G_last = tl.load(Gc + ((i_b * tl.cdiv(T, BT) + i_t) * HG + i_hg) * K + o_k, mask=o_k < K, other=0.0)
-        else:
-            G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
+        G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
         if LOWP:
             kt = _load_rows_native(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
             S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R_lp)
@@ -559,7 +481,6 @@ def chunk_fwd(
     chunk_hi: torch.Tensor | None = None, key_dtype: torch.dtype | None = None, lowp: bool | None = None,
     u_dtype: torch.dtype | None = None, fused_wy: bool | None = None,
     linv_dtype: torch.dtype | None = None, akk_dtype: torch.dtype | None = None, gram_stages: int = 2,
-    gram_cumsum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Chunked forward on validated, activated inputs ``[B, T, *, *]``; returns ``(o, final_state)``.
 
@@ -583,8 +504,6 @@ def chunk_fwd(
       fp32). fp32 with ``lowp`` and 32- or 16-wide value blocks exceeds the H100's shared memory.
     - ``akk_dtype`` (fp32, or fp16): the erase Gram's storage between the Gram launch and the inverse, which reads
       it into fp32.
-    - ``gram_cumsum`` (off by default): no cumsum launch; the Gram launch forms the cumulative decay from ``g``
-      (``_gram_cumsum_kernel``) and stores ``G`` only where it is read again.
 
     ``num_warps`` is the state kernel's; ``inverse_warps``, ``gram_warps`` and ``wy_warps`` those launches'
     (``gram_stages`` the Gram launch's load pipelining);
@@ -627,19 +546,13 @@ def chunk_fwd(
     BK, BVfull = triton.next_power_of_2(K), triton.next_power_of_2(V)
     # fp32 inputs get fp32 products; bf16/fp16 inputs use tf32 tensor cores (error well under their rounding)
     precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    # gram_cumsum: the Gram launch forms G from g, and stores it only where it is read again (the backward, the
-    # undecayed sequential pass); the chunks' total decay and the far-spread flags always
-    write_g = not gram_cumsum or save or not decayed_qk
-    G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32) if write_g else g
-    Gc = torch.empty(B, NT, HG, K, device=dev, dtype=torch.float32) if gram_cumsum else g
-    flags = torch.empty(B, NT * (BT // BC), HV, device=dev, dtype=torch.int8) if gram_cumsum else g
-    if not gram_cumsum:
-        _cumsum_kernel[(NT, B * HG)](g, G, T, HG=HG, K=K, BT=BT, BK=BK)
+    G = torch.empty(B, T, HG, K, device=dev, dtype=torch.float32)
+    _cumsum_kernel[(NT, B * HG)](g, G, T, HG=HG, K=K, BT=BT, BK=BK)
     qk_dtype = torch.float16 if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
     if lowp:
         qk_dtype = key_dtype
-    QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else g
-    KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else g
+    QG = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
+    KT = torch.empty(B, T, HV, K, device=dev, dtype=qk_dtype) if decayed_qk else G
     # fused_wy: no Y and U (the state kernel forms the corrections from E and L^-1)
     Y = torch.empty(0 if fused_wy else B, T, HV, K, device=dev, dtype=key_dtype)
     U = torch.empty(0 if fused_wy else B, T, HV, V, device=dev, dtype=u_dtype)
@@ -658,14 +571,9 @@ def chunk_fwd(
     gram_args = (q, k, G, b, Akk, Aqk, QG, KT, E, scale, T)
     gram_consts = dict(H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, PRECISION=precision,
                        SAFE_SPREAD=SAFE_SPREAD, DECAYED_QK=decayed_qk, num_warps=gram_warps, num_stages=gram_stages)
-    if gram_cumsum:
-        _gram_cumsum_kernel[(NT * (BT // BC), B * HV)](q, k, g, b, G, Gc, flags, *gram_args[4:], **gram_consts,
-                                                       WRITE_G=write_g)
-    else:
-        _gram_kernel[(NT * (BT // BC), B * HV)](*gram_args, **gram_consts)
-    _inverse_kernel[(NT, B * HV)](q, k, g if gram_cumsum else G, b, Akk, Aqk, Linv, flags, scale, T, H=H, HV=HV,
-                                  HG=HG, HB=HB, K=K, BK=BK, BT=BT, BC=BC, SAFE_SPREAD=SAFE_SPREAD,
-                                  ROWS_FROM_MEMORY=inverse_rows_from_memory, RAW=gram_cumsum,
+    _gram_kernel[(NT * (BT // BC), B * HV)](*gram_args, **gram_consts)
+    _inverse_kernel[(NT, B * HV)](q, k, G, b, Akk, Aqk, Linv, scale, T, H=H, HV=HV, HG=HG, HB=HB, K=K, BK=BK, BT=BT,
+                                  BC=BC, SAFE_SPREAD=SAFE_SPREAD, ROWS_FROM_MEMORY=inverse_rows_from_memory,
                                   num_warps=inverse_warps)
     del Akk
     if not fused_wy:
@@ -697,12 +605,12 @@ def chunk_fwd(
     h = alloc(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o
     Rs = alloc(B, T, HV, V, device=dev, dtype=torch.float32) if save else o
     _state_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, G, Gc, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT,
+        q, k, G, Y, U, Aqk, o, initial_state if initial_state is not None else o, ht, h, Rs, QG, KT,
         E if fused_wy else o, v, w, Linv, chunk_lo if varlen else o, chunk_hi if varlen else o, scale, T,
         H=H, HV=HV, HG=HG, K=K, V=V, BK=BK, BV=BV, BT=BT, HAS_H0=initial_state is not None,
         STORE_HT=output_final_state, SAVE=save, num_warps=num_warps,
         num_stages=num_stages, PRECISION=precision, DECAYED_QK=decayed_qk, VARLEN=varlen,
-        LOWP=lowp, FUSED_WY=fused_wy, LINV_16=Linv.dtype != torch.float32, CHUNK_DECAY=gram_cumsum and decayed_qk,
+        LOWP=lowp, FUSED_WY=fused_wy, LINV_16=Linv.dtype != torch.float32,
     )
     if save:
         saved = dict(G=G, Y=Y, U=U, Aqk=Aqk, Linv=Linv, h=h, R=Rs)

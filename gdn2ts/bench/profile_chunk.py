@@ -16,8 +16,7 @@ _LOWP = dict(decayed_qk=True, lowp=True, key_dtype=_BF, u_dtype=_BF)
 VARIANTS = [dict(), dict(fused_wy=False), dict(lowp=False), dict(_LOWP, fused_wy=False, u_dtype=torch.float32),
             *(dict(block_v=bv, num_stages=st) for bv, st in ((64, 1), (64, 2), (32, 3), (16, 3))),
             dict(gram_warps=4), dict(linv_dtype=torch.float32, block_v=64, num_stages=1), dict(linv_dtype=_FP),
-            dict(akk_dtype=torch.float16), dict(gram_stages=3), dict(gram_cumsum=True),
-            dict(gram_cumsum=True, gram_stages=3), dict(gram_cumsum=True, gram_warps=4)]
+            dict(akk_dtype=torch.float16), dict(gram_stages=1), dict(gram_stages=3), dict(gram_warps=4, gram_stages=1)]
 # "decayed_qk" is a forward option: the backward then reads the decayed q and k the forward kept
 BWD_VARIANTS = [dict(), dict(decayed_qk=True), dict(decayed_qk=True, num_stages=3), dict(num_warps=8),
                 dict(intra_warps=8), dict(dk_block_v=64), dict(gram_warps=4), dict(lowp=True)]

@@ -46,32 +46,13 @@ def test_tiling_options_match_reference(gates, decayed_qk):
     assert_close("state", s.cpu(), s_ref, torch.float32)
 
 
-@pytest.mark.parametrize("T", [63, 150])
-@pytest.mark.parametrize("gates", ["normal", "strong_mixed", "decay_near_0"])
-@pytest.mark.parametrize("mode", ["fp32", "fp32_decayed", "lowp_fp16"])
-def test_cumulative_decay_formed_in_the_gram_launch_matches_reference(T, gates, mode):
-    """``gram_cumsum``: the Gram launch forms G from g itself (no cumsum launch) and flags the far-spread diagonal
-    blocks for the inverse launch; fp32 with and without the decayed key-side rows, and the 16-bit inference path
-    (fp16 under the interpreter), a partial last chunk and grouped value heads included."""
-    x = on(make_inputs(B=2, T=T, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=21))
-    out = torch.full_like(x["v"], float("nan"))
-    opts = {"fp32": {}, "fp32_decayed": dict(decayed_qk=True),
-            "lowp_fp16": dict(decayed_qk=True, lowp=True, key_dtype=torch.float16, u_dtype=torch.float16)}[mode]
-    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, gram_cumsum=True, **opts)
-    o_ref, s_ref = truth(x, x["h0"])
-    tol = torch.bfloat16 if mode == "lowp_fp16" else torch.float32
-    assert_close("o", o.cpu(), o_ref, tol)
-    assert_close("state", s.cpu(), s_ref, tol)
-
-
 @pytest.mark.parametrize("T", [64, 150])
-@pytest.mark.parametrize("gram_cumsum", [False, True])
-def test_gram_launch_keeps_the_in_chunk_cumulative_decay(T, gram_cumsum):
+def test_gram_launch_keeps_the_in_chunk_cumulative_decay(T):
     """The Gram launch forms G from g itself; what it keeps for the backward is the in-chunk cumulative sum, a
     partial last chunk and grouped gate heads included."""
     x = on(make_inputs(B=2, T=T, H=1, HV=2, g_heads=2, K=16, V=16, dtype=torch.float32, gates="strong_mixed",
                        seed=4))
-    saved = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, save=True, gram_cumsum=gram_cumsum)[2]
+    saved = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, save=True)[2]
     g = x["g"].double().cpu()
     pad = (-T) % 64
     want = F.pad(g, (0, 0, 0, 0, 0, pad)).view(2, -1, 64, 2, 16).cumsum(2).view(2, T + pad, 2, 16)[:, :T]
@@ -146,7 +127,7 @@ def test_grouped_value_heads_without_initial_state(HV, g_heads):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["default", "lowp_bf16", "lowp_fp16", "wy_launch", "linv_fp32", "gram_cumsum"])
+@pytest.mark.parametrize("variant", ["default", "lowp_bf16", "lowp_fp16", "wy_launch", "linv_fp32"])
 @pytest.mark.parametrize("B,T", [(2, 2048), (1, 1000)])
 def test_gpu_benchmark_shapes(B, T, variant):
     gen = torch.Generator(device="cuda").manual_seed(T)
@@ -164,8 +145,7 @@ def test_gpu_benchmark_shapes(B, T, variant):
     # them in a launch of their own, "linv_fp32" keeps L^-1 in fp32 (64-wide value blocks: narrower ones exceed
     # the shared memory)
     opts = {"default": {}, "wy_launch": dict(fused_wy=False),
-            "linv_fp32": dict(linv_dtype=torch.float32, block_v=64, num_stages=1),
-            "gram_cumsum": dict(gram_cumsum=True)}.get(variant) or dict(
+            "linv_fp32": dict(linv_dtype=torch.float32, block_v=64, num_stages=1)}.get(variant) or dict(
         decayed_qk=True, lowp=True, key_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16,
         u_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16)
     o, s = chunk_fwd(q, k, v, g, b, w, K**-0.5, h0, True, out=out, **opts)
