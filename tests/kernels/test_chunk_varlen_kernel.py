@@ -78,22 +78,29 @@ def test_chunk_layout_puts_each_sequence_on_its_own_chunks():
     assert dest.unique().numel() == 200 and int(dest.max()) < padded == 200 + 63 * 4
 
 
-@pytest.mark.gpu
-def test_gpu_packed_documents_bf16():
-    """A training-like packed batch (16 heads of 128, documents of 1 to 3,000 tokens, bf16) against the fp64
-    chunked path on the same packed batch, and against FLA's varlen ``chunk_gdn2`` when importable."""
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    lens = [1, 700, 64, 3000, 0, 129, 2200, 5]
-    total, N, H, K, V = sum(lens), len(lens), 16, 128, 128
+def packed_bf16(lens, seed, device="cuda"):
+    """A packed batch as the layer makes it (16 heads of 128: unit-norm q/k, fp32 log-decay, gates in (0, 1), bf16),
+    its ``cu_seqlens``, and the seeded ``randn`` that made it (for states and cotangents)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total, H, K, V = sum(lens), 16, 128, 128
 
     def r(*s):
-        return torch.randn(*s, generator=gen, device="cuda")
+        return torch.randn(*s, generator=gen, device=device)
 
     x = dict(q=F.normalize(r(1, total, H, K), dim=-1).bfloat16(), k=F.normalize(r(1, total, H, K), dim=-1).bfloat16(),
              v=r(1, total, H, V).bfloat16(), g=F.logsigmoid(r(1, total, H, K) + 3.0),
              b=torch.sigmoid(r(1, total, H, K)).bfloat16(), w=torch.sigmoid(r(1, total, H, V)).bfloat16())
-    h0, do, dht = r(N, H, K, V), r(1, total, H, V).bfloat16(), r(N, H, K, V)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    return x, torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device), r
+
+
+@pytest.mark.gpu
+def test_gpu_packed_documents_bf16():
+    """A training-like packed batch (16 heads of 128, documents of 1 to 3,000 tokens, bf16) against the fp64
+    chunked path on the same packed batch, and against FLA's varlen ``chunk_gdn2`` when importable."""
+    lens = [1, 700, 64, 3000, 0, 129, 2200, 5]
+    x, cu, r = packed_bf16(lens, seed=7)
+    N, total, H, V = len(lens), sum(lens), 16, 128
+    h0, do, dht = r(N, H, 128, V), r(1, total, H, V).bfloat16(), r(N, H, 128, V)
     o, s, got = run(chunk_gdn2, x, h0, cu, do, dht, backend="triton")
     o_ref, s_ref, want = run(chunk_reference, {n: t.double() for n, t in x.items()}, h0.double(), cu, do.double(),
                              dht.double())
@@ -115,18 +122,9 @@ def test_gpu_packed_documents_bf16():
 def test_gpu_packed_documents_inference_bf16():
     """The inference forward on a packed bf16 batch (the 16-bit state pass that forms the corrections itself, per
     sequence) against the fp64 token loop, with and without initial states."""
-    gen = torch.Generator(device="cuda").manual_seed(8)
     lens = [1, 700, 64, 0, 1500, 129, 5]
-    total, N, H, K, V = sum(lens), len(lens), 16, 128, 128
-
-    def r(*s):
-        return torch.randn(*s, generator=gen, device="cuda")
-
-    x = dict(q=F.normalize(r(1, total, H, K), dim=-1).bfloat16(), k=F.normalize(r(1, total, H, K), dim=-1).bfloat16(),
-             v=r(1, total, H, V).bfloat16(), g=F.logsigmoid(r(1, total, H, K) + 3.0),
-             b=torch.sigmoid(r(1, total, H, K)).bfloat16(), w=torch.sigmoid(r(1, total, H, V)).bfloat16())
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
-    for h0 in (r(N, H, K, V), None):
+    x, cu, r = packed_bf16(lens, seed=8)
+    for h0 in (r(len(lens), 16, 128, 128), None):
         with torch.no_grad():
             o, s = chunk_gdn2(*(x[n] for n in ARGS), initial_state=h0, output_final_state=True, cu_seqlens=cu,
                               backend="triton")
