@@ -501,7 +501,8 @@ def chunk_fwd(
       ``L^-1``: one more in-chunk product per chunk on the sequential path, two fewer stored intermediates.
     - ``linv_dtype`` (by default ``key_dtype`` with ``fused_wy`` and ``lowp``, else fp32; 16 bits never with
       ``save``): the dtype ``L^-1`` is stored in; the state pass's product with it runs on that dtype (tf32 for
-      fp32). fp32 with ``lowp`` and 32- or 16-wide value blocks exceeds the H100's shared memory.
+      fp32). fp32 with ``lowp`` takes 64-wide value blocks: narrower ones exceed the H100's shared memory and are
+      refused.
     - ``akk_dtype`` (fp32, or fp16): the erase Gram's storage between the Gram launch and the inverse, which reads
       it into fp32.
 
@@ -539,6 +540,17 @@ def chunk_fwd(
         raise ValueError("chunk_fwd: lowp=True needs decayed_qk=True and key_dtype bfloat16 or float16")
     if fused_wy and save:
         raise ValueError("chunk_fwd: fused_wy=True is an inference form; the backward needs Y and U (save=True)")
+    if akk_dtype is None:  # the erase Gram, read by the inverse only (fp16 measured no faster on the H100)
+        akk_dtype = torch.float32
+    if akk_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"chunk_fwd: akk_dtype {akk_dtype} is not float32 or float16")
+    if linv_dtype not in (torch.float32, torch.bfloat16, torch.float16) or (linv_dtype != torch.float32 and save):
+        raise ValueError(f"chunk_fwd: linv_dtype {linv_dtype} is not float32, or bfloat16/float16 without save")
+    # an fp32 L^-1 in the 16-bit state pass: value blocks under 64 need more shared memory than the H100 has (one
+    # such tiling faulted the device), so they are refused and the automatic choice stays at 64
+    wide_linv = fused_wy and lowp and linv_dtype == torch.float32
+    if wide_linv and block_v is not None and block_v < min(64, triton.next_power_of_2(v.shape[3])):
+        raise ValueError(f"chunk_fwd: an fp32 L^-1 in the 16-bit state pass needs block_v >= 64, got {block_v}")
     HG, HB = g.shape[2], b.shape[2]
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     dev = q.device
@@ -557,13 +569,7 @@ def chunk_fwd(
     Y = torch.empty(0 if fused_wy else B, T, HV, K, device=dev, dtype=key_dtype)
     U = torch.empty(0 if fused_wy else B, T, HV, V, device=dev, dtype=u_dtype)
     Aqk = torch.empty(B, T, HV, BT, device=dev, dtype=key_dtype)
-    if akk_dtype is None:  # the erase Gram, read by the inverse only (fp16 measured no faster on the H100)
-        akk_dtype = torch.float32
-    if akk_dtype not in (torch.float32, torch.float16):
-        raise ValueError(f"chunk_fwd: akk_dtype {akk_dtype} is not float32 or float16")
     Akk = torch.empty(B, T, HV, BT, device=dev, dtype=akk_dtype)
-    if linv_dtype not in (torch.float32, torch.bfloat16, torch.float16) or (linv_dtype != torch.float32 and save):
-        raise ValueError(f"chunk_fwd: linv_dtype {linv_dtype} is not float32, or bfloat16/float16 without save")
     Linv = torch.empty(B, T, HV, BT, device=dev, dtype=linv_dtype)
     # E is read by a tf32 product (WY launch) or, fused with lowp, by a 16-bit product with the rounded state
     e_dtype = key_dtype if fused_wy and lowp else torch.float16 if half else torch.float32
@@ -600,6 +606,8 @@ def chunk_fwd(
                                 else (16, 3))
     else:
         auto_bv, auto_stages = (32 if pairs * triton.cdiv(V, 32) >= 256 else 16), 2
+    if wide_linv:
+        auto_bv, auto_stages = 64, 1
     BV = min(auto_bv if block_v is None else block_v, BVfull)
     num_stages = auto_stages if num_stages is None else num_stages
     h = alloc(B, NT, HV, K, V, device=dev, dtype=saved_state_dtype) if save else o

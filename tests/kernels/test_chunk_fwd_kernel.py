@@ -102,6 +102,10 @@ def test_corrections_in_the_state_pass_are_inference_only():
         chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True, linv_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="linv_dtype torch.int8"):
         chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, linv_dtype=torch.int8)
+    with pytest.raises(ValueError, match="fp32 L\\^-1 in the 16-bit state pass needs block_v >= 64, got 32"):
+        wide = on(make_inputs(B=1, T=8, H=1, K=16, V=64, dtype=torch.float16, seed=1))
+        chunk_fwd(*(wide[n] for n in ARGS), 16**-0.5, None, False, fused_wy=True, linv_dtype=torch.float32,
+                  block_v=32)
     with pytest.raises(ValueError, match="akk_dtype torch.bfloat16 is not float32 or float16"):
         chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, akk_dtype=torch.bfloat16)
 
