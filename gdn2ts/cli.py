@@ -118,7 +118,7 @@ def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, 
         learn_lr: learning rate of the online updates.
         quiet: print nothing.
     """
-    from gdn2ts.streaming.quickstart import DataError, QuickstartConfig, run_quickstart
+    from gdn2ts.apps.quickstart import DataError, QuickstartConfig, run_quickstart
 
     try:
         config = QuickstartConfig(out=out, seed=seed, steps=steps, max_seconds=max_seconds, test_days=test_days,
@@ -149,8 +149,8 @@ def stream(checkpoint: str, store: str, input: str = "-", format: str | None = N
         time_column: name of the timestamp column.
         quiet: print nothing.
     """
+    from gdn2ts.apps.stream_cli import run_stream
     from gdn2ts.streaming.store import StoreError
-    from gdn2ts.streaming.stream_cli import run_stream
 
     try:
         run_stream(checkpoint, store, input=input, format=format, batch_rows=batch_rows, forecast_out=forecast_out,
@@ -174,7 +174,7 @@ def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, 
         threads: torch CPU threads.
         quiet: print nothing.
     """
-    from gdn2ts.streaming.audit_demo import run_audit_demo
+    from gdn2ts.apps.audit_demo import run_audit_demo
 
     try:
         run_audit_demo(out=out, seed=seed, steps=steps, train_steps=train_steps, streams=streams, parquet=parquet,
@@ -187,11 +187,11 @@ def main(args: list[str] | None = None) -> None:
     # imported here: the probe command's typed configs must be importable for the parser, the rest stay lazy
     import sys
 
+    from gdn2ts.apps.probes_report import probe
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
     from gdn2ts.lm.commands import lm_curves, lm_generate, lm_throughput, lm_train
     from gdn2ts.lm.data_commands import lm_tokenize
     from gdn2ts.lm.eval.mqar_report import mqar
-    from gdn2ts.streaming.probes_report import probe
 
     args = list(sys.argv[1:] if args is None else args)
     # `gdn2ts fit RECIPE.yaml`: a bare recipe path after fit is its --config

@@ -45,8 +45,12 @@ def test_kernels_install_as_gdn2ts_kernels():
     assert Path(gdn2ts.kernels.__file__).resolve().parent == ROOT / "kernels"
 
 
-# Lower layers never import higher ones; nothing in the core imports the training frameworks.
-LAYERS = ["kernels", "ops", "layers", "models"]
+# Lower layers never import higher ones; nothing in the core imports the training frameworks. The streaming library
+# sits above the models and below its applications (quickstart, demos, probes, the stream command) in gdn2ts.apps.
+LAYERS = ["kernels", "ops", "layers", "models", "streaming", "apps"]
+CORE = ("kernels", "ops", "layers", "models", "streaming")
+# the packages beside the layers: a layer below "apps" may import none of them
+USERS = ("bench", "forecasting", "lm", "cli", "apps")
 FRAMEWORKS = ("lightning", "pytorch_lightning", "pytorch_forecasting")
 
 
@@ -65,18 +69,22 @@ def _layer_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "gdn2ts" or len(parts) < 2:
         return None
-    return parts[1] if parts[1] in LAYERS else None
+    return parts[1] if parts[1] in LAYERS or parts[1] in USERS else None
 
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_imports_only_go_downward(layer):
     folder = ROOT / "kernels" if layer == "kernels" else PACKAGE / layer
+    assert any(folder.rglob("*.py")), f"no modules under {folder}"
     for path in folder.rglob("*.py"):
         for module in _imports(path):
             target = _layer_of(module)
-            if target is not None:
+            if target in LAYERS:
                 assert LAYERS.index(target) <= LAYERS.index(layer), f"{path}: {layer} imports {module}"
-            assert module.split(".")[0] not in FRAMEWORKS, f"{path}: core module imports {module}"
+            elif target is not None:
+                assert layer not in CORE, f"{path}: {layer} imports {module}, which sits above it"
+            if layer in CORE:
+                assert module.split(".")[0] not in FRAMEWORKS, f"{path}: core module imports {module}"
 
 
 def test_import_rule_checker_catches_violations(tmp_path):
@@ -87,6 +95,7 @@ def test_import_rule_checker_catches_violations(tmp_path):
     """))
     mods = _imports(bad)
     assert _layer_of("gdn2ts.layers") == "layers" and "lightning" in mods
+    assert _layer_of("gdn2ts.apps.quickstart") == "apps" and _layer_of("gdn2ts.bench.common") == "bench"
 
 
 def test_every_package_folder_is_installed():

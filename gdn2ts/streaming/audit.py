@@ -9,7 +9,7 @@ change of the state energy ``||S||_F^2`` into three terms taken in the op's orde
 For associations registered at tagged events it keeps the written key ``k_e`` and value ``u_e = w_e * v_e``
 and follows how well later states still return ``u_e`` for ``k_e`` (``recall``), and how much of the event's own
 write survives the later decays and erases (``retention``, 1 at the event; its half-life is reported). Tables are
-polars DataFrames; :mod:`gdn2ts.streaming.audit_report` appends them to Parquet logs, summarizes and plots them.
+polars DataFrames; :mod:`gdn2ts.apps.audit_report` appends them to Parquet logs, summarizes and plots them.
 See docs/audit.md.
 """
 

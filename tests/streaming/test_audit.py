@@ -11,16 +11,16 @@ import polars as pl
 import pytest
 import torch
 
-from gdn2ts.cli import main
-from gdn2ts.models import EncoderConfig, StreamEncoder
-from gdn2ts.streaming.audit import SCHEMAS, audit_encoder
-from gdn2ts.streaming.audit_report import (
+from gdn2ts.apps.audit_report import (
     append_audit_log,
     append_parquet,
     audit_summary_text,
     plot_audit,
     summarize_audit,
 )
+from gdn2ts.cli import main
+from gdn2ts.models import EncoderConfig, StreamEncoder
+from gdn2ts.streaming.audit import SCHEMAS, audit_encoder
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
 """Rare-regime recall probes: train GDN-2, KDA, GDN (the same :class:`StreamEncoder`, by ``variant``) and a GRU of
-equal state size on the seeded tasks of :mod:`gdn2ts.streaming.probes_data` with one budget, then score recall
+equal state size on the seeded tasks of :mod:`gdn2ts.apps.probes_data` with one budget, then score recall
 against the time since the thing recalled was last seen.
 
 * regimes: the forecast made at a regime's onset (only its cue channels observed) for the rest of the episode,
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from gdn2ts.apps.baselines import GRUEncoder, encoder_state_floats
+from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes
 from gdn2ts.models import EncoderConfig, StreamEncoder
-from gdn2ts.streaming.baselines import GRUEncoder, encoder_state_floats
-from gdn2ts.streaming.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes
 
 __all__ = ["ProbeModelConfig", "ProbeTrainConfig", "ProbeEvalConfig", "build_model", "run_task", "MODELS", "TASKS"]
 
@@ -269,7 +269,7 @@ def run_task(task: str, task_config: RegimeConfig | NeedleConfig, model_config: 
         ``{model name: TaskResult}``.
 
     Example:
-        >>> from gdn2ts.streaming.probes_data import NeedleConfig
+        >>> from gdn2ts.apps.probes_data import NeedleConfig
         >>> r = run_task("needle", NeedleConfig(n_pairs=2, n_queries=2, min_delay=2, max_delay=6),
         ...              ProbeModelConfig(models=("gdn2",), hidden_size=8, head_dim=4),
         ...              ProbeTrainConfig(steps=2, batch=2, seeds=(0,)), ProbeEvalConfig(n_streams=4))

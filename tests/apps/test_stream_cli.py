@@ -10,12 +10,12 @@ import polars as pl
 import pytest
 import torch
 
+from gdn2ts.apps.stream_cli import run_stream
 from gdn2ts.cli import main
 from gdn2ts.models import EncoderConfig, StreamEncoder
 from gdn2ts.models.checkpoint import Scaler, load_checkpoint, save_checkpoint
 from gdn2ts.streaming import MemoryStore, OnlineRunner, SQLiteStore
 from gdn2ts.streaming.features import CALENDAR, prepare_rows
-from gdn2ts.streaming.stream_cli import run_stream
 
 CHANNELS = ("load", "temp")
 ROWS = {

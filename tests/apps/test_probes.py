@@ -13,10 +13,8 @@ import pytest
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from gdn2ts.cli import main
-from gdn2ts.models import EncoderConfig, StreamEncoder
-from gdn2ts.streaming.baselines import GRUEncoder, encoder_state_floats
-from gdn2ts.streaming.probes import (
+from gdn2ts.apps.baselines import GRUEncoder, encoder_state_floats
+from gdn2ts.apps.probes import (
     ProbeEvalConfig,
     ProbeModelConfig,
     ProbeTrainConfig,
@@ -25,8 +23,10 @@ from gdn2ts.streaming.probes import (
     build_model,
     run_task,
 )
-from gdn2ts.streaming.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes
-from gdn2ts.streaming.probes_report import probe
+from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes
+from gdn2ts.apps.probes_report import probe
+from gdn2ts.cli import main
+from gdn2ts.models import EncoderConfig, StreamEncoder
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "tasks" / "probes").glob("*.yaml"))
 

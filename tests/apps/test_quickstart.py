@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 import torch
 
+from gdn2ts.apps.quickstart import CHANNELS, QuickstartConfig, load_epf, make_irregular, run_quickstart
 from gdn2ts.cli import main
 from gdn2ts.models.checkpoint import Scaler, load_checkpoint
 from gdn2ts.streaming import SQLiteStore
-from gdn2ts.streaming.quickstart import CHANNELS, QuickstartConfig, load_epf, make_irregular, run_quickstart
 
 TINY = dict(test_days=3, warmup_hours=24, hidden_size=8, head_dim=4, context=24, batch_size=2, steps=2, horizon=6)
 

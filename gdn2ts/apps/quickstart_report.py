@@ -175,7 +175,7 @@ def audit_window(runner, window: pl.DataFrame, channel: str, path: Path) -> str:
     state, with each stream's highest ``channel`` value in the window's first half tagged (a rare regime's onset,
     as far as a price spike is one; the second half shows how long the state recalls it); write the audit plot to
     ``path`` and return the summary text."""
-    from gdn2ts.streaming.audit_report import audit_summary_text, plot_audit
+    from gdn2ts.apps.audit_report import audit_summary_text, plot_audit
 
     start, end = float(window["time"].min()), float(window["time"].max())
     first_half = window.filter(pl.col("time") <= (start + end) / 2)

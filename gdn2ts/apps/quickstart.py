@@ -34,11 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from gdn2ts.models import EncoderConfig, StreamEncoder
-from gdn2ts.models.checkpoint import Scaler, load_checkpoint, save_checkpoint
-from gdn2ts.streaming.features import CALENDAR, calendar_columns, prepare_rows, unscale_forecast
-from gdn2ts.streaming.learn import LearnConfig
-from gdn2ts.streaming.quickstart_report import (
+from gdn2ts.apps.quickstart_report import (
     audit_window,
     plot_forecasts,
     plot_rolling_error,
@@ -47,7 +43,11 @@ from gdn2ts.streaming.quickstart_report import (
     score,
     summarize,
 )
-from gdn2ts.streaming.stream_cli import open_runner
+from gdn2ts.apps.stream_cli import open_runner
+from gdn2ts.models import EncoderConfig, StreamEncoder
+from gdn2ts.models.checkpoint import Scaler, load_checkpoint, save_checkpoint
+from gdn2ts.streaming.features import CALENDAR, calendar_columns, prepare_rows, unscale_forecast
+from gdn2ts.streaming.learn import LearnConfig
 from gdn2ts.streaming.train import TrainConfig, fit
 
 __all__ = ["DataError", "QuickstartConfig", "load_epf", "make_irregular", "run_quickstart", "CHANNELS", "UNITS"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gdn2ts.apps.audit_report import append_audit_log, audit_summary_text, plot_audit
 from gdn2ts.models import EncoderConfig, StreamEncoder
 from gdn2ts.streaming.audit import StateAudit, audit_encoder
-from gdn2ts.streaming.audit_report import append_audit_log, audit_summary_text, plot_audit
 
 __all__ = ["regime_streams", "quantile_loss", "run_audit_demo"]
 

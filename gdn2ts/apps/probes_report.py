@@ -1,4 +1,4 @@
-"""The ``gdn2ts probe`` command: run the recall probes of :mod:`gdn2ts.streaming.probes`, print a table, write a
+"""The ``gdn2ts probe`` command: run the recall probes of :mod:`gdn2ts.apps.probes`, print a table, write a
 JSON record and a plot (error against time since last seen, one line per model, mean and spread over seeds)."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from gdn2ts.bench.common import environment
-from gdn2ts.streaming.baselines import encoder_state_floats
-from gdn2ts.streaming.probes import (
+from gdn2ts.apps.baselines import encoder_state_floats
+from gdn2ts.apps.probes import (
     TASKS,
     ProbeEvalConfig,
     ProbeModelConfig,
@@ -23,7 +22,8 @@ from gdn2ts.streaming.probes import (
     build_model,
     run_task,
 )
-from gdn2ts.streaming.probes_data import NeedleConfig, RegimeConfig
+from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig
+from gdn2ts.bench.common import environment
 
 __all__ = ["probe", "run_probes", "plot_record", "PLOTTED"]
 
@@ -53,7 +53,7 @@ def run_probes(regimes: RegimeConfig, needle: NeedleConfig, model: ProbeModelCon
     ``None``).
 
     Example:
-        >>> from gdn2ts.streaming.probes_data import NeedleConfig, RegimeConfig
+        >>> from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig
         >>> rec = run_probes(RegimeConfig(length=24, min_gap=4, max_gap=8), NeedleConfig(), ProbeModelConfig(
         ...     models=("gdn", "gru"), hidden_size=8, head_dim=4), ProbeTrainConfig(steps=1, batch=2, seeds=(0,)),
         ...     ProbeEvalConfig(n_streams=4), tasks=("regimes",), quiet=True)
