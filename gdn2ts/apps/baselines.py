@@ -70,7 +70,7 @@ class GRUEncoder(nn.Module):
 
     # the token embedding, the heads and the input checks are the encoder's, shared rather than copied
     _embed = StreamEncoder._embed
-    _heads = StreamEncoder._heads
+    heads = StreamEncoder.heads
     _check = StreamEncoder._check
     _check_order = staticmethod(StreamEncoder._check_order)
 
@@ -135,7 +135,7 @@ class GRUEncoder(nn.Module):
                         state.last_output[:, None].to(h.dtype))
         final_time = torch.maximum(state.last_time, obs_times.max(dim=1).values) if T else state.last_time
         new_state = GRUState(tuple(layer_states), final_time, h[:, -1] if T else state.last_output)
-        return {**self._heads(h), "observed": observed, "state": new_state}
+        return {**self.heads(h), "observed": observed, "state": new_state}
 
     @torch.no_grad()
     def step(self, values: torch.Tensor, timestamps: torch.Tensor, covariates: torch.Tensor | None = None,
@@ -159,4 +159,4 @@ class GRUEncoder(nn.Module):
             layer_states.append(torch.where(observed[:, None], h_n[0], h0))
         h = torch.where(observed[:, None], self.out_norm(x[:, 0]), state.last_output.to(x.dtype))
         last_time = torch.where(observed, timestamps.to(torch.float64), state.last_time)
-        return {**self._heads(h), "observed": observed, "state": GRUState(tuple(layer_states), last_time, h)}
+        return {**self.heads(h), "observed": observed, "state": GRUState(tuple(layer_states), last_time, h)}

@@ -55,7 +55,7 @@ class GRUCellEncoder(nn.Module):
 
     # the token embedding and the heads are the encoder's, shared rather than copied
     _embed = StreamEncoder._embed
-    _heads = StreamEncoder._heads
+    heads = StreamEncoder.heads
 
     def __init__(self, config: EncoderConfig, state_size: int):
         super().__init__()
@@ -93,7 +93,7 @@ class GRUCellEncoder(nn.Module):
             layers.append(h)
         h = torch.where(observed[:, None], self.out_norm(x), state.last_output)
         last_time = torch.where(observed, timestamps.to(torch.float64), state.last_time)
-        return {**self._heads(h), "observed": observed, "state": EncoderState(tuple(layers), last_time, h)}
+        return {**self.heads(h), "observed": observed, "state": EncoderState(tuple(layers), last_time, h)}
 
 
 def _frames(n_streams: int, n_calls: int, channels: list[str], seed: int) -> list[pl.DataFrame]:

@@ -176,7 +176,7 @@ class StreamEncoder(nn.Module):
                         state.last_output[:, None].to(h.dtype))
         final_time = torch.maximum(state.last_time, obs_times.max(dim=1).values) if T else state.last_time
         new_state = EncoderState(tuple(layer_states), final_time, h[:, -1] if T else state.last_output)
-        return {**self._heads(h), "observed": observed, "state": new_state}
+        return {**self.heads(h), "observed": observed, "state": new_state}
 
     @torch.no_grad()
     def step(self, values: torch.Tensor, timestamps: torch.Tensor, covariates: torch.Tensor | None = None,
@@ -201,7 +201,7 @@ class StreamEncoder(nn.Module):
             layer_states.append(new)
         h = torch.where(observed[:, None], self.out_norm(x), state.last_output.to(x.dtype))
         last_time = torch.where(observed, timestamps.to(torch.float64), state.last_time)
-        out = self._heads(h)
+        out = self.heads(h)
         return {**out, "observed": observed, "state": EncoderState(tuple(layer_states), last_time, h)}
 
     # ------------------------------------------------------------------------------------------------------------
@@ -214,7 +214,10 @@ class StreamEncoder(nn.Module):
             parts.append(covariates.to(values.dtype))
         return self.embed(torch.cat(parts, dim=-1).to(self.embed.weight.dtype))
 
-    def _heads(self, h):
+    def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads on encoder outputs ``h`` ``[..., hidden]`` (such as a state's ``last_output``): ``forecast``
+        ``[..., horizon, channels, quantiles]`` (quantiles never cross) and ``reconstruction`` ``[..., channels]``.
+        """
         cfg = self.config
         forecast = self.forecast_head(h).unflatten(-1, (cfg.horizon, cfg.n_channels, len(cfg.quantiles)))
         # quantiles never cross: the median plus ordered, non-negative offsets

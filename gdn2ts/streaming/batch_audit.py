@@ -16,17 +16,9 @@ import polars as pl
 import torch
 
 from gdn2ts.streaming.audit import StateAudit, audit_encoder
+from gdn2ts.streaming.frames import as_table
 
 __all__ = ["audit_batch"]
-
-
-def _table(batch) -> pl.DataFrame:
-    if isinstance(batch, pl.DataFrame):
-        return batch
-    try:
-        return pl.DataFrame(dict(batch) if isinstance(batch, Mapping) else list(batch))
-    except Exception as e:  # polars' own errors on mixed types, ragged columns, ...
-        raise ValueError(f"audit: batch cannot be read as a table ({e})") from None
 
 
 def audit_batch(runner, batch: pl.DataFrame | Mapping | Iterable[Mapping],
@@ -56,7 +48,7 @@ def audit_batch(runner, batch: pl.DataFrame | Mapping | Iterable[Mapping],
         >>> audit.energy.height, audit.associations["tag"].unique().to_list(), runner.info(["a"])["steps"][0]
         (12, ['spike'], 2)
     """
-    raw = _table(batch)
+    raw = as_table(batch, "audit")
     flags = None
     if isinstance(tags, str):
         if tags not in raw.columns or raw.schema[tags] not in (pl.Boolean, pl.Null):
@@ -67,7 +59,7 @@ def audit_batch(runner, batch: pl.DataFrame | Mapping | Iterable[Mapping],
     elif tags is not None and not isinstance(tags, Mapping):
         raise ValueError(f"audit: tags expected a mapping name -> (stream, timestamp), a column name or None, got "
                          f"{type(tags).__name__}")
-    frame = runner._frame(raw)
+    frame = runner.schema.read(raw, "audit")
     if flags is not None:
         frame = frame.with_columns(flags)
     frame = frame.sort([runner.id_column, runner.time_column], maintain_order=True)

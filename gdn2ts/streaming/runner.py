@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,19 +32,15 @@ import polars as pl
 import torch
 
 from gdn2ts.models import EncoderState, StreamEncoder
-from gdn2ts.streaming.journal import CommitPolicy, Entry, decode_entry, encode_entry
-from gdn2ts.streaming.learn import (
-    MODEL_BLOB,
-    THROUGH,
-    LearnConfig,
-    LearnResult,
-    append_history,
-    history_template,
-    open_learning,
-    plan_windows,
-)
-from gdn2ts.streaming.single import SingleStreamVerbs
-from gdn2ts.streaming.store import JournaledStore, StateStore, StreamRecord, check_ids
+from gdn2ts.streaming import single
+from gdn2ts.streaming.commit import Durability
+from gdn2ts.streaming.frames import ObservationSchema
+from gdn2ts.streaming.history import THROUGH, history_template, plan_windows
+from gdn2ts.streaming.journal import CommitPolicy
+from gdn2ts.streaming.learn import MODEL_BLOB, LearnConfig, LearnResult, open_learning
+from gdn2ts.streaming.recovery import replay_journal
+from gdn2ts.streaming.rounds import Stepper, group_streams, plan_rounds
+from gdn2ts.streaming.store import StateStore, StreamRecord, check_ids
 from gdn2ts.streaming.workingset import STATS, StateLayout, WorkingSet
 
 __all__ = ["OnlineRunner", "ObserveResult", "UnknownStreamError", "model_fingerprint"]
@@ -81,7 +76,7 @@ class ObserveResult:
     """The journal entry that holds the call (0 when nothing was journaled)."""
 
 
-class OnlineRunner(SingleStreamVerbs):
+class OnlineRunner:
     """Streams observations through a :class:`StreamEncoder`, one state per stream, kept in a bounded working set
     of tensor pools over a :class:`StateStore`.
 
@@ -124,14 +119,10 @@ class OnlineRunner(SingleStreamVerbs):
             raise ValueError(f"OnlineRunner: 'channels' expected {cfg.n_channels} distinct names, got {list(channels)}")
         if len(covariates) != cfg.n_covariates:
             raise ValueError(f"OnlineRunner: 'covariates' expected {cfg.n_covariates} names, got {list(covariates)}")
-        policy = CommitPolicy() if policy is None else policy
-        if not isinstance(policy, CommitPolicy):
-            raise ValueError(f"OnlineRunner: 'policy' expected a CommitPolicy, got {type(policy).__name__}")
-        journaled = isinstance(store, JournaledStore)
-        if policy.journal and not journaled:
-            raise ValueError(f"OnlineRunner: a journal needs a JournaledStore, got {type(store).__name__}")
+        self.durability = Durability(store, CommitPolicy() if policy is None else policy)
         self.encoder = encoder.eval()
-        self.store, self.policy = store, policy
+        self.store, self.policy = store, self.durability.policy
+        self.schema = ObservationSchema(channels, covariates, id_column, time_column)
         self.channels, self.covariates = list(channels), list(covariates)
         self.id_column, self.time_column = id_column, time_column
         self.fingerprint = model_fingerprint(encoder)
@@ -143,17 +134,21 @@ class OnlineRunner(SingleStreamVerbs):
         self.learning = None if self.learner is None else self.learner.config
         if self.learner is not None:
             self.fingerprint = self.learner.lineage
-            extra = history_template(self.learning, cfg.n_channels, cfg.n_covariates, self.device)
-            self.layout.template.update(extra)
-            self.layout.shapes.update({k: tuple(t.shape[1:]) for k, t in extra.items()})
-            self.layout.dtypes.update({k: t.dtype for k, t in extra.items()})
+            self.layout.add(history_template(self.learning, cfg.n_channels, cfg.n_covariates, self.device))
         self.ws = WorkingSet(self.layout, capacity, store, self.fingerprint)
-        self.journaled = journaled and (policy.journal if policy.journal is not None else bool(store.durable))
-        self.seq = store.journal_head() if journaled else 0
+        self.stepper = Stepper(encoder, self.layout, learning=self.learner is not None)
+        self.journaled = self.durability.journaled
         self._closed = False
-        self._reset_counters()
-        if journaled:
-            self._recover()
+        if self.durability.has_journal:
+            replayed = replay_journal(store, self.ws, self.stepper, self.schema, self._entry_fingerprint)
+            self.ws.seq = self.seq
+            if replayed:
+                self.flush()
+
+    @property
+    def seq(self) -> int:
+        """The number of the last journal entry (0 without a journal)."""
+        return self.durability.seq
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -161,66 +156,28 @@ class OnlineRunner(SingleStreamVerbs):
         """Apply a batch of observations (long format: id, time, one column per channel, nulls for missing; a
         polars DataFrame, a dict of columns or an iterable of row dicts). Returns once the call is durable."""
         self._check_open()
-        frame = self._frame(batch).sort([self.id_column, self.time_column], maintain_order=True)
+        frame = self.schema.read(batch).sort([self.id_column, self.time_column], maintain_order=True)
         result = ObserveResult()
         if frame.height == 0:
             return result
-        ids = frame[self.id_column]
-        first = ids.ne_missing(ids.shift(1)).to_numpy()
-        group = np.cumsum(first) - 1
-        streams = ids.filter(pl.Series(first)).to_list()
-        times = frame[self.time_column].to_numpy()
-        slots = self.ws.acquire(streams)
-        last = self.ws.last_time[slots][group]
-        repeat = np.zeros_like(first)
-        repeat[1:] = ~first[1:] & (times[1:] == times[:-1])
-        reject = (times <= last) | repeat
-        for i in np.flatnonzero(reject).tolist():
-            sid, prev = streams[group[i]], float(last[i] if times[i] <= last[i] else times[i - 1])
-            result.rejected.append((sid, float(times[i]), f"stream {sid!r}: timestamp {times[i]} is not after "
-                                                          f"its last observation {prev}"))
-        accepted = np.flatnonzero(~reject)
-        if accepted.size == 0:
+        groups = group_streams(frame, self.id_column)
+        slots = self.ws.acquire(groups.streams)
+        plan = plan_rounds(frame, groups, self.ws.last_time[slots], self.schema, self.seq + 1,
+                           self._entry_fingerprint)
+        result.rejected = plan.rejected
+        entry = plan.entry
+        if entry is None:
             return result
-        # rank of each accepted row within its stream; streams by descending row count, so that the streams
-        # stepped in round r are the first sizes[r] of them
-        done = np.cumsum(~reject)
-        starts = np.flatnonzero(first)
-        rank = done - 1 - (done - ~reject)[starts][group]
-        counts = np.bincount(group[accepted], minlength=len(streams))
-        active = np.flatnonzero(counts)
-        order = active[np.argsort(-counts[active], kind="stable")]
-        pos = np.empty(len(streams), dtype=np.int64)
-        pos[order] = np.arange(order.size)
-        rows = accepted[np.lexsort((pos[group[accepted]], rank[accepted]))]
-        values = frame.select(self.channels).fill_null(float("nan")).to_numpy().astype(np.float64, copy=False)
-        covs = (frame.select(self.covariates).to_numpy().astype(np.float64, copy=False) if self.covariates
-                else np.zeros((frame.height, 0)))
-        entry = Entry(self.seq + 1, self._entry_fingerprint, (tuple(self.channels), tuple(self.covariates)),
-                      [streams[g] for g in order.tolist()], np.bincount(rank[accepted]), times[rows],
-                      np.ascontiguousarray(values[rows]), np.ascontiguousarray(covs[rows]))
-        stream_slots = slots[order]
-        flat, steps = self._run(stream_slots, entry)
-        try:
-            if self.journaled:
-                self.store.append_journal(entry.seq, encode_entry(entry))
-            else:
-                self.store.put(self._records(stream_slots, entry.stream_ids, flat, steps))
-            self.store.commit()
-        except BaseException:
-            # a call that did not commit must not linger as staged writes that later reads would see
-            self.store.rollback()
-            raise
+        stream_slots = slots[plan.order]
+        # one round replaces every component by the step's new tensors, so it may read the pools in place
+        flat, steps = self.stepper.run(self.ws.gather(stream_slots, copy=entry.sizes.size > 1), entry)
+        self.durability.commit_call(entry, lambda: self._records(stream_slots, entry.stream_ids, flat, steps))
         self.ws.scatter(stream_slots, flat, steps, entry.seq if self.journaled else self.ws.seq,
                         dirty=self.journaled)
-        result.accepted = int(accepted.size)
+        result.accepted = plan.accepted
         if self.journaled:
-            self.seq = self.ws.seq = result.seq = entry.seq
-            self._calls += 1
-            self._rows += int(accepted.size)
-            p = self.policy
-            if (self._calls >= p.snapshot_every or self._rows >= p.snapshot_rows or
-                    (p.snapshot_seconds is not None and time.monotonic() - self._since >= p.snapshot_seconds)):
+            self.ws.seq = result.seq = entry.seq
+            if self.durability.called(entry.seq, plan.accepted):
                 self.flush()
         return result
 
@@ -231,7 +188,7 @@ class OnlineRunner(SingleStreamVerbs):
         cfg = self.encoder.config
         h = self._rows_of(ids, ["last_output"])["last_output"]
         with torch.no_grad():
-            q = self.encoder._heads(h.to(self.device, self.dtype))["forecast"].cpu().double()  # [N, H, C, Q]
+            q = self.encoder.heads(h.to(self.device, self.dtype))["forecast"].cpu().double()  # [N, H, C, Q]
         n, per = len(ids), cfg.horizon * cfg.n_channels
         table = {"stream": pl.Series(ids, dtype=pl.String).gather(np.repeat(np.arange(n), per)),
                  "step": np.tile(np.repeat(np.arange(1, cfg.horizon + 1), cfg.n_channels), n),
@@ -316,6 +273,24 @@ class OnlineRunner(SingleStreamVerbs):
         learner.version += 1
         return LearnResult(steps, len(plan.rows), targets, loss, learner.version)
 
+    def observe_one(self, stream_id: str, timestamp: float, values: Mapping[str, float | None],
+                    covariates: Mapping[str, float] | None = None) -> ObserveResult:
+        """Observe one row of one stream; see :func:`gdn2ts.streaming.single.observe_one`."""
+        self._check_open()
+        return single.observe_one(self, stream_id, timestamp, values, covariates)
+
+    def learn_one(self, stream_id: str, timestamp: float, values: Mapping[str, float | None],
+                  covariates: Mapping[str, float] | None = None) -> LearnResult:
+        """Observe one row of one stream, then learn from what matured; see
+        :func:`gdn2ts.streaming.single.learn_one`."""
+        self._check_open()
+        return single.learn_one(self, stream_id, timestamp, values, covariates)
+
+    def forecast_one(self, stream_id: str, horizon: int | None = None) -> dict[str, list[dict[float, float]]]:
+        """One stream's forecast as ``{channel: [{level: value}, ...]}``; see
+        :func:`gdn2ts.streaming.single.forecast_one`."""
+        return single.forecast_one(self, stream_id, horizon)
+
     def audit(self, batch: pl.DataFrame | Mapping | Iterable[Mapping], tags=None):
         """Audit what new observations would do to their streams' states, starting from each stream's current
         state, without applying them (read-only: no state, journal or weight changes). Returns a
@@ -329,17 +304,7 @@ class OnlineRunner(SingleStreamVerbs):
     def flush(self) -> None:
         """Snapshot: write every changed stream's state to the store and truncate the journal it reflects."""
         self._check_open()
-        if self.journaled or self.ws.dirty.any():
-            self.ws.seq = self.seq
-            self.ws.write_dirty()
-        if isinstance(self.store, JournaledStore) and self.seq:
-            try:
-                self.store.truncate_journal(self.seq)
-                self.store.commit()
-            except BaseException:
-                self.store.rollback()
-                raise
-        self._reset_counters()
+        self.durability.snapshot(self.ws)
 
     def close(self) -> None:
         """Flush and close the store. Calling it again does nothing."""
@@ -356,64 +321,6 @@ class OnlineRunner(SingleStreamVerbs):
         self.close()
 
     # ------------------------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _run(self, slots: np.ndarray, entry: Entry, skip: np.ndarray | None = None
-             ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-        """Step the streams in ``slots`` through an entry's rounds on copies of their states; returns the new
-        components ``{name: [M, *shape]}`` and the rows applied per stream. Nothing held changes."""
-        M = slots.size
-        # one round replaces every component by the step's new tensors, so it may read the pools in place
-        flat = self.ws.gather(slots, copy=entry.sizes.size > 1 or (skip is not None and skip.any()))
-        if skip is not None and skip.any():
-            # replay: these streams' stored states already reflect the entry; they still ride along so that every
-            # batch keeps its shape, from a state that accepts any timestamp, and their results are dropped
-            flat["last_time"][torch.from_numpy(skip).to(self.device)] = -math.inf
-        values = torch.from_numpy(entry.values).to(self.device)
-        times = torch.from_numpy(entry.times).to(self.device)
-        covs = torch.from_numpy(entry.covariates).to(self.device, self.dtype) if self.covariates else None
-        values_in = values.to(self.dtype)
-        start = 0
-        for n in entry.sizes.tolist():
-            rows = slice(start, start + n)
-            out = self.encoder.step(values_in[rows], times[rows], None if covs is None else covs[rows],
-                                    self.layout.unflatten({k: v[:n] for k, v in flat.items()}))
-            new = self.layout.flatten(out["state"])
-            new.update(_welford({k: flat[k][:n] for k in STATS}, values[rows]))
-            if self.learner is not None:
-                hist = {k: flat[k][:n] for k in flat if k.startswith("hist.")}
-                new.update(append_history(hist, times[rows], values[rows], None if covs is None else
-                                          torch.from_numpy(entry.covariates[rows]).to(self.device)))
-            for k, t in new.items():
-                if n == M:
-                    flat[k] = t
-                else:
-                    flat[k][:n] = t
-            start += n
-        rounds = np.bincount(entry.sizes, minlength=M + 1)
-        steps = np.cumsum(rounds[::-1])[::-1][1:M + 1]  # streams i < sizes[r] step in round r
-        return flat, steps
-
-    def _recover(self) -> None:
-        """Replay the journal entries after the stored snapshots (a process that stopped without closing)."""
-        replayed = 0
-        for seq, payload in self.store.read_journal(0):
-            entry = decode_entry(seq, payload, self._entry_fingerprint)
-            if entry.columns != (tuple(self.channels), tuple(self.covariates)):
-                raise ValueError(f"journal entry {seq}: written with channels {list(entry.columns[0])} and covariates "
-                                 f"{list(entry.columns[1])}, this runner has {self.channels} and {self.covariates}")
-            self.ws.seq = seq - 1
-            slots = self.ws.acquire(entry.stream_ids)
-            skip = self.ws.seqs[slots] >= seq
-            flat, steps = self._run(slots, entry, skip)
-            keep = np.flatnonzero(~skip)
-            index = torch.from_numpy(keep).to(self.device)
-            self.ws.scatter(slots[keep], {k: v.index_select(0, index) for k, v in flat.items()}, steps[keep], seq,
-                            dirty=True)
-            replayed += 1
-        self.ws.seq = self.seq
-        if replayed:
-            self.flush()
 
     def _records(self, slots: np.ndarray, ids: list[str], flat: dict[str, torch.Tensor], steps: np.ndarray
                  ) -> dict[str, StreamRecord]:
@@ -449,43 +356,6 @@ class OnlineRunner(SingleStreamVerbs):
                 out[k][at] = torch.cat([records[sid].tensors[k] for sid in cold_ids]).to(self.device)
         return out
 
-    def _frame(self, batch) -> pl.DataFrame:
-        if isinstance(batch, pl.DataFrame):
-            frame = batch
-        else:
-            try:
-                frame = pl.DataFrame(dict(batch) if isinstance(batch, Mapping) else list(batch))
-            except Exception as e:  # polars' own errors on mixed types, ragged columns, ...
-                raise ValueError(f"observe: batch cannot be read as a table ({e})") from None
-        need = [self.id_column, self.time_column, *self.covariates]
-        missing = [c for c in need if c not in frame.columns]
-        if missing:
-            raise ValueError(f"observe: batch lacks required columns {missing}")
-        known = set(need) | set(self.channels)
-        unknown = [c for c in frame.columns if c not in known]
-        if unknown:
-            raise ValueError(f"observe: unknown columns {unknown} (channels are {self.channels})")
-        for c in self.channels:
-            if c not in frame.columns:
-                frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(c))
-        for c in (self.time_column, *self.channels, *self.covariates):
-            if frame.height and not frame.schema[c].is_numeric() and frame.schema[c] != pl.Null:
-                raise ValueError(f"observe: column {c!r} expected numbers, got {frame.schema[c]}")
-        frame = frame.with_columns(pl.col(self.id_column).cast(pl.String),
-                                   *[pl.col(c).cast(pl.Float64) for c in (self.time_column, *self.channels,
-                                                                           *self.covariates)])
-        if frame[self.id_column].null_count():
-            raise ValueError("observe: stream ids must not be null")
-        for c in (self.time_column, *self.covariates):
-            if frame[c].null_count() or frame[c].is_nan().any() or frame[c].is_infinite().any():
-                raise ValueError(f"observe: column {c!r} expected finite values in every row")
-        for c in self.channels:
-            bad = frame.filter(pl.col(c).is_infinite())
-            if bad.height:
-                raise ValueError(f"observe: column {c!r} holds inf for stream {bad[self.id_column][0]!r} "
-                                 "(missing values are null or NaN; inf is an error)")
-        return frame
-
     @property
     def version(self) -> int:
         """The weights' learning version (0: as given, or no learning)."""
@@ -519,16 +389,3 @@ class OnlineRunner(SingleStreamVerbs):
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("OnlineRunner: the runner is closed")
-
-    def _reset_counters(self) -> None:
-        self._calls, self._rows, self._since = 0, 0, time.monotonic()
-
-
-def _welford(stats: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One step of Welford's update per channel, skipping missing (NaN) values: ``x`` ``[n, C]`` float64."""
-    present = ~torch.isnan(x)
-    count = stats["stats.count"] + present
-    delta = torch.where(present, x - stats["stats.mean"], 0.0)
-    mean = stats["stats.mean"] + delta / count.clamp(min=1)
-    m2 = stats["stats.m2"] + delta * torch.where(present, x - mean, 0.0)
-    return {"stats.count": count, "stats.mean": mean, "stats.m2": m2}

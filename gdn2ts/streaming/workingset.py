@@ -55,6 +55,12 @@ class StateLayout:
         self.shapes = {name: tuple(t.shape[1:]) for name, t in flat.items()}
         self.dtypes = {name: t.dtype for name, t in flat.items()}
 
+    def add(self, components: dict[str, torch.Tensor]) -> None:
+        """Add components (each ``[1, *shape]``, its value for a new stream), such as learning histories."""
+        self.template.update(components)
+        self.shapes.update({k: tuple(t.shape[1:]) for k, t in components.items()})
+        self.dtypes.update({k: t.dtype for k, t in components.items()})
+
     @staticmethod
     def flatten(state: EncoderState) -> dict[str, torch.Tensor]:
         """``{name: [N, *shape]}`` views of a state of N streams (no copies). A layer's state is a named tuple of

@@ -67,7 +67,7 @@ def test_unobserved_step_leaves_state_unchanged_and_repeats_the_forecast():
     for a, b in zip(out["state"].layers, state.layers, strict=True):
         assert torch.equal(a.recurrent, b.recurrent) and torch.equal(a.conv, b.conv)
     assert torch.equal(out["state"].last_time, state.last_time)
-    assert torch.equal(out["forecast"], enc._heads(state.last_output)["forecast"])
+    assert torch.equal(out["forecast"], enc.heads(state.last_output)["forecast"])
     assert not out["observed"].any()
 
 

@@ -13,7 +13,8 @@ import torch
 
 from gdn2ts.models import EncoderConfig, StreamEncoder
 from gdn2ts.streaming import FingerprintMismatchError, MemoryStore, OnlineRunner, SQLiteStore
-from gdn2ts.streaming.learn import LearnConfig, decode_learned, plan_windows
+from gdn2ts.streaming.history import plan_windows
+from gdn2ts.streaming.learn import LearnConfig, decode_learned
 from gdn2ts.streaming.runner import UnknownStreamError
 from gdn2ts.streaming.train import pinball_loss
 
