@@ -5,7 +5,7 @@
     gdn2ts bench kernels      GPU: the kernels against flash-linear-attention
     gdn2ts bench streaming    online runner throughput, durability on: GDN-2 against a GRU of equal state size
     gdn2ts quickstart         train on real data, stream the held-out part with persisted per-stream state
-    gdn2ts stream             observations from a file or stdin into a state store, forecasts out
+    gdn2ts stream [apply]     observations from a file or stdin into a state store, forecasts out
     gdn2ts audit              what each layer's state forgot: an eviction audit of synthetic streams, with a plot
     gdn2ts probe              rare-regime recall probes: GDN-2, KDA, GDN and a GRU of equal state size
     gdn2ts fit RECIPE.yaml    fit a forecaster (GDN-2, DLinear, GRU) with Lightning from a recipe
@@ -130,7 +130,7 @@ def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, 
         raise SystemExit(f"gdn2ts quickstart: {e}") from None
 
 
-def stream(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 10_000,
+def stream_apply(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 10_000,
            forecast_out: str | None = None, id_column: str = "stream", time_column: str = "time",
            quiet: bool = False) -> None:
     """Apply observations from a file or standard input to per-stream states in a store; forecasts out.
@@ -183,6 +183,10 @@ def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, 
         raise SystemExit(f"gdn2ts audit: {e}") from None
 
 
+# the stream group: apply (the default) and the commands beside it
+STREAM_COMMANDS = {"_help": "per-stream state: apply observations, forecasts out"}
+
+
 def main(args: list[str] | None = None) -> None:
     # imported here: the probe command's typed configs must be importable for the parser, the rest stay lazy
     import sys
@@ -197,13 +201,16 @@ def main(args: list[str] | None = None) -> None:
     # `gdn2ts fit RECIPE.yaml`: a bare recipe path after fit is its --config
     if len(args) >= 2 and args[0] == "fit" and not args[1].startswith("-"):
         args = ["fit", "--config", *args[1:]]
+    # `gdn2ts stream --checkpoint ...`: the stream group's default command is apply
+    if args[:1] == ["stream"] and (len(args) == 1 or args[1].startswith("-")) and not {"-h", "--help"} & set(args):
+        args = ["stream", "apply", *args[1:]]
     # `gdn2ts lm train RECIPE.yaml`: likewise
     if len(args) >= 3 and args[:2] == ["lm", "train"] and not args[2].startswith("-"):
         args = ["lm", "train", "--config", *args[2:]]
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
                                                 "streaming": bench_streaming, "forecast": bench_forecast},
-              "quickstart": quickstart, "stream": stream, "audit": audit, "probe": probe, "fit": fit,
-              "predict": predict,
+              "quickstart": quickstart, "stream": {**STREAM_COMMANDS, "apply": stream_apply}, "audit": audit,
+              "probe": probe, "fit": fit, "predict": predict,
               "lm": {"mqar": mqar, "train": lm_train, "generate": lm_generate, "throughput": lm_throughput,
                      "tokenize": lm_tokenize, "curves": lm_curves}},
              args=args, as_positional=False)
