@@ -1,9 +1,14 @@
-"""Encoder checkpoints: the weights as safetensors, the configuration and the data scaler in its metadata.
+"""Encoder checkpoints: the weights as safetensors; the configuration, the data scaling, the time axis and the
+bounds of plausible input in its metadata.
 
-A checkpoint is one ``.safetensors`` file. Its tensors are the encoder's ``state_dict``; its string metadata holds
-a format tag, the :class:`EncoderConfig` as JSON, the :class:`Scaler` (per-channel location and scale fit on the
-training rows), the covariate names, the length of one time unit in seconds and a SHA-256 over the tensor bytes,
-so a damaged file is recognised rather than loaded. Nothing is pickled: loading reads tensors and JSON only.
+A checkpoint is one ``.safetensors`` file. Its tensors are the encoder's ``state_dict`` (plus, with per-stream
+scaling, ``scaling.loc`` and ``scaling.scale`` ``[streams, channels]``); its string metadata holds a format tag,
+the :class:`EncoderConfig` as JSON, the global :class:`Scaler` (per-channel location and scale fit on the training
+rows), the covariate names, the length of one time unit in seconds and a SHA-256 over the tensor bytes, so a
+damaged file is recognised rather than loaded. Format v2 adds the user's timestamp type (:class:`TimeSpec`), the
+per-stream scaling's stream ids, the input bounds (:class:`Limits`), the data's id and time column names and a free
+``info`` record (JSON: how it was trained). Version-1 files still load (numbers in model time units, global
+scaling); any other file is refused by name. Nothing is pickled: loading reads tensors and JSON only.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gdn2ts.models.encoder import EncoderConfig, StreamEncoder
+from gdn2ts.models.units import Limits, StreamScales, TimeSpec, format_duration
 
-__all__ = ["Scaler", "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["Scaler", "Checkpoint", "CheckpointError", "save_checkpoint", "write_checkpoint", "load_checkpoint",
+           "TimeSpec", "StreamScales", "Limits", "FORMAT"]
 
-FORMAT = "gdn2ts.encoder.v1"
+FORMAT = "gdn2ts.encoder.v2"
+FORMATS = ("gdn2ts.encoder.v1", FORMAT)
+_SCALING = ("scaling.loc", "scaling.scale")
 
 
 class CheckpointError(ValueError):
@@ -101,28 +110,60 @@ class Scaler:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint: the encoder and what turns raw rows into its inputs."""
+    """A loaded checkpoint: the encoder and what turns the user's rows into its inputs and its outputs back."""
 
     encoder: StreamEncoder
     """The model, in eval mode, on the CPU."""
     scaler: Scaler
-    """Channel names and scaling; ``scaler.channels`` are the encoder's channels in order."""
+    """Channel names and global scaling; ``scaler.channels`` are the encoder's channels in order."""
     covariates: tuple[str, ...] = ()
     """Covariate column names in the encoder's order."""
     time_unit_seconds: float = 1.0
     """Seconds in one unit of the encoder's timestamps (3600: timestamps count hours)."""
+    time: TimeSpec | None = None
+    """The user's timestamp type; None (version-1 files): numbers in model time units (date-times accepted)."""
+    stream_scales: StreamScales | None = None
+    """Per-stream scaling of the streams seen in training (others use ``scaler``); None: global scaling."""
+    limits: Limits = field(default_factory=Limits)
+    """Bounds of plausible input (values in model units, timestamp jumps in time units)."""
+    columns: tuple[str, str] = ("stream", "time")
+    """The data's stream id and timestamp column names."""
+    info: dict = field(default_factory=dict)
+    """How the checkpoint was made (JSON values: the recipe, the data, validation errors)."""
 
     def __post_init__(self):
         cfg = self.encoder.config
         if len(self.scaler.channels) != cfg.n_channels:
             raise ValueError(f"Checkpoint: scaler has {len(self.scaler.channels)} channels, the encoder "
                              f"{cfg.n_channels}")
-        if len(self.covariates) != cfg.n_covariates:
+        if len(self.covariates) != cfg.n_covariates or not all(isinstance(c, str) and c for c in self.covariates):
             raise ValueError(f"Checkpoint: {len(self.covariates)} covariate names for an encoder with "
                              f"{cfg.n_covariates} covariates")
         if not (math.isfinite(self.time_unit_seconds) and self.time_unit_seconds > 0):
             raise ValueError(f"Checkpoint: 'time_unit_seconds' expected a positive number, got "
                              f"{self.time_unit_seconds}")
+        if self.time is not None and self.time.unit_seconds != self.time_unit_seconds:
+            raise ValueError(f"Checkpoint: the time spec's unit ({self.time.unit_seconds} s) differs from "
+                             f"'time_unit_seconds' ({self.time_unit_seconds})")
+        if self.stream_scales is not None and self.stream_scales.loc and \
+                len(self.stream_scales.loc[0]) != cfg.n_channels:
+            raise ValueError(f"Checkpoint: per-stream scaling has {len(self.stream_scales.loc[0])} channels, the "
+                             f"encoder {cfg.n_channels}")
+        if len(self.columns) != 2 or not all(isinstance(c, str) and c for c in self.columns):
+            raise ValueError(f"Checkpoint: 'columns' expected (id column, time column), got {self.columns!r}")
+        object.__setattr__(self, "columns", tuple(self.columns))
+
+    @property
+    def time_spec(self) -> TimeSpec:
+        """The user's timestamp type (version-1 files: numbers counted in the model's time unit)."""
+        if self.time is not None:
+            return self.time
+        return TimeSpec("number", self.time_unit_seconds, number_unit=format_duration(self.time_unit_seconds))
+
+    @property
+    def scaling(self) -> str:
+        """``per_stream`` or ``global``."""
+        return "global" if self.stream_scales is None else "per_stream"
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -135,18 +176,23 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(path: str | Path, encoder: StreamEncoder, scaler: Scaler, covariates=(),
-                    time_unit_seconds: float = 1.0) -> Path:
-    """Write ``encoder`` with its configuration and ``scaler`` to ``path`` (safetensors).
+                    time_unit_seconds: float | None = None, *, time: TimeSpec | None = None,
+                    stream_scales: StreamScales | None = None, limits: Limits | None = None,
+                    columns: tuple[str, str] = ("stream", "time"), info: dict | None = None) -> Path:
+    """Write ``encoder`` with its configuration, ``scaler`` and how the data map onto it to ``path``.
+
+    ``time_unit_seconds`` defaults to ``time.unit_seconds`` (1.0 without ``time``).
 
     Example:
         >>> import tempfile, torch
         >>> from gdn2ts.models import EncoderConfig, StreamEncoder
         >>> enc = StreamEncoder(EncoderConfig(n_channels=2, hidden_size=16, head_dim=8, horizon=3))
         >>> path = save_checkpoint(tempfile.mkdtemp() + "/model.safetensors", enc,
-        ...                        Scaler(("load", "temp"), (0.0, 20.0), (1.0, 5.0)), time_unit_seconds=3600.0)
+        ...                        Scaler(("load", "temp"), (0.0, 20.0), (1.0, 5.0)),
+        ...                        time=TimeSpec("datetime", 3600.0, time_zone="Europe/Paris"))
         >>> ckpt = load_checkpoint(path)
-        >>> ckpt.scaler.channels, ckpt.time_unit_seconds, ckpt.encoder.config == enc.config
-        (('load', 'temp'), 3600.0, True)
+        >>> ckpt.scaler.channels, ckpt.time_unit_seconds, ckpt.time.time_zone, ckpt.encoder.config == enc.config
+        (('load', 'temp'), 3600.0, 'Europe/Paris', True)
     """
     if not isinstance(encoder, StreamEncoder):
         raise ValueError(f"save_checkpoint: 'encoder' expected a StreamEncoder, got {type(encoder).__name__}")
@@ -157,15 +203,33 @@ def save_checkpoint(path: str | Path, encoder: StreamEncoder, scaler: Scaler, co
     covariates = tuple(covariates)
     if len(covariates) != cfg.n_covariates or not all(isinstance(c, str) and c for c in covariates):
         raise ValueError(f"save_checkpoint: 'covariates' expected {cfg.n_covariates} names, got {list(covariates)}")
+    if time_unit_seconds is None:
+        time_unit_seconds = 1.0 if time is None else time.unit_seconds
     if not (math.isfinite(time_unit_seconds) and time_unit_seconds > 0):
         raise ValueError(f"save_checkpoint: 'time_unit_seconds' expected a positive number, got {time_unit_seconds}")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    ckpt = Checkpoint(encoder, scaler, covariates, float(time_unit_seconds), time, stream_scales,
+                      Limits() if limits is None else limits, tuple(columns), dict(info or {}))
+    return write_checkpoint(path, ckpt)
+
+
+def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write a :class:`Checkpoint` (format v2) to ``path``, atomically (beside it, then renamed)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.encoder.state_dict().items()}
+    scales = ckpt.stream_scales
+    if scales is not None:
+        tensors[_SCALING[0]] = torch.tensor(scales.loc, dtype=torch.float64).reshape(len(scales.streams), -1)
+        tensors[_SCALING[1]] = torch.tensor(scales.scale, dtype=torch.float64).reshape(len(scales.streams), -1)
     metadata = {
         "format": FORMAT,
-        "config": json.dumps(dataclasses.asdict(cfg)),
-        "scaler": json.dumps(dataclasses.asdict(scaler)),
-        "covariates": json.dumps(list(covariates)),
-        "time_unit_seconds": repr(float(time_unit_seconds)),
+        "config": json.dumps(dataclasses.asdict(ckpt.encoder.config)),
+        "scaler": json.dumps(dataclasses.asdict(ckpt.scaler)),
+        "covariates": json.dumps(list(ckpt.covariates)),
+        "time_unit_seconds": repr(float(ckpt.time_unit_seconds)),
+        "time": json.dumps(None if ckpt.time is None else ckpt.time.to_json()),
+        "scaling": json.dumps({"mode": ckpt.scaling, "streams": None if scales is None else list(scales.streams)}),
+        "limits": json.dumps(ckpt.limits.to_json()),
+        "columns": json.dumps(list(ckpt.columns)),
+        "info": json.dumps(ckpt.info),
         "sha256": _digest(tensors),
     }
     path = Path(path)
@@ -194,8 +258,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a safetensors file ({e})") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format {metadata.get('format')!r}, expected {FORMAT!r}")
+    fmt = metadata.get("format")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {fmt!r}, expected {FORMAT!r} (or the older "
+                              f"{FORMATS[0]!r}); it was not written by gdn2ts's save_checkpoint")
     try:
         raw = json.loads(metadata["config"])
         raw["quantiles"] = tuple(raw["quantiles"])
@@ -203,26 +269,47 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         scaler = Scaler(**json.loads(metadata["scaler"]))
         covariates = tuple(json.loads(metadata["covariates"]))
         time_unit_seconds = float(metadata["time_unit_seconds"])
+        extra = _v2_metadata(metadata, tensors, scaler) if fmt == FORMAT else {}
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has unreadable metadata ({type(e).__name__}: {e})") from None
     if _digest(tensors) != metadata.get("sha256"):
         raise CheckpointError(f"checkpoint {str(path)!r} fails its SHA-256 check: the weights are damaged")
+    for name in _SCALING:
+        tensors.pop(name, None)
     encoder = StreamEncoder(config)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         # keep the stored precision (a float64 model stays float64), so the round trip is bit-exact
         encoder = encoder.to(dtypes.pop())
     expected = encoder.state_dict()
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match its configuration: missing tensors "
-                              f"{missing}, unexpected tensors {extra}")
+                              f"{missing}, unexpected tensors {unexpected}")
     for name, t in expected.items():
         if tensors[name].shape != t.shape:
             raise CheckpointError(f"checkpoint {str(path)!r}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                   f"the configuration expects {tuple(t.shape)}")
     encoder.load_state_dict(tensors)
     try:
-        return Checkpoint(encoder.eval(), scaler, covariates, time_unit_seconds)
+        return Checkpoint(encoder.eval(), scaler, covariates, time_unit_seconds, **extra)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
+
+
+def _v2_metadata(metadata: dict, tensors: dict[str, torch.Tensor], scaler: Scaler) -> dict:
+    time = json.loads(metadata["time"])
+    scaling = json.loads(metadata["scaling"])
+    scales = None
+    if scaling["mode"] == "per_stream":
+        loc, scale = (tensors[name] for name in _SCALING)
+        streams = scaling["streams"]
+        if tuple(loc.shape) != (len(streams), len(scaler.channels)) or loc.shape != scale.shape:
+            raise ValueError(f"per-stream scaling tensors {tuple(loc.shape)} do not match {len(streams)} streams "
+                             f"of {len(scaler.channels)} channels")
+        scales = StreamScales(tuple(streams), loc.tolist(), scale.tolist())
+    elif scaling["mode"] != "global":
+        raise ValueError(f"scaling mode {scaling['mode']!r} is neither 'global' nor 'per_stream'")
+    return {"time": None if time is None else TimeSpec.from_json(time), "stream_scales": scales,
+            "limits": Limits.from_json(json.loads(metadata["limits"])),
+            "columns": tuple(json.loads(metadata["columns"])), "info": json.loads(metadata["info"])}

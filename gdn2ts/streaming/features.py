@@ -1,80 +1,53 @@
-"""From raw long-format rows to what a checkpoint's encoder reads, and its forecasts back to raw units.
+"""Model-unit helpers for code that drives a runner without units (the quickstart, tests, custom loops).
 
-Raw rows carry a stream id, a timestamp (a number in the checkpoint's time unit, or a date-time) and one column per
-channel in the data's own units. :func:`prepare_rows` converts date-times to time units, derives calendar
-covariates the checkpoint names (hour of day and day of week as sine/cosine pairs, read from the timestamp in UTC),
-and scales the channels; :func:`unscale_forecast` turns the runner's forecast table back into raw units.
+A runner opened with :meth:`OnlineRunner.from_checkpoint` (or ``units=``) converts rows and forecasts itself; use
+these functions only with a runner over a bare encoder, which works in model units:
+
+* :func:`prepare_rows`: rows in the user's units to model units. Numeric timestamps are taken as model time
+  units already (date-times, dates and ISO-8601 strings are converted by the checkpoint's time spec); calendar
+  covariates the checkpoint names are derived where the rows lack them; channels are scaled (per stream where the
+  checkpoint scales per stream).
+* :func:`unscale_forecast`: a model-unit forecast table back to the user's units (values only).
+
+Mixing them with a runner that has units would convert twice; such a runner refuses numeric timestamps when its
+checkpoint's timestamps are date-times.
 """
 
 from __future__ import annotations
 
-import math
-
 import polars as pl
 
 from gdn2ts.models.checkpoint import Checkpoint, Scaler
+from gdn2ts.models.units import TimeSpec
+from gdn2ts.streaming.units import CALENDAR, Units, calendar_columns, time_in
 
 __all__ = ["CALENDAR", "calendar_columns", "to_time_units", "prepare_rows", "unscale_forecast"]
 
-CALENDAR = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
-"""Covariates that can be derived from a timestamp (UTC)."""
 
-
-def calendar_columns(time_units: pl.Expr, time_unit_seconds: float) -> list[pl.Expr]:
-    """Expressions for the :data:`CALENDAR` covariates of timestamps counted in units of ``time_unit_seconds``
-    since 1970-01-01 UTC.
-
-    Example:
-        >>> import polars as pl
-        >>> frame = pl.DataFrame({"time": [0.0, 6.0]})            # hours since the epoch (a Thursday)
-        >>> frame.select(c.round(3) for c in calendar_columns(pl.col("time"), 3600.0)).rows()
-        [(0.0, 1.0, 0.434, -0.901), (1.0, 0.0, 0.434, -0.901)]
-    """
-    seconds = time_units * time_unit_seconds
-    hour = (seconds / 3600.0) % 24.0
-    # 1970-01-01 was a Thursday: shift so that Monday is day 0
-    day = ((seconds / 86400.0).floor() + 3.0) % 7.0
-    two_pi = 2.0 * math.pi
-    return [(hour * two_pi / 24.0).sin().alias("hour_sin"), (hour * two_pi / 24.0).cos().alias("hour_cos"),
-            (day * two_pi / 7.0).sin().alias("dow_sin"), (day * two_pi / 7.0).cos().alias("dow_cos")]
-
-
-def to_time_units(column: pl.Series, time_unit_seconds: float) -> pl.Series:
+def to_time_units(column: pl.Series, time_unit_seconds: float, spec: TimeSpec | None = None) -> pl.Series:
     """A timestamp column as float64 time units since the epoch: numbers pass through (already in units),
-    date-times (naive ones read as UTC) and ISO-8601 strings are converted.
+    date-times (naive ones read as UTC, or in ``spec.time_zone``), dates and ISO-8601 strings are converted.
 
     Example:
-        >>> import polars as pl
         >>> to_time_units(pl.Series("time", ["1970-01-02 00:00:00", "1970-01-02 01:30:00"]), 3600.0).to_list()
         [24.0, 25.5]
+        >>> to_time_units(pl.Series("time", [7, 8]), 3600.0).to_list()
+        [7.0, 8.0]
     """
-    name = column.name
-    if column.dtype == pl.String:
-        try:
-            column = column.str.to_datetime(time_unit="us")
-        except pl.exceptions.PolarsError as e:
-            raise ValueError(f"column {name!r}: timestamps expected numbers or ISO-8601 date-times ({e})") from None
-    if isinstance(column.dtype, pl.Datetime):
-        if column.dtype.time_zone is not None:
-            column = column.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-        micros = column.dt.cast_time_unit("us").dt.epoch("us").cast(pl.Float64)
-        return (micros / (time_unit_seconds * 1e6)).alias(name)
-    if isinstance(column.dtype, pl.Date):
-        return (column.dt.epoch("s").cast(pl.Float64) / time_unit_seconds).alias(name)
     if column.dtype.is_numeric():
         return column.cast(pl.Float64)
-    raise ValueError(f"column {name!r}: timestamps expected numbers or date-times, got {column.dtype}")
+    if spec is None or spec.kind == "number":
+        spec = TimeSpec("datetime", time_unit_seconds)
+    return time_in(column, spec, op="rows")
 
 
 def prepare_rows(frame: pl.DataFrame, checkpoint: Checkpoint, id_column: str = "stream",
                  time_column: str = "time") -> pl.DataFrame:
-    """Raw rows to the runner's input: timestamps in time units, calendar covariates derived where the batch
-    lacks them, channels scaled. Other columns are kept (the runner rejects unknown ones, naming them).
+    """Raw rows to a model-unit runner's input: timestamps in time units, calendar covariates derived where the
+    batch lacks them, channels scaled. Other columns are kept (the runner rejects unknown ones, naming them).
 
     Example:
-        >>> import polars as pl
         >>> from gdn2ts.models import EncoderConfig, StreamEncoder
-        >>> from gdn2ts.models.checkpoint import Checkpoint, Scaler
         >>> ckpt = Checkpoint(StreamEncoder(EncoderConfig(n_channels=1, n_covariates=2, hidden_size=8, head_dim=4)),
         ...                   Scaler(("load",), (10.0,), (2.0,)), ("hour_sin", "hour_cos"), 3600.0)
         >>> rows = pl.DataFrame({"stream": ["a"], "time": ["2020-01-01 06:00"], "load": [14.0]})
@@ -84,35 +57,22 @@ def prepare_rows(frame: pl.DataFrame, checkpoint: Checkpoint, id_column: str = "
     for col in (id_column, time_column):
         if col not in frame.columns:
             raise ValueError(f"rows lack the column {col!r} (columns: {frame.columns})")
-    frame = frame.with_columns(to_time_units(frame[time_column], checkpoint.time_unit_seconds))
-    derive = [c for c in checkpoint.covariates if c not in frame.columns]
-    if derive:
-        unknown = [c for c in derive if c not in CALENDAR]
-        if unknown:
-            raise ValueError(f"rows lack the covariate columns {unknown}, which cannot be derived from the timestamp")
-        exprs = calendar_columns(pl.col(time_column), checkpoint.time_unit_seconds)
-        frame = frame.with_columns([e for e in exprs if e.meta.output_name() in derive])
-    scaler = checkpoint.scaler
-    scaled = []
-    for c, loc, scale in zip(scaler.channels, scaler.loc, scaler.scale, strict=True):
-        if c in frame.columns:
-            if not (frame.schema[c].is_numeric() or frame.schema[c] == pl.Null):
-                raise ValueError(f"column {c!r} expected numbers, got {frame.schema[c]}")
-            scaled.append(((pl.col(c).cast(pl.Float64) - loc) / scale).alias(c))
-    return frame.with_columns(scaled)
+    spec = checkpoint.time_spec
+    frame = frame.with_columns(to_time_units(frame[time_column], checkpoint.time_unit_seconds, spec))
+    units = Units(checkpoint.scaler, spec, checkpoint.covariates, checkpoint.stream_scales)
+    return units.to_model(frame, id_column, time_column, op="rows", converted_time=True)
 
 
-def unscale_forecast(table: pl.DataFrame, scaler: Scaler) -> pl.DataFrame:
-    """The runner's forecast table (columns stream, step, channel, q<level>...) in raw units.
+def unscale_forecast(table: pl.DataFrame, scaler: Scaler | Checkpoint) -> pl.DataFrame:
+    """A model-unit forecast table (columns stream, step, channel, q<level>...) in raw units (per stream when a
+    checkpoint with per-stream scaling is given).
 
     Example:
-        >>> import polars as pl
         >>> table = pl.DataFrame({"stream": ["a"], "step": [1], "channel": ["load"], "q0.5": [0.5]})
         >>> unscale_forecast(table, Scaler(("load",), (10.0,), (2.0,)))["q0.5"].to_list()
         [11.0]
     """
-    levels = [c for c in table.columns if c.startswith("q")]
-    loc = pl.col("channel").replace_strict(list(scaler.channels), list(scaler.loc), return_dtype=pl.Float64)
-    scale = pl.col("channel").replace_strict(list(scaler.channels), list(scaler.scale), return_dtype=pl.Float64)
-    return table.with_columns([(pl.col(c) * scale + loc).alias(c) for c in levels])
-
+    ckpt = scaler if isinstance(scaler, Checkpoint) else None
+    units = Units(scaler if ckpt is None else ckpt.scaler, TimeSpec("number", 1.0, number_unit="s"),
+                  stream_scales=None if ckpt is None else ckpt.stream_scales)
+    return units.forecast_to_user(table)
