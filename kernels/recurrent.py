@@ -118,6 +118,8 @@ def recurrent_fwd(
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    # (the kernel indexes A_log and dt_bias as dense vectors: a broadcast view is materialized)
+    A_log, dt_bias = (None if t is None else t.contiguous() for t in (A_log, dt_bias))
     o = torch.empty_like(v) if out is None else out
     if state_indices is not None:
         ht = initial_state

@@ -1,4 +1,7 @@
-"""RMSNorm, and the gated RMSNorm that closes a GDN-2 mixer: ``RMSNorm(o) * act(gate)`` per head."""
+"""RMSNorm, and the gated RMSNorm that closes a GDN-2 mixer: ``RMSNorm(o) * act(gate)`` per head.
+
+The gated norm runs one Triton launch forward and one backward (``gdn2ts.kernels.norm``) for CUDA tensors in eager
+mode; under ``torch.compile`` it stays in PyTorch, where inductor fuses it with its neighbours."""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ from torch import nn
 
 from gdn2ts.ops.reference import compute_dtype
 
-__all__ = ["RMSNorm", "GatedRMSNorm", "rms_norm"]
+__all__ = ["RMSNorm", "GatedRMSNorm", "rms_norm", "gated_rms_norm", "NORM_BACKENDS"]
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
+NORM_BACKENDS = ("auto", "torch", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -28,6 +33,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     x = x.to(dt)
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return y if weight is None else y * weight.to(dt)
+
+
+class _TritonGatedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps, activation):
+        from gdn2ts.kernels.norm import gated_norm_fwd
+
+        y, rstd = gated_norm_fwd(x, gate, weight, eps, activation)
+        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from gdn2ts.kernels.norm import gated_norm_bwd
+
+        x, gate, weight, rstd = ctx.saved_tensors
+        dx, dgate, dweight = gated_norm_bwd(x, gate, weight, rstd, dy, ctx.activation)
+        return dx, dgate, dweight, None, None
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "silu",
+                   backend: str = "auto") -> torch.Tensor:
+    """``RMSNorm(x) * weight * act(gate)`` over the last axis, in fp32, returned in ``x``'s dtype.
+
+    ``x`` and ``gate`` ``[..., D]`` of one shape, ``weight`` ``[D]``; ``activation`` ``silu`` or ``sigmoid``.
+    ``backend``: ``auto`` (the Triton kernels for fp16/bf16/fp32 CUDA tensors outside ``torch.compile``, else
+    PyTorch), ``torch``, or ``triton`` (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1`` for tests).
+
+    Example:
+        >>> import torch
+        >>> x, gate = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+        >>> y = gated_rms_norm(x, gate, torch.ones(8), 1e-5)
+        >>> bool(torch.allclose(y, rms_norm(x, None, 1e-5) * torch.nn.functional.silu(gate), atol=1e-6))
+        True
+    """
+    if backend not in NORM_BACKENDS:
+        raise ValueError(f"gated_rms_norm: argument 'backend' expected one of {NORM_BACKENDS}, got {backend!r}")
+    if gate.shape != x.shape:
+        raise ValueError(f"gated_rms_norm: argument 'gate' expected shape {tuple(x.shape)} (that of 'x'), "
+                         f"got {tuple(gate.shape)}")
+    triton_ok = x.dtype in KERNEL_DTYPES and gate.dtype in KERNEL_DTYPES and not torch.compiler.is_compiling()
+    if backend == "triton" or (backend == "auto" and x.is_cuda and triton_ok):
+        return _TritonGatedNorm.apply(x, gate, weight, eps, activation)
+    y = rms_norm(x, weight, eps)
+    return (y * ACTIVATIONS[activation](gate.to(y.dtype))).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -77,9 +128,9 @@ class GatedRMSNorm(RMSNorm):
         super().__init__(dim, eps)
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        y = rms_norm(x, self.weight, self.eps)
-        return (y * ACTIVATIONS[self.activation](gate.to(y.dtype))).to(x.dtype)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """``x``, ``gate`` ``[..., dim]`` -> ``RMSNorm(x) * act(gate)`` in x's dtype (see :func:`gated_rms_norm`)."""
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.activation, backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"

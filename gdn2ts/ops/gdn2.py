@@ -206,15 +206,17 @@ def chunk_gdn2(
         path = "torch" if why else path
     # The op sets its own precision (fp32 accumulation, fp32 state); autocast must not push its products to bf16.
     with torch.autocast(q.device.type, enabled=False):
-        dtypes = (q.dtype, k.dtype, b.dtype, w.dtype)
-        q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
         if path == "triton":
+            from gdn2ts.ops.act_triton import triton_activate
             from gdn2ts.ops.chunk_triton import triton_chunk
 
-            # activations are computed in fp32; the kernels read them back in the inputs' dtypes (as they came)
-            q, k, b, w = (t.to(dt) for t, dt in zip((q, k, b, w), dtypes, strict=True))
+            # one Triton pre-pass applies the options (fp32 arithmetic; q, k, b, w stored back in their dtypes, g in
+            # fp32) and one post-pass gives their gradients: no PyTorch elementwise work around the kernels
+            q, k, g, b, w = triton_activate(q, k, g, b, w, A_log, dt_bias, opts.use_qk_l2norm, opts.use_gate_in_kernel,
+                                            opts.use_bw_sigmoid, opts.erase_max)
             o, final = triton_chunk(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
         else:
+            q, k, g, b, w = _activate(q, k, g, b, w, opts, A_log, dt_bias)
             fn = reference.recurrent_reference if path == "naive" else reference.chunk_reference
             o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
     if final is not None and final is initial_state:

@@ -145,8 +145,8 @@ def test_short_conv_module_and_streaming():
 
 
 def test_dispatch_and_errors(monkeypatch):
-    """auto takes PyTorch on the CPU and for lengths / fp64; the kernels' limits and bad shapes are ValueErrors
-    naming the argument."""
+    """auto takes PyTorch on the CPU and for fp64; the kernels' limits and bad shapes are ValueErrors naming the
+    argument."""
     x, weight, tail, _, _ = inputs(2, 5, 6, 4, device="cpu")
     # CPU tensors reach the kernels' own checks only under the interpreter (also on a machine with a GPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -158,7 +158,6 @@ def test_dispatch_and_errors(monkeypatch):
     causal_conv1d(x, weight, tail)  # auto on CPU tensors
     causal_conv1d(x, weight, tail, lengths=torch.tensor([5, 3]), backend="auto")
     cases = [
-        (dict(lengths=torch.tensor([5, 3]), backend="triton"), "lengths"),
         (dict(x=x.double(), backend="triton"), "fp64"),
         (dict(weight=torch.randn(6, 1, 9), tail=torch.randn(2, 6, 8), backend="triton"), "width up to 8"),
         (dict(backend="cuda"), "'backend'"),
@@ -167,6 +166,9 @@ def test_dispatch_and_errors(monkeypatch):
         (dict(weight=torch.randn(6, 4)), "'weight'"),
         (dict(tail=torch.randn(2, 6, 2)), "'tail'"),
         (dict(lengths=torch.tensor([5])), "'lengths'"),
+        (dict(cu_seqlens=torch.tensor([0, 2, 5])), "batch size 1"),
+        (dict(x=x[:1], cu_seqlens=torch.tensor([0, 2, 5]), lengths=torch.tensor([2, 3])), "'lengths'"),
+        (dict(x=x[:1], cu_seqlens=torch.tensor([0.0, 5.0])), "'cu_seqlens'"),
     ]
     for kw, needle in cases:
         args = dict(x=x, weight=weight, tail=tail) | kw
@@ -175,6 +177,84 @@ def test_dispatch_and_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="only for CUDA tensors"):
         causal_conv1d(x, weight, tail, backend="triton")
+
+
+def ragged_truth(x, weight, tail, dy, dnt, lengths=None, cu=None):
+    """What the PyTorch path gives for ragged rows (``lengths``) or packed sequences (``cu``), in fp64."""
+    x, weight, dy, dnt = (t.detach().double().requires_grad_() for t in (x, weight, dy, dnt))
+    tail = None if tail is None else tail.detach().double().requires_grad_()
+    y, new_tail = causal_conv1d(x, weight, tail, lengths, activation="silu", backend="torch", cu_seqlens=cu)
+    ((y * dy).sum() + (new_tail * dnt).sum()).backward()
+    return y, new_tail, x.grad, weight.grad, None if tail is None else tail.grad
+
+
+def ragged_kernels(x, weight, tail, dy, dnt, lengths=None, cu=None, **tiling):
+    N = tail.shape[0] if tail is not None else (len(cu) - 1 if cu is not None else x.shape[0])
+    C, W = weight.shape[0], weight.shape[-1]
+    w2 = weight.reshape(C, W)
+    fwd_tiling = {k: v for k, v in tiling.items() if k != "span_blocks"}
+    y, new_tail = conv_fwd(x, w2, tail, True, out=poisoned(*x.shape, dtype=x.dtype, device=x.device),
+                           out_tail=poisoned(N, C, W - 1, dtype=x.dtype, device=x.device), lengths=lengths,
+                           cu_seqlens=cu, **fwd_tiling)
+    dx, dw, dtail = conv_bwd(x, w2, tail, dy, dnt, True, need_dx=True, need_dtail=tail is not None,
+                             out_dx=poisoned(*x.shape, dtype=x.dtype, device=x.device),
+                             out_dtail=None if tail is None else poisoned(N, C, W - 1, dtype=tail.dtype,
+                                                                          device=x.device),
+                             lengths=lengths, cu_seqlens=cu, **tiling)
+    return y, new_tail, dx, dw.reshape(C, 1, W), dtail
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("with_tail", [True, False])
+def test_packed_sequences_match_fp64(W, with_tail):
+    """Packed sequences of lengths 0, 1, 2 (shorter than the tail), 17 and 40: each conv starts from its own tail
+    and its new tail reaches into the old one when short; several row blocks and spans, the blocks crossing
+    sequence borders; the input rows read in place from a wider, strided tensor."""
+    lengths = [17, 0, 1, 2, 40]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    total, N, C = int(cu[-1]), len(lengths), 20
+    wide, weight, tail, dy, dnt = inputs(1, total, C + 7, W, seed=W)
+    x = wide[..., 3:3 + C]  # a strided view (row stride C + 7)
+    weight, dy = weight[:C], dy[..., :C].contiguous()
+    tail = inputs(N, 1, C, W, seed=W + 1)[2] if with_tail else None
+    dnt = inputs(N, 1, C, W, seed=W + 2)[4]
+    got = ragged_kernels(x, weight, tail, dy, dnt, cu=cu, block_t=16, block_c=16, span_blocks=2)
+    compare(got, ragged_truth(x, weight, tail, dy, dnt, cu=cu), torch.float32)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_rows_of_different_lengths_match_fp64(W):
+    """Padded rows with lengths 0, 2 and 19 of 19: the new tail taken after each row's own length, the rows past it
+    computed as the PyTorch path computes them."""
+    x, weight, tail, dy, dnt = inputs(3, 19, 20, W, seed=7 + W)
+    lengths = torch.tensor([0, 2, 19], device=DEVICE)
+    got = ragged_kernels(x, weight, tail, dy, dnt, lengths=lengths, block_t=16, block_c=16, span_blocks=1)
+    compare(got, ragged_truth(x, weight, tail, dy, dnt, lengths=lengths), torch.float32)
+
+
+def test_packed_autograd_fp16():
+    """causal_conv1d(cu_seqlens=..., backend="triton") through the autograd Function, fp16, against fp64."""
+    cu = torch.tensor([0, 5, 6, 30], device=DEVICE)
+    x, weight, _, dy, _ = inputs(1, 30, 24, 4, dtype=torch.float16, seed=2)
+    tail, dnt = (t.to(torch.float16) for t in inputs(3, 1, 24, 4, seed=3)[2::2])
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, tail)]
+    y, new_tail = causal_conv1d(*leaves, activation="silu", backend="triton", cu_seqlens=cu)
+    ((y.float() * dy.float()).sum() + (new_tail.float() * dnt.float()).sum()).backward()
+    want = ragged_truth(x, weight, tail, dy, dnt, cu=cu)
+    compare((y, new_tail, leaves[0].grad, leaves[1].grad, leaves[2].grad), want, torch.float16)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_layer_shape_bf16():
+    """Packed documents at the layer's width (C = 6144, W = 4, bf16): 16K tokens in 8 ragged sequences."""
+    lengths = [1000, 3000, 37, 5000, 2047, 4000, 1300, 1000]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    x, weight, _, dy, _ = inputs(1, int(cu[-1]), 6144, 4, dtype=torch.bfloat16, seed=4, device="cuda")
+    tail, dnt = (t.to(torch.bfloat16) for t in inputs(8, 1, 6144, 4, seed=5, device="cuda")[2::2])
+    weight = weight.float()
+    got = ragged_kernels(x, weight, tail, dy, dnt, cu=cu)
+    want = ragged_truth(x, weight, tail, dy, dnt, cu=cu)
+    compare(got, want, torch.bfloat16, factors=(1, 1, 1, 2, 1))
 
 
 @pytest.mark.gpu
