@@ -7,6 +7,15 @@ recurrence: each layer's log-decay is multiplied by the elapsed time (in ``time_
 left as they were, and the outputs there repeat the last observed step's (the model can forecast at any moment).
 
 Heads: multi-horizon quantile forecasts of every channel and a reconstruction of the current step's channels.
+
+Validation: shapes, dtypes and the covariates' presence are always checked (they cost nothing). Checks that read
+tensor values (inf among the values, non-finite timestamps or covariates, timestamps out of order) run on the CPU
+always, and on CUDA only under the op's debug switch ``GDN2TS_CHECK_VALUES=1`` (:func:`gdn2ts.ops.validate.
+check_values`): each is a host synchronization, once per call and layer. Callers that validate at their own edge
+(the online runner checks every frame entering ``observe``) thus pay nothing on the device. Without the checks a
+bad value stays confined to its own stream: an inf value makes that stream's outputs and state non-finite, and a
+timestamp at or before the stream's previous observation is taken as arriving with no time elapsed (the decay is
+never asked to grow the state). :meth:`StreamEncoder.check_inputs` checks everything, whatever the device.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn2ts.layers import GatedDeltaNet2, GDN2Config, GDN2State, RMSNorm
+from gdn2ts.ops import validate
 
 __all__ = ["EncoderConfig", "EncoderState", "StreamEncoder"]
 
@@ -136,19 +146,24 @@ class StreamEncoder(nn.Module):
         )
 
     def forward(self, values: torch.Tensor, timestamps: torch.Tensor, covariates: torch.Tensor | None = None,
-                state: EncoderState | None = None) -> dict:
+                state: EncoderState | None = None, *, predict: bool = True) -> dict:
         """Whole windows, differentiable.
 
         Args:
             values: ``[B, T, channels]``, NaN where a channel is missing; inf is an error.
-            timestamps: ``[B, T]`` float64 (any unit; see ``time_unit``), strictly increasing along T and after
-                the state's last observation.
+            timestamps: ``[B, T]`` float64 (any unit; see ``time_unit``), finite, strictly increasing over the
+                observed steps and after the state's last observation (unobserved steps may hold any finite value).
             covariates: ``[B, T, n_covariates]`` finite, or None when the config has none.
             state: the streams' state to continue from (zeros when omitted). Not modified.
+            predict: run the heads (False: only ``observed`` and ``state`` are returned, for ingestion).
 
         Returns:
             dict with ``forecast`` ``[B, T, horizon, channels, quantiles]``, ``reconstruction`` ``[B, T, channels]``,
             ``observed`` ``[B, T]`` (a channel was observed) and ``state`` (:class:`EncoderState`).
+
+        Raises:
+            ValueError: naming the argument, for wrong shapes or dtypes; and for inf values, non-finite timestamps
+                or covariates and timestamps out of order where values are checked (see the module docstring).
         """
         B, T = self._check(values, timestamps, covariates, 3)
         if state is None:
@@ -158,7 +173,7 @@ class StreamEncoder(nn.Module):
         obs_times = torch.where(observed, timestamps, -math.inf)
         prev = torch.cat([state.last_time[:, None], obs_times[:, :-1]], dim=1).cummax(dim=1).values
         self._check_order(timestamps, prev, observed)
-        elapsed = torch.where(torch.isfinite(prev), timestamps - prev, 0.0).where(observed, 0.0)
+        elapsed = torch.where(torch.isfinite(prev), timestamps - prev, 0.0).where(observed, 0.0).clamp(min=0.0)
         x = self._embed(values, elapsed, covariates)
         layer_states = []
         for norm, mixer, layer_state, mlp_norm, mlp in zip(self.mixer_norms, self.mixers, state.layers,
@@ -168,21 +183,34 @@ class StreamEncoder(nn.Module):
             x = x + y
             x = x + mlp(mlp_norm(x))
             layer_states.append(new)
-        h = self.out_norm(x)
         # between observations the outputs repeat the last observed step's (from this call or the state)
         pos = torch.arange(T, device=values.device).expand(B, T)
         last = torch.where(observed, pos, -1).cummax(dim=1).values  # [B, T]
-        h = torch.where((last >= 0)[..., None], h.gather(1, last.clamp(min=0)[..., None].expand_as(h)),
-                        state.last_output[:, None].to(h.dtype))
+        if predict:
+            h = self.out_norm(x)
+            h = torch.where((last >= 0)[..., None], h.gather(1, last.clamp(min=0)[..., None].expand_as(h)),
+                            state.last_output[:, None].to(h.dtype))
+            last_output = h[:, -1] if T else state.last_output
+        elif T:
+            # only the output at each row's last observation is kept: normalize those rows alone
+            at = last[:, -1:]
+            picked = self.out_norm(x.gather(1, at.clamp(min=0)[..., None].expand(B, 1, x.shape[-1])))[:, 0]
+            last_output = torch.where(at >= 0, picked, state.last_output.to(picked.dtype))
+        else:
+            last_output = state.last_output
         final_time = torch.maximum(state.last_time, obs_times.max(dim=1).values) if T else state.last_time
-        new_state = EncoderState(tuple(layer_states), final_time, h[:, -1] if T else state.last_output)
-        return {**self.heads(h), "observed": observed, "state": new_state}
+        new_state = EncoderState(tuple(layer_states), final_time, last_output)
+        out = {"observed": observed, "state": new_state}
+        return {**self.heads(h), **out} if predict else out
 
     @torch.no_grad()
     def step(self, values: torch.Tensor, timestamps: torch.Tensor, covariates: torch.Tensor | None = None,
-             state: EncoderState | None = None) -> dict:
+             state: EncoderState | None = None, *, predict: bool = True) -> dict:
         """One timestamp per stream (inference): ``values`` ``[B, channels]``, ``timestamps`` ``[B]``; same
-        outputs as :meth:`forward` with T = 1 (without the T axis)."""
+        outputs as :meth:`forward` with T = 1 (without the T axis), and the same checks.
+
+        With values unchecked (CUDA without ``GDN2TS_CHECK_VALUES=1``) a step reads nothing back from the device,
+        so a loop of steps never waits for it."""
         B, _ = self._check(values[:, None], timestamps[:, None],
                            None if covariates is None else covariates[:, None], 3)
         if state is None:
@@ -190,6 +218,7 @@ class StreamEncoder(nn.Module):
         observed = ~torch.isnan(values).all(-1)
         self._check_order(timestamps[:, None], state.last_time[:, None], observed[:, None])
         elapsed = torch.where(torch.isfinite(state.last_time), timestamps - state.last_time, 0.0).where(observed, 0.0)
+        elapsed = elapsed.clamp(min=0.0)
         x = self._embed(values[:, None], elapsed[:, None], None if covariates is None else covariates[:, None])[:, 0]
         layer_states = []
         for norm, mixer, layer_state, mlp_norm, mlp in zip(self.mixer_norms, self.mixers, state.layers,
@@ -200,15 +229,45 @@ class StreamEncoder(nn.Module):
             x = x + mlp(mlp_norm(x))
             layer_states.append(new)
         h = torch.where(observed[:, None], self.out_norm(x), state.last_output.to(x.dtype))
-        last_time = torch.where(observed, timestamps.to(torch.float64), state.last_time)
-        out = self.heads(h)
-        return {**out, "observed": observed, "state": EncoderState(tuple(layer_states), last_time, h)}
+        last_time = torch.where(observed, torch.maximum(timestamps.to(torch.float64), state.last_time),
+                                state.last_time)
+        out = {"observed": observed, "state": EncoderState(tuple(layer_states), last_time, h)}
+        return {**self.heads(h), **out} if predict else out
+
+    def check_inputs(self, values: torch.Tensor, timestamps: torch.Tensor, covariates: torch.Tensor | None = None,
+                     state: EncoderState | None = None) -> tuple[int, int]:
+        """Check a window as :meth:`forward` takes it, values included on any device (the debug switch does not
+        apply: on CUDA this synchronizes); returns ``(B, T)``. For offline tools such as the state audit.
+
+        Example:
+            >>> import torch
+            >>> enc = StreamEncoder(EncoderConfig(n_channels=1, hidden_size=8, num_heads=1, head_dim=4))
+            >>> enc.check_inputs(torch.zeros(2, 3, 1), torch.arange(3.0).double().expand(2, 3))
+            (2, 3)
+            >>> try:
+            ...     enc.check_inputs(torch.zeros(1, 2, 1), torch.tensor([[2.0, 1.0]]).double())
+            ... except ValueError as e:
+            ...     print(str(e).split("; ")[1])
+            row 0, step 1: 1.0 is not after 2.0
+        """
+        B, T = self._check(values, timestamps, covariates, 3, check=True)
+        last = (torch.full((B,), -math.inf, dtype=torch.float64, device=values.device) if state is None
+                else state.last_time)
+        if not isinstance(last, torch.Tensor) or tuple(last.shape) != (B,):
+            raise ValueError(f"StreamEncoder: argument 'state' expected last_time of shape [B={B}], got "
+                             f"{getattr(last, 'shape', type(last).__name__)}")
+        observed = ~torch.isnan(values).all(-1)
+        obs_times = torch.where(observed, timestamps, -math.inf)
+        prev = torch.cat([last[:, None].to(obs_times.dtype), obs_times[:, :-1]], dim=1).cummax(dim=1).values
+        self._check_order(timestamps, prev, observed, check=True)
+        return B, T
 
     # ------------------------------------------------------------------------------------------------------------
 
     def _embed(self, values, elapsed, covariates):
         present = ~torch.isnan(values)
-        parts = [torch.nan_to_num(values, nan=0.0), present.to(values.dtype),
+        # (missing values become 0; an unchecked inf is kept, so that it shows in its stream's outputs)
+        parts = [torch.where(present, values, 0.0), present.to(values.dtype),
                  torch.log1p(elapsed / self.config.time_unit)[..., None].to(values.dtype)]
         if covariates is not None:
             parts.append(covariates.to(values.dtype))
@@ -228,7 +287,9 @@ class StreamEncoder(nn.Module):
         return {"forecast": torch.cat([base - below, base, base + above], dim=-1),
                 "reconstruction": self.reconstruct_head(h)}
 
-    def _check(self, values, timestamps, covariates, ndim):
+    def _check(self, values, timestamps, covariates, ndim, check: bool | None = None):
+        """Shapes and dtypes always; values (inf, non-finite timestamps or covariates) when ``check``, by default
+        where :func:`~gdn2ts.ops.validate.check_values` says (the CPU, or CUDA with ``GDN2TS_CHECK_VALUES=1``)."""
         cfg = self.config
         op = "StreamEncoder"
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
@@ -238,25 +299,33 @@ class StreamEncoder(nn.Module):
             raise ValueError(f"{op}: argument 'values' expected shape [B, T, {cfg.n_channels}], got "
                              f"{tuple(values.shape)}")
         B, T = values.shape[:2]
-        if torch.isinf(values).any():
-            raise ValueError(f"{op}: argument 'values' expected finite values or NaN for missing, got inf")
         if not isinstance(timestamps, torch.Tensor) or tuple(timestamps.shape) != (B, T) or \
                 not timestamps.is_floating_point():
             raise ValueError(f"{op}: argument 'timestamps' expected a floating tensor [B={B}, T={T}], got "
                              f"{getattr(timestamps, 'shape', type(timestamps).__name__)}")
-        if not torch.isfinite(timestamps).all():
-            raise ValueError(f"{op}: argument 'timestamps' expected finite values")
         if (covariates is None) != (cfg.n_covariates == 0):
             raise ValueError(f"{op}: argument 'covariates' expected "
                              f"{'None' if cfg.n_covariates == 0 else f'[B, T, {cfg.n_covariates}]'}")
-        if covariates is not None:
-            if tuple(covariates.shape) != (B, T, cfg.n_covariates) or not torch.isfinite(covariates).all():
-                raise ValueError(f"{op}: argument 'covariates' expected finite values of shape "
-                                 f"[B={B}, T={T}, {cfg.n_covariates}], got {tuple(covariates.shape)}")
+        if covariates is not None and tuple(covariates.shape) != (B, T, cfg.n_covariates):
+            raise ValueError(f"{op}: argument 'covariates' expected finite values of shape "
+                             f"[B={B}, T={T}, {cfg.n_covariates}], got {tuple(covariates.shape)}")
+        if not (validate.check_values(values) if check is None else check):
+            return B, T
+        # each of these reads a value back from the device: on CUDA only under the debug switch
+        if torch.isinf(values).any():
+            raise ValueError(f"{op}: argument 'values' expected finite values or NaN for missing, got inf")
+        if not torch.isfinite(timestamps).all():
+            raise ValueError(f"{op}: argument 'timestamps' expected finite values")
+        if covariates is not None and not torch.isfinite(covariates).all():
+            raise ValueError(f"{op}: argument 'covariates' expected finite values of shape "
+                             f"[B={B}, T={T}, {cfg.n_covariates}], got non-finite values")
         return B, T
 
     @staticmethod
-    def _check_order(timestamps, prev, observed):
+    def _check_order(timestamps, prev, observed, check: bool | None = None):
+        """Each observed step after the previous observation (``prev``), where values are checked."""
+        if not (validate.check_values(timestamps) if check is None else check):
+            return
         bad = observed & torch.isfinite(prev) & (timestamps <= prev)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])

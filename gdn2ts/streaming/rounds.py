@@ -4,6 +4,18 @@ Rows are applied per stream in timestamp order. Round r steps the r-th accepted 
 all at once; streams are ordered by descending row count, so that round r's streams are the first ``sizes[r]`` of
 the call. The plan is a journal :class:`~gdn2ts.streaming.journal.Entry`, so that a replay runs the very same
 steps on the very same batches.
+
+Prefill, then decode: a run of at least :data:`PREFILL_MIN_ROUNDS` rounds over nearly the same streams (a backfill,
+many rows per stream in one call) goes through the encoder's masked parallel forward, rows beyond a stream's last
+padded with NaN (steps the encoder skips exactly), instead of one ``encoder.step`` per round. Which rounds are
+prefilled, and in which pieces, is a function of the entry's ``sizes`` alone (:func:`schedule`), so a replay of
+the entry takes the very same path and repeats the call's arithmetic bit for bit. The two paths agree to float
+rounding (the chunked and the step form of the recurrence add in different orders).
+
+On CUDA the stepped rounds read nothing back from the device: the call's rows go to the device once (pinned,
+asynchronous), and the encoder reads no values for validation there (the frame was checked at the ``observe``
+edge). A prefill reads a few sizes back per layer and piece (the layer packs each stream's observed rows), never
+per round.
 """
 
 from __future__ import annotations
@@ -21,7 +33,15 @@ from gdn2ts.streaming.history import append_history
 from gdn2ts.streaming.journal import Entry
 from gdn2ts.streaming.workingset import STATS, StateLayout
 
-__all__ = ["Groups", "Plan", "group_streams", "plan_rounds", "Stepper"]
+__all__ = ["Groups", "Plan", "group_streams", "plan_rounds", "schedule", "Stepper", "PREFILL_MIN_ROUNDS",
+           "PREFILL_CELLS"]
+
+PREFILL_MIN_ROUNDS = 8
+"""A run of rounds is prefilled (one parallel forward) when it spans at least this many rounds; shorter runs are
+stepped one round at a time."""
+PREFILL_CELLS = 65_536
+"""Padded (stream, round) cells of one prefill forward: bounds its memory (a longer run is cut into pieces)."""
+_MIN_SPAN = 64  # rounds a prefill piece spans unless its run is shorter (a few chunks of the chunked op)
 
 
 @dataclass(frozen=True)
@@ -97,14 +117,58 @@ def plan_rounds(frame: pl.DataFrame, groups: Groups, last_time: np.ndarray, sche
     return plan
 
 
+def schedule(sizes: np.ndarray, min_rounds: int = PREFILL_MIN_ROUNDS, cells: int = PREFILL_CELLS
+             ) -> list[tuple[int, int, int, int, bool]]:
+    """How an entry's rounds are applied: pieces ``(r0, r1, s0, s1, prefill)``, in order, each covering rounds
+    ``[r0, r1)`` of streams ``[s0, s1)``; a stepped piece is one round of its first ``sizes[r0]`` streams.
+
+    Rounds are cut into runs over which the stream count stays at or above half of the run's first (so padding
+    stays at most half of a prefill); a run of at least ``min_rounds`` rounds is prefilled, the others are stepped.
+    A run of more than ``cells`` padded (stream, round) cells is cut into pieces, in time (at least 64 rounds a
+    piece) and then over streams, of at most ``cells`` cells (or one stream).
+
+    Example:
+        >>> schedule(np.array([3, 1]))
+        [(0, 1, 0, 3, False), (1, 2, 0, 1, False)]
+        >>> schedule(np.array([4] * 3 + [1] * 9))
+        [(0, 1, 0, 4, False), (1, 2, 0, 4, False), (2, 3, 0, 4, False), (3, 12, 0, 1, True)]
+        >>> schedule(np.array([2] * 100), cells=128)
+        [(0, 64, 0, 2, True), (64, 100, 0, 2, True)]
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    # sizes never increase: the first round of a run with fewer than half the run's first streams ends it
+    neg = -2 * sizes
+    out: list[tuple[int, int, int, int, bool]] = []
+    r, R = 0, sizes.size
+    while r < R:
+        n = int(sizes[r])
+        end = int(np.searchsorted(neg, -n, side="right"))
+        if end - r < min_rounds:
+            out.extend((t, t + 1, 0, int(sizes[t]), False) for t in range(r, end))
+        else:
+            # cut time first (pieces of at least _MIN_SPAN rounds), then streams
+            span = min(end - r, max(_MIN_SPAN, cells // n))
+            for t0 in range(r, end, span):
+                t1 = min(t0 + span, end)
+                m, per = int(sizes[t0]), max(1, cells // (t1 - t0))
+                out.extend((t0, t1, s0, min(s0 + per, m), True) for s0 in range(0, m, per))
+        r = end
+    return out
+
+
 class Stepper:
     """Steps streams' flat states (:class:`~gdn2ts.streaming.workingset.StateLayout` components) through an
-    entry's rounds with the encoder, updating the scaling statistics and, when learning, the histories."""
+    entry's rounds with the encoder, updating the scaling statistics and, when learning, the histories.
+
+    Runs of many rounds are prefilled with the encoder's parallel forward (:func:`schedule`); an encoder other
+    than a :class:`StreamEncoder` (the GRU baselines) is always stepped.
+    """
 
     def __init__(self, encoder: StreamEncoder, layout: StateLayout, learning: bool):
         p = next(encoder.parameters())
         self.encoder, self.layout, self.learning = encoder, layout, learning
         self.device, self.dtype = p.device, p.dtype
+        self.native = isinstance(encoder, StreamEncoder)
 
     @torch.no_grad()
     def run(self, flat: dict[str, torch.Tensor], entry: Entry, skip: np.ndarray | None = None
@@ -115,31 +179,80 @@ class Stepper:
         dropped: they ride along from a state that accepts any timestamp, so every batch keeps its shape."""
         M = len(entry.stream_ids)
         if skip is not None and skip.any():
-            flat["last_time"][torch.from_numpy(skip).to(self.device)] = -math.inf
-        values = torch.from_numpy(entry.values).to(self.device)
-        times = torch.from_numpy(entry.times).to(self.device)
-        covs = torch.from_numpy(entry.covariates).to(self.device) if entry.covariates.shape[1] else None
-        covs_in = None if covs is None else covs.to(self.dtype)
-        values_in = values.to(self.dtype)
-        start = 0
-        for n in entry.sizes.tolist():
-            rows = slice(start, start + n)
-            out = self.encoder.step(values_in[rows], times[rows], None if covs_in is None else covs_in[rows],
-                                    self.layout.unflatten({k: v[:n] for k, v in flat.items()}))
+            flat["last_time"] = torch.where(self._device(skip), -math.inf, flat["last_time"])
+        sizes = entry.sizes
+        pieces = schedule(sizes) if self.native else [(r, r + 1, 0, int(n), False) for r, n in enumerate(sizes)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        stepped = [p for p in pieces if not p[4]]
+        if stepped:
+            # the rows of the stepped rounds go to the device once; each round is then a slice of them
+            rows = np.concatenate([np.arange(starts[p[0]], starts[p[1]]) for p in stepped])
+            whole = rows.size == entry.times.size
+            values = self._device(entry.values if whole else entry.values[rows])
+            times = self._device(entry.times if whole else entry.times[rows])
+            covs = (self._device(entry.covariates if whole else entry.covariates[rows])
+                    if entry.covariates.shape[1] else None)
+            values_in = values.to(self.dtype)
+            covs_in = None if covs is None else covs.to(self.dtype)
+        at = 0
+        for r0, r1, s0, s1, prefill in pieces:
+            if prefill:
+                self._prefill(flat, entry, starts, r0, r1, s0, s1)
+                continue
+            n, part = s1, slice(at, at + s1)
+            at += n
+            state = self.layout.unflatten({k: v[:n] for k, v in flat.items()})
+            kwargs = {"predict": False} if self.native else {}
+            out = self.encoder.step(values_in[part], times[part], None if covs_in is None else covs_in[part], state,
+                                    **kwargs)
             new = self.layout.flatten(out["state"])
-            new.update(welford({k: flat[k][:n] for k in STATS}, values[rows]))
+            new.update(welford({k: flat[k][:n] for k in STATS}, values[part]))
             if self.learning:
                 hist = {k: flat[k][:n] for k in flat if k.startswith("hist.")}
-                new.update(append_history(hist, times[rows], values[rows], None if covs is None else covs[rows]))
-            for k, t in new.items():
-                if n == M:
-                    flat[k] = t
-                else:
-                    flat[k][:n] = t
-            start += n
-        rounds = np.bincount(entry.sizes, minlength=M + 1)
+                new.update(append_history(hist, times[part], values[part], None if covs is None else covs[part]))
+            self._write(flat, new, 0, n, M)
+        rounds = np.bincount(sizes, minlength=M + 1)
         steps = np.cumsum(rounds[::-1])[::-1][1:M + 1]  # streams i < sizes[r] step in round r
         return flat, steps
+
+    def _prefill(self, flat: dict[str, torch.Tensor], entry: Entry, starts: np.ndarray, r0: int, r1: int, s0: int,
+                 s1: int) -> None:
+        """Rounds ``[r0, r1)`` of streams ``[s0, s1)`` in one masked parallel forward (NaN rows pad each stream
+        past its last row of the piece; the encoder skips them exactly), the statistics and histories at once."""
+        sizes = entry.sizes
+        rounds, streams = np.arange(r0, r1), np.arange(s0, s1)
+        real = streams[:, None] < sizes[rounds][None, :]  # [g, L]
+        index = np.where(real, starts[rounds][None, :] + streams[:, None], 0)
+        values = np.where(real[..., None], entry.values[index], np.nan)
+        if np.isnan(values).all():
+            return  # nothing observed: every state, statistic and history stays as it is
+        times = np.where(real, entry.times[index], 0.0)
+        values_t, times_t = self._device(values), self._device(times)
+        covs_t = self._device(entry.covariates[index]) if entry.covariates.shape[1] else None
+        part = {k: v[s0:s1] for k, v in flat.items()}
+        out = self.encoder(values_t.to(self.dtype), times_t, None if covs_t is None else covs_t.to(self.dtype),
+                           self.layout.unflatten(part), predict=False)
+        new = self.layout.flatten(out["state"])
+        new.update(welford_rows({k: part[k] for k in STATS}, values_t))
+        if self.learning:
+            hist = {k: part[k] for k in part if k.startswith("hist.")}
+            new.update(append_history_rows(hist, times_t, values_t, covs_t))
+        self._write(flat, new, s0, s1, len(entry.stream_ids))
+
+    @staticmethod
+    def _write(flat: dict[str, torch.Tensor], new: dict[str, torch.Tensor], s0: int, s1: int, M: int) -> None:
+        for k, t in new.items():
+            if s0 == 0 and s1 == M:
+                flat[k] = t
+            else:
+                flat[k][s0:s1] = t
+
+    def _device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device; to CUDA through pinned memory, asynchronously (no host sync)."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
 
 def welford(stats: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -160,3 +273,60 @@ def welford(stats: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.
     mean = stats["stats.mean"] + delta / count.clamp(min=1)
     m2 = stats["stats.m2"] + delta * torch.where(present, x - mean, 0.0)
     return {"stats.count": count, "stats.mean": mean, "stats.m2": m2}
+
+
+def welford_rows(stats: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics after ``L`` more rows per stream at once (Chan's parallel merge of the rows' count, mean and
+    sum of squared deviations into the running ones), skipping missing (NaN) values: ``x`` ``[n, L, C]`` float64.
+    Equal to ``L`` :func:`welford` steps up to float rounding.
+
+    Example:
+        >>> import torch
+        >>> zero = {k: torch.zeros(1, 1, dtype=torch.float64) for k in ("stats.count", "stats.mean", "stats.m2")}
+        >>> s = welford_rows(zero, torch.tensor([[[1.0], [float("nan")], [3.0]]], dtype=torch.float64))
+        >>> [float(s[k]) for k in ("stats.count", "stats.mean", "stats.m2")]
+        [2.0, 2.0, 2.0]
+    """
+    present = ~torch.isnan(x)
+    n_b = present.sum(1).to(x.dtype)
+    mean_b = torch.where(present, x, 0.0).sum(1) / n_b.clamp(min=1)
+    m2_b = torch.where(present, x - mean_b[:, None], 0.0).square().sum(1)
+    n_a, mean_a = stats["stats.count"], stats["stats.mean"]
+    count = n_a + n_b
+    share = n_b / count.clamp(min=1)
+    delta = mean_b - mean_a
+    return {"stats.count": count, "stats.mean": mean_a + delta * share,
+            "stats.m2": stats["stats.m2"] + m2_b + delta.square() * n_a * share}
+
+
+def append_history_rows(hist: dict[str, torch.Tensor], times: torch.Tensor, values: torch.Tensor,
+                        covariates: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The histories of ``n`` streams after ``L`` more rows each, equal to ``L`` calls of
+    :func:`~gdn2ts.streaming.history.append_history`: ``times`` ``[n, L]``, ``values`` ``[n, L, C]`` (a row with
+    nothing observed is not kept), ``covariates`` ``[n, L, K]`` or None. Each history keeps the last of its old
+    entries and the new observed rows, in order.
+
+    Example:
+        >>> import torch
+        >>> from gdn2ts.streaming.history import history_template
+        >>> from gdn2ts.streaming.learn import LearnConfig
+        >>> h = history_template(LearnConfig(history=3, context=2, min_context=0), 1, 0, "cpu")
+        >>> rows = torch.tensor([[[0.5], [float("nan")], [0.7]]], dtype=torch.float64)
+        >>> h = append_history_rows(h, torch.tensor([[5.0, 6.0, 7.0]]).double(), rows, None)
+        >>> h["hist.time"].tolist()
+        [[-inf, 5.0, 7.0]]
+    """
+    n, H = hist["hist.time"].shape
+    observed = ~torch.isnan(values).all(-1)
+    keep = torch.cat([observed.new_ones(n, H), observed], dim=1)
+    # a stable sort puts the dropped rows first and keeps the order of the rest: the last H are the history
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, -H:]
+    rows = {"hist.time": times, "hist.values": values}
+    if "hist.covariates" in hist:
+        rows["hist.covariates"] = covariates
+    out = {}
+    for name, row in rows.items():
+        both = torch.cat([hist[name], row.to(hist[name].dtype)], dim=1)
+        pick = order.view(n, H, *([1] * (both.dim() - 2))).expand(n, H, *both.shape[2:])
+        out[name] = both.gather(1, pick)
+    return out

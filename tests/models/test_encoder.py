@@ -128,3 +128,80 @@ def test_config_validation():
         EncoderConfig(n_channels=2, quantiles=(0.9, 0.1))
     with pytest.raises(ValueError, match="'n_channels' expected a positive int"):
         EncoderConfig(n_channels=0)
+
+
+def test_predict_false_gives_the_same_state_without_heads():
+    enc = encoder()
+    values, times, _ = data(T=30)
+    values[1, -4:] = float("nan")  # the window ends between observations for one stream
+    state = enc(values[:, :7], times[:, :7])["state"]
+    full = enc(values[:, 7:], times[:, 7:], state=state)
+    lean = enc(values[:, 7:], times[:, 7:], state=state, predict=False)
+    assert set(lean) == {"observed", "state"}
+    for a, b in zip(flat(full["state"]), flat(lean["state"]), strict=True):
+        assert torch.equal(a, b)
+    full_step = enc.step(values[:, 7], times[:, 7], state=state)
+    lean_step = enc.step(values[:, 7], times[:, 7], state=state, predict=False)
+    assert set(lean_step) == {"observed", "state"}
+    assert all(torch.equal(a, b) for a, b in zip(flat(full_step["state"]), flat(lean_step["state"]), strict=True))
+    empty = enc(values[:, :0], times[:, :0], state=state, predict=False)["state"]
+    assert all(torch.equal(a, b) for a, b in zip(flat(empty), flat(state), strict=True))
+
+
+def flat(state):
+    return [t for layer in state.layers for t in layer] + [state.last_time, state.last_output]
+
+
+def test_without_value_checks_a_bad_value_stays_in_its_stream(monkeypatch):
+    """As on CUDA without GDN2TS_CHECK_VALUES=1: nothing read back, nothing raised, the other streams untouched;
+    check_inputs still checks."""
+    from gdn2ts.ops import validate
+
+    enc = encoder()
+    values, times, _ = data(T=12)
+    clean_out = enc(values, times)
+    bad_values, bad_times = values.clone(), times.clone()
+    bad_values[0, 3, 1] = float("inf")
+    bad_times[1, 6] = bad_times[1, 2]  # stream 1 goes back in time
+    bad_values[1, 6] = 0.5
+    monkeypatch.setattr(validate, "check_values", lambda t: False)
+    out = enc(bad_values, bad_times)
+    assert not torch.isfinite(out["forecast"][0, 3:]).all()
+    assert torch.isfinite(out["forecast"][1]).all() and torch.isfinite(out["state"].layers[0].recurrent[1]).all()
+    # stream by stream: each row is its own stream, so a clean run of stream 1 alone gives its outputs
+    alone = enc(bad_values[1:], bad_times[1:])
+    torch.testing.assert_close(out["forecast"][1:], alone["forecast"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out["forecast"][1, :6], clean_out["forecast"][1, :6], atol=1e-12, rtol=0)
+    state = enc(values, times)["state"]
+    step = enc.step(values[:, 0], times[:, 0], state=state)  # before the state's last observation: not checked
+    assert torch.isfinite(step["state"].layers[0].recurrent).all()
+    assert torch.equal(step["state"].last_time, state.last_time)
+    with pytest.raises(ValueError, match="expected finite values or NaN"):
+        enc.check_inputs(bad_values, times)
+    with pytest.raises(ValueError, match="row 1, step 6"):
+        enc.check_inputs(values, bad_times)
+    with pytest.raises(ValueError, match="is not after"):
+        enc.check_inputs(values[:, :1], times[:, :1], state=state)
+    assert enc.check_inputs(values, times) == (2, 12)
+
+
+@pytest.mark.gpu
+def test_cuda_value_checks_follow_the_debug_switch(monkeypatch):
+    enc = encoder().float().cuda()
+    values, times, _ = data(T=6)
+    values, times = values.float().cuda(), times.cuda()
+    values[0, 2, 0] = float("inf")
+    monkeypatch.delenv("GDN2TS_CHECK_VALUES", raising=False)
+    state = enc(values[:, :1].nan_to_num(posinf=0.0), times[:, :1])["state"]
+    enc.step(values[:, 1], times[:, 1], state=state, predict=False)  # compiles the step's kernels
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        enc.step(values[:, 2], times[:, 2], state=state, predict=False)  # reads nothing back: no error
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+    monkeypatch.setenv("GDN2TS_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match="expected finite values or NaN"):
+        enc.step(values[:, 2], times[:, 2], state=state)
+    with pytest.raises(ValueError, match="is not after"):
+        enc.step(values[:, 0].nan_to_num(posinf=0.0), times[:, 0], state=state)
