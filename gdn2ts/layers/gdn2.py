@@ -18,12 +18,13 @@ from gdn2ts.layers.config import GDN2Config
 from gdn2ts.layers.conv import ShortConv
 from gdn2ts.layers.norm import GatedRMSNorm
 from gdn2ts.ops import chunk_gdn2, l2norm, recurrent_gdn2
-from gdn2ts.ops.reference import compute_dtype, pad_packed, state_dtype, unpad_packed
+from gdn2ts.ops.reference import compute_dtype, state_dtype
 from gdn2ts.ops.validate import check_cu_seqlens, check_values, fail
 
 __all__ = ["GatedDeltaNet2", "GDN2Inputs", "GDN2State"]
 
 INIT_GAIN = 2**-2.5
+LAYER_BACKENDS = ("auto", "torch", "triton")
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 A_INIT_RANGE = (1.0, 16.0)
 
@@ -80,6 +81,11 @@ class GatedDeltaNet2(nn.Module):
     ``attention_mask`` or packed ``cu_seqlens``); ``step`` runs one token per row through
     :func:`~gdn2ts.ops.recurrent_gdn2` (inference only). Both take and return a :class:`GDN2State`.
 
+    On CUDA the whole mixer runs on few launches: one matrix product for every projection of ``x``, the Triton
+    short conv (dense, ragged and packed batches alike), the op with its activations applied in its own Triton
+    pre-pass (q/k L2 norm, the decay from ``A_log`` and ``dt_bias``, the erase and write sigmoids), and the Triton
+    gated RMSNorm. ``backend`` (``auto``, ``torch`` or ``triton``) picks the kernels of all three.
+
     Example:
         >>> import torch
         >>> from gdn2ts.layers import GatedDeltaNet2, GDN2Config
@@ -93,11 +99,16 @@ class GatedDeltaNet2(nn.Module):
         (torch.Size([2, 10, 32]), torch.Size([2, 32]), torch.Size([2, 2, 8, 8]), torch.Size([2, 48, 3]))
     """
 
-    def __init__(self, config: GDN2Config):
+    def __init__(self, config: GDN2Config, backend: str = "auto"):
         super().__init__()
         if not isinstance(config, GDN2Config):
             raise ValueError(f"GatedDeltaNet2: argument 'config' expected a GDN2Config, got {type(config).__name__}")
+        if backend not in LAYER_BACKENDS:
+            raise ValueError(f"GatedDeltaNet2: argument 'backend' expected one of {LAYER_BACKENDS}, got {backend!r}")
         self.config = cfg = config
+        # which kernels the op, the short conv and the gated norm run: "auto" (Triton for CUDA tensors, PyTorch
+        # otherwise), "torch", or "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1 for tests)
+        self.backend = backend
         D, r = cfg.hidden_size, cfg.gate_low_rank
         H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
         self.q_proj = _linear(D, H * K)
@@ -237,8 +248,10 @@ class GatedDeltaNet2(nn.Module):
             self._check_state(op, state, N, act, x.device)
             return self._forward_packed(x, state, cu_seqlens, decay_scale)
         self._check_state(op, state, B, act, x.device)
-        qkv, tail = self.conv(self._project(x), None if state is None else state.conv)
-        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, None, chunk_gdn2, decay_scale)
+        parts = self._project(x)
+        qkv, tail = self.conv(parts["qkv"], None if state is None else state.conv, backend=self.backend)
+        y, recurrent = self._mix(qkv, parts, None if state is None else state.recurrent, None, chunk_gdn2,
+                                 decay_scale)
         return y, GDN2State(recurrent, tail)
 
     @torch.no_grad()
@@ -276,8 +289,9 @@ class GatedDeltaNet2(nn.Module):
             decay_scale = decay_scale[:, None]
         if state is None:
             state = self.init_state(B, device=x_t.device, dtype=act)
-        qkv, tail = self.conv.step(self._project(x_t), state.conv)
-        y, recurrent = self._mix(qkv[:, None], x_t[:, None], state.recurrent, None, recurrent_gdn2, decay_scale)
+        parts = self._project(x_t[:, None])
+        qkv, tail = self.conv(parts["qkv"], state.conv, backend=self.backend)
+        y, recurrent = self._mix(qkv, parts, state.recurrent, None, recurrent_gdn2, decay_scale)
         y = y[:, 0]
         if mask is not None:
             y = torch.where(mask[:, None], y, 0.0)
@@ -319,86 +333,148 @@ class GatedDeltaNet2(nn.Module):
         H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
         # the conv runs over each row's kept tokens only, as in forward's masked path
         cu = F.pad(mask.sum(1).cumsum(0), (1, 0))
-        padded, index = pad_packed(self._project(x[mask])[None], cu)
-        conv_out, _ = self.conv(padded, None if state is None else state.conv, cu[1:] - cu[:-1])
+        conv_out, _ = self.conv(self._project(x[mask][None])["qkv"], None if state is None else state.conv,
+                                cu_seqlens=cu, backend=self.backend)
         qkv = conv_out.new_zeros(B, T, cfg.conv_channels)
-        qkv[mask] = unpad_packed(conv_out, index, int(cu[-1]))[0]
+        qkv[mask] = conv_out[0]
         q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
         q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
         dt = compute_dtype(q.dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if cfg.qk_norm == "l2":
             q, k = l2norm(q, dt), l2norm(k, dt)
-        g, b, w = self._gates(x, decay_scale)
+        g, b, w = self._gates(self._project(x), decay_scale)
         keep = mask[:, :, None, None]
         return GDN2Inputs(*(torch.where(keep, t, 0.0).to(dt) for t in (q, k, v, g, b, w)))
 
     # ----------------------------------------------------------------------------------------------------------
     # internals
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., hidden]`` -> pre-conv ``q|k|v`` ``[..., C]``."""
-        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+    def _project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x`` ``[..., hidden]`` -> every projection of ``x`` from one matrix product: ``qkv`` (pre-conv
+        ``[..., C]``), the erase and write logits ``b`` and ``w``, the decay pre-activation ``f`` (channel decay:
+        after both low-rank factors; scalar decay: ``[..., H]``) and the output gate ``gate`` ``[..., HV * V]``
+        (both factors, with its bias). The pieces are views of the one product's output."""
+        cfg = self.config
+        names, weights = ["qkv"], [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        for name in ("b_proj", "w_proj", "a_proj"):
+            if hasattr(self, name):
+                names.append(name[0])
+                weights.append(getattr(self, name).weight)
+        if cfg.decay == "channel":
+            names.append("f_rank")
+            weights.append(self.f_proj[0].weight)
+        names.append("gate_rank")
+        weights.append(self.g_proj[0].weight)
+        sizes = [cfg.conv_channels] + [w.shape[0] for w in weights[3:]]
+        # one product reads x once (and its backward forms dx in one product too, not one per projection)
+        parts = dict(zip(names, F.linear(x, torch.cat(weights)).split(sizes, dim=-1), strict=True))
+        if cfg.decay == "channel":
+            parts["f"] = self.f_proj[1](parts.pop("f_rank"))
+        else:
+            parts["f"] = parts.pop("a")
+        parts["gate"] = self.g_proj[1](parts.pop("gate_rank"))
+        return parts
 
     def _forward_packed(self, x, state, cu_seqlens, decay_scale=None):
-        """``x`` ``[1, total, hidden]`` with N sequences: conv per sequence (padded to ``[N, L]``), packed op."""
-        padded, index = pad_packed(self._project(x), cu_seqlens)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        conv_out, tail = self.conv(padded, None if state is None else state.conv, lengths)
-        qkv = unpad_packed(conv_out, index, x.shape[1])
-        y, recurrent = self._mix(qkv, x, None if state is None else state.recurrent, cu_seqlens, chunk_gdn2,
+        """``x`` ``[1, total, hidden]`` with N sequences: the conv and the op read the packed rows in place (no
+        padding, no host synchronization on CUDA)."""
+        parts = self._project(x)
+        qkv, tail = self.conv(parts["qkv"], None if state is None else state.conv, cu_seqlens=cu_seqlens,
+                              backend=self.backend)
+        y, recurrent = self._mix(qkv, parts, None if state is None else state.recurrent, cu_seqlens, chunk_gdn2,
                                  decay_scale)
         return y, GDN2State(recurrent, tail)
 
-    def _gates(self, x: torch.Tensor, decay_scale: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, T, hidden]`` -> activated ``g`` ``[B, T, H, K]``, ``b`` ``[B, T, H or HV, K]``,
-        ``w`` ``[B, T, HV, V]``, all in fp32 (fp64 for fp64 inputs). Scalar gates are broadcast views."""
+    def _in_op(self, decay_scale) -> tuple[bool, bool]:
+        """Whether the op activates ``(g, (b, w))`` itself from the raw projections (its Triton path does so in one
+        pre-pass): not for the forms its options do not express (a decay scaled per token, Mamba-2's write gate, no
+        erase gate, a tied gate scaled past 1)."""
         cfg = self.config
-        B, T = x.shape[:2]
+        gate = decay_scale is None and cfg.write != "dt"
+        bw = cfg.erase != "none" and cfg.write != "dt" and not (cfg.tie_erase_write and cfg.erase_max != 1.0)
+        return gate, bw
+
+    def _raw_gates(self, parts: dict[str, torch.Tensor], shape: tuple[int, int], gate: bool, bw: bool):
+        """The op's raw ``g`` (``[B, T, H, K]``, broadcast for a scalar decay) and ``dt_bias`` (``[H, K]``) when
+        ``gate``; the logits ``b`` (``[B, T, H or HV, K]``) and ``w`` (``[B, T, HV, V]``), scalar ones broadcast,
+        when ``bw``; None for the others."""
+        cfg = self.config
         H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
-        dt = compute_dtype(x.dtype)
+        g = dt_bias = b = w = None
+        if gate and cfg.decay == "channel":
+            g, dt_bias = parts["f"].unflatten(-1, (H, K)), self.dt_bias.view(H, K)
+        elif gate:
+            g = parts["f"][..., None].expand(*shape, H, K)
+            dt_bias = self.dt_bias[:, None].expand(H, K).contiguous()
+        if bw:
+            logits = parts["b"]
+            b = logits.unflatten(-1, (H, K)) if cfg.erase == "channel" else \
+                logits[..., None].expand(*shape, logits.shape[-1], K)
+            if cfg.tie_erase_write:
+                w = logits[..., None].expand(*shape, HV, V)
+            elif cfg.write == "channel":
+                w = parts["w"].unflatten(-1, (HV, V))
+            else:
+                w = parts["w"][..., None].expand(*shape, HV, V)
+        return g, dt_bias, b, w
+
+    def _gates(self, parts: dict[str, torch.Tensor], decay_scale: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections (:meth:`_project`) -> activated ``g`` ``[B, T, H, K]``, ``b`` ``[B, T, H or HV, K]``,
+        ``w`` ``[B, T, HV, V]``, all in fp32 (fp64 for fp64 inputs), in PyTorch. Scalar gates are broadcast views."""
+        cfg = self.config
+        B, T = parts["qkv"].shape[:2]
+        H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
+        dt = compute_dtype(parts["qkv"].dtype)
         rate = self.A_log.to(dt).exp()
         # the decay is formed in fp32: softplus and exp of bf16 values would quantize g where it matters most
         if cfg.decay == "channel":
-            step = F.softplus(self.f_proj(x).to(dt).unflatten(-1, (H, K)) + self.dt_bias.to(dt).view(H, K))
+            step = F.softplus(parts["f"].to(dt).unflatten(-1, (H, K)) + self.dt_bias.to(dt).view(H, K))
             g = -rate[:, None] * step
         else:
-            step = F.softplus(self.a_proj(x).to(dt) + self.dt_bias.to(dt))  # [B, T, H]
+            step = F.softplus(parts["f"].to(dt) + self.dt_bias.to(dt))  # [B, T, H]
             g = (-rate * step)[..., None].expand(B, T, H, K)
         if decay_scale is not None:
             # irregular sampling: over a step of length dt the decay is alpha ** dt
             g = g * decay_scale.to(dt)[:, :, None, None]
         if cfg.erase == "channel":
-            b = cfg.erase_max * torch.sigmoid(self.b_proj(x).to(dt).unflatten(-1, (H, K)))
+            b = cfg.erase_max * torch.sigmoid(parts["b"].to(dt).unflatten(-1, (H, K)))
         elif cfg.erase == "scalar":
-            beta = cfg.erase_max * torch.sigmoid(self.b_proj(x).to(dt))  # [B, T, H or HV]
+            beta = cfg.erase_max * torch.sigmoid(parts["b"].to(dt))  # [B, T, H or HV]
             b = beta[..., None].expand(*beta.shape, K)
         else:
-            b = x.new_zeros((), dtype=dt).expand(B, T, H, K)
+            b = parts["qkv"].new_zeros((), dtype=dt).expand(B, T, H, K)
         if cfg.tie_erase_write:
             w = beta[..., None].expand(B, T, HV, V)
         elif cfg.write == "channel":
-            w = torch.sigmoid(self.w_proj(x).to(dt).unflatten(-1, (HV, V)))
+            w = torch.sigmoid(parts["w"].to(dt).unflatten(-1, (HV, V)))
         elif cfg.write == "scalar":
-            w = torch.sigmoid(self.w_proj(x).to(dt))[..., None].expand(B, T, HV, V)
+            w = torch.sigmoid(parts["w"].to(dt))[..., None].expand(B, T, HV, V)
         else:
             # Mamba-2: the input is scaled by the same step size dt that sets the decay
             w = step.repeat_interleave(HV // H, dim=-1)[..., None].expand(B, T, HV, V)
         return g, b, w
 
-    def _mix(self, qkv, x, recurrent, cu_seqlens, op, decay_scale=None):
-        """Post-conv ``qkv`` ``[B, T, C]`` and ``x`` ``[B, T, hidden]`` -> ``(y [B, T, hidden], final state)``."""
+    def _mix(self, qkv, parts, recurrent, cu_seqlens, op, decay_scale=None):
+        """Post-conv ``qkv`` ``[B, T, C]`` and the projections -> ``(y [B, T, hidden], final state)``."""
         cfg = self.config
         H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
         q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
         q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
-        g, b, w = self._gates(x, decay_scale)
-        o, final = op(q, k, v, g, b, w, initial_state=recurrent, output_final_state=True,
-                      cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=cfg.qk_norm == "l2")
+        gate_in_op, bw_in_op = self._in_op(decay_scale)
+        g, dt_bias, b, w = self._raw_gates(parts, qkv.shape[:2], gate_in_op, bw_in_op)
+        if not (gate_in_op and bw_in_op):
+            g_act, b_act, w_act = self._gates(parts, decay_scale)
+            g = g if gate_in_op else g_act
+            b, w = (b, w) if bw_in_op else (b_act, w_act)
+        o, final = op(q, k, v, g, b, w, initial_state=recurrent, output_final_state=True, cu_seqlens=cu_seqlens,
+                      use_qk_l2norm_in_kernel=cfg.qk_norm == "l2", use_gate_in_kernel=gate_in_op,
+                      A_log=self.A_log if gate_in_op else None, dt_bias=dt_bias, use_bw_sigmoid_in_kernel=bw_in_op,
+                      erase_max=cfg.erase_max, backend=self.backend)
         if self.D is not None:
             o = o + self.D.to(o.dtype)[:, None] * v
-        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (HV, V)))
+        o = self.o_norm(o, parts["gate"].unflatten(-1, (HV, V)), backend=self.backend)
         return self.o_proj(o.flatten(-2)), final
 
     def _act_dtype(self, x: torch.Tensor) -> torch.dtype:
