@@ -256,6 +256,53 @@ def _chunk_row(fla, B: int, T: int) -> dict:
     return row
 
 
+def make_raw_inputs(B, T, seed, device="cuda"):
+    """Raw inputs as the layer hands them to the op with its in-kernel options: q, k before the L2 norm, the decay
+    pre-activation, erase and write logits (bf16), ``A_log`` and ``dt_bias`` (fp32, the layer's initialization)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, device=device)
+
+    xs = [r(B, T, H, K).bfloat16(), r(B, T, H, K).bfloat16(), r(B, T, H, V).bfloat16(), r(B, T, H, K).bfloat16(),
+          r(B, T, H, K).bfloat16(), r(B, T, H, V).bfloat16()]
+    A_log = torch.empty(H, device=device).uniform_(1, 16, generator=gen).log()
+    dt = torch.empty(H * K, device=device).uniform_(-6.9, -2.3, generator=gen).exp()
+    return xs, A_log, dt + torch.log(-torch.expm1(-dt))
+
+
+def bench_raw(fla, shapes=((8, 2048), (1, 16384))) -> list[dict]:
+    """The op from raw inputs: ours with every in-kernel option (q/k L2 norm, decay from A_log and dt_bias, erase
+    and write sigmoids) against FLA's chunk_gdn2 with its in-kernel L2 norm and gate and the two sigmoids in
+    PyTorch (FLA's op has no sigmoid option; its layer applies them so), checked against the fp64 chunked path."""
+    return [_raw_row(fla, B, T) for B, T in shapes]
+
+
+def _raw_row(fla, B: int, T: int) -> dict:
+    from gdn2ts.ops import chunk_reference
+
+    xs, A_log, dt_bias = make_raw_inputs(B, T, seed=B + T)
+    xs = [x.requires_grad_() for x in xs]
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    opts = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+    paths = {"ours": lambda *a: chunk_gdn2(*a, use_bw_sigmoid_in_kernel=True, **opts)}
+    if fla is not None:
+        paths["fla"] = lambda q, k, v, g, b, w: fla[0](q, k, v, g, b.sigmoid(), w.sigmoid(), **opts)
+    row = {"B": B, "T": T}
+    with torch.no_grad():
+        q, k, v, g, b, w = (x.double() for x in xs)
+        q, k = (t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+        ga = -A_log.double().exp()[:, None] * F.softplus(g + dt_bias.double().view(H, K))
+        o_ref, _ = chunk_reference(q, k, v, ga, b.sigmoid(), w.sigmoid(), K**-0.5)
+        for name, fn in paths.items():
+            row[f"{name}_o_rel_err"] = rel(fn(*xs)[0], o_ref)
+    if row["ours_o_rel_err"] > 5e-3:
+        raise RuntimeError(f"raw-input op check failed: {row}")
+    row.update(_time_paths(paths, xs, do))
+    print(f"raw-input op {T}x{B}: {row}", flush=True)
+    return row
+
+
 def bench_varlen(fla, lengths=VARLEN_LENGTHS) -> dict:
     """The packed ragged batch: check against the fp64 chunked path, then forward and forward+backward against
     FLA's varlen ``chunk_gdn2`` (same inputs, alternating), with the peak memory."""
@@ -330,6 +377,8 @@ def bench_kernels(json_path: str | None = None, decode: bool = True, chunk: bool
         print("chunk forward check:", record["chunk_check"], flush=True)
         record["chunk_bwd_check"] = check_chunk_bwd(fla)
         print("chunk backward check:", record["chunk_bwd_check"], flush=True)
+        record["raw"] = bench_raw(fla)
+        write_json(json_path, record)
         record["chunk"] = bench_chunk(fla)
         write_json(json_path, record)
         record["varlen"] = bench_varlen(fla)
@@ -343,12 +392,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--no-chunk", action="store_true")
     parser.add_argument("--varlen-only", action="store_true", help="only the packed ragged batch")
+    parser.add_argument("--raw-only", action="store_true", help="only the op from raw inputs (in-kernel activations)")
     parser.add_argument("--tune", action="store_true", help="sweep the step kernel's tiling at N = 4096 first")
     args = parser.parse_args(argv)
     if args.tune:
         tuned = {"decode": tune_decode() if not args.no_decode else None,
                  "chunk_fwd": tune_chunk_fwd() if not args.no_chunk else None}
         write_json(None if args.json is None else args.json.replace(".json", "_tune.json"), tuned)
+    if args.raw_only:
+        write_json(args.json, {"benchmark": "kernels", "environment": environment(), "raw": bench_raw(_fla())})
+        return
     if args.varlen_only:
         write_json(args.json, {"benchmark": "kernels", "environment": environment(), "varlen": bench_varlen(_fla())})
         return

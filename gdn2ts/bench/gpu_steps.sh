@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU machine's steps, from the repository root: bash gdn2ts/bench/gpu_steps.sh STEP...
+#   new      GPU tests of the fused activations, gated norm, conv (packed) and the layer on its kernels
+#   suite    the GPU suite: tests/kernels tests/layers tests/ops, then tests/streaming
+#   layer    python -m gdn2ts.bench.layer (ours against FLA's layer, same process)
+#   profile  python -m gdn2ts.bench.profile_layer (our layer's kernels ranked by CUDA time)
+#   kernels  python -m gdn2ts.bench.kernels --no-decode (the op, raw-input and fixed/packed rows, against FLA)
+#   raw      python -m gdn2ts.bench.kernels --raw-only
+# Each step runs in its own process under a time limit; its log goes to $OUT/<step>.log (JSON records beside it)
+# and its last lines to stdout. The package is copied to /tmp/w with kernels/ as gdn2ts/kernels (no install
+# needed); FLA 0.6.0 comes as wheels in .whl/.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+W=/tmp/w
+rm -rf "$W" && mkdir -p "$W"
+cp -r gdn2ts tests pyproject.toml "$W"/ && rm -rf "$W/gdn2ts/kernels" && cp -r kernels "$W/gdn2ts/kernels"
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$W PYTHONUNBUFFERED=1
+cd "$W" || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name rc=$rc in $((SECONDS - t0)) s"
+    tail -n "${TAIL:-15}" "$OUT/$name.log"
+}
+
+for s in "$@"; do
+    case $s in
+        new) step new 360 python3 -m pytest -q -m gpu tests/kernels/test_act_kernel.py tests/kernels/test_norm_kernel.py \
+                 tests/kernels/test_conv_kernel.py tests/layers/test_gdn2_kernels.py ;;
+        suite) step suite 480 python3 -m pytest -q -m gpu tests/kernels tests/layers tests/ops
+               step streaming 120 python3 -m pytest -q -m gpu tests/streaming ;;
+        layer) step layer 360 python3 -m gdn2ts.bench.layer --json "$OUT/bench_layer.json" ;;
+        profile) step profile 240 python3 -m gdn2ts.bench.profile_layer --json "$OUT/profile_layer.json" ;;
+        kernels) step kernels 540 python3 -m gdn2ts.bench.kernels --no-decode --json "$OUT/bench_kernels.json" ;;
+        raw) step raw 300 python3 -m gdn2ts.bench.kernels --raw-only --json "$OUT/bench_raw.json" ;;
+        *) echo "unknown step $s" ;;
+    esac
+done
