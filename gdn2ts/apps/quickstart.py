@@ -45,7 +45,7 @@ from gdn2ts.apps.quickstart_report import (
 )
 from gdn2ts.apps.stream_cli import open_runner
 from gdn2ts.models import EncoderConfig, StreamEncoder
-from gdn2ts.models.checkpoint import Scaler, load_checkpoint, save_checkpoint
+from gdn2ts.models.checkpoint import Scaler, TimeSpec, load_checkpoint, save_checkpoint
 from gdn2ts.streaming.features import CALENDAR, calendar_columns, prepare_rows, unscale_forecast
 from gdn2ts.streaming.learn import LearnConfig
 from gdn2ts.streaming.train import TrainConfig, fit
@@ -65,7 +65,8 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    """What ``gdn2ts quickstart`` does (every field is a command-line flag)."""
+    """What ``gdn2ts quickstart`` does: every field is a command-line flag, and the recipe
+    ``tasks/streaming/quickstart.yaml`` (``gdn2ts quickstart --config``) holds the defaults."""
 
     out: str = "gdn2ts-quickstart"
     """Output folder: checkpoint, state store, forecast log, plots, summary."""
@@ -136,6 +137,30 @@ class QuickstartConfig:
             return None
         return LearnConfig(history=self.context + 2 * self.horizon, context=self.context,
                            min_context=self.context // 4, lr=self.learn_lr)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> QuickstartConfig:
+        """The settings of a recipe (``tasks/streaming/quickstart.yaml`` holds the defaults), typed and checked:
+        an unknown key or a value of the wrong type is an error naming it.
+
+        Example:
+            >>> QuickstartConfig.from_yaml("tasks/streaming/quickstart.yaml") == QuickstartConfig()
+            True
+        """
+        from jsonargparse import ArgumentParser
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"quickstart: recipe {str(path)!r} does not exist")
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "run")
+        try:
+            import yaml
+
+            cfg = parser.parse_object({"run": yaml.safe_load(path.read_text()) or {}})
+            return parser.instantiate_classes(cfg).run
+        except Exception as e:  # jsonargparse's parse errors
+            raise ValueError(f"quickstart: recipe {str(path)!r}: {e}") from None
 
     def identity(self) -> dict:
         """The fields that decide the model and the data (not how much of it one run streams)."""
@@ -253,7 +278,8 @@ def run_quickstart(config: QuickstartConfig = QuickstartConfig(), quiet: bool = 
             history = fit(encoder, values, times, covs, tcfg, quiet=quiet)
         finally:
             torch.set_num_threads(threads)
-        save_checkpoint(ckpt_path, encoder, scaler, CALENDAR, time_unit_seconds=3600.0)
+        # EPF_FR_BE's timestamps are naive date-times (UTC): gdn2ts stream reads and answers in them
+        save_checkpoint(ckpt_path, encoder, scaler, CALENDAR, time=TimeSpec("datetime", 3600.0))
         run_file.write_text(json.dumps(config.identity(), indent=1))
         training.update(steps=len(history), seconds=round(history[-1]["seconds"], 1),
                         final_loss=round(sum(h["loss"] for h in history[-20:]) / len(history[-20:]), 4),

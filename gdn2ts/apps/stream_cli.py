@@ -1,174 +1,279 @@
-"""``gdn2ts stream``: observations from a file or standard input through a checkpoint's encoder into a state store.
+"""``gdn2ts stream``: observations from a file or standard input through a checkpoint's encoder into a state store;
+forecasts out; streams reset or deleted.
 
-Input is long format: a stream id column, a timestamp column (numbers in the checkpoint's time unit, or
-ISO-8601 date-times / date-time columns, read as UTC) and one column per channel in raw units, empty for missing.
-Calendar covariates the checkpoint names are derived from the timestamp when the input lacks them.
+Input is long format: a stream id column, a timestamp column and one column per channel in the user's units,
+empty for missing (the id and time column names default to those the checkpoint was trained with). Timestamps
+are what the checkpoint's time spec says: date-times (ISO-8601; naive ones in the checkpoint's zone, or UTC),
+dates, or numbers in the stated unit. Calendar covariates the checkpoint names are derived from the timestamp
+when the input lacks them. The runner scales the values and answers in the user's units (see
+:mod:`gdn2ts.streaming.units`).
 
-Semantics: the whole input is read and validated before anything is applied (a missing or unknown column, a
-non-numeric channel, an inf value or a bad timestamp stops the command with an error naming it, and the store is
-left as it was). Rows are then applied in batches of ``batch_rows`` through :class:`OnlineRunner`; each batch is
-one commit. A row whose timestamp is not after its stream's last applied observation is rejected and reported
-(the other rows proceed), as the runner does.
+Semantics:
+
+* A file is read and checked whole before anything is applied (a missing or unknown column, a non-numeric
+  value, inf, a bad timestamp: the command stops naming it and the store is as it was), then applied in calls of
+  ``batch_rows`` rows.
+* Standard input (and a file followed with ``follow``) is applied in micro-batches: a batch closes at
+  ``batch_rows`` rows or ``batch_ms`` milliseconds after its first row, whichever comes first, so a slow
+  producer's rows are applied promptly. A batch that cannot be read stops the command, naming its lines; it
+  changes nothing, the batches before it stay applied.
+* A call never touches more streams than the working set holds (``capacity``): larger batches are split by
+  stream, every stream's rows in one call, each call all or nothing.
+* A row that would harm its stream is rejected and the other rows proceed: a timestamp not after the stream's
+  last one, a value beyond ``max_abs``, a timestamp jump beyond ``max_gap``. Rejections are listed on standard
+  error with a count per reason; the command's exit status is then 3 (1 for an error, 0 when all rows applied).
 """
 
 from __future__ import annotations
 
-import io
+import json
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
 import torch
 
-from gdn2ts.models.checkpoint import Checkpoint, load_checkpoint
-from gdn2ts.streaming.features import prepare_rows, unscale_forecast
+from gdn2ts.apps.stream_input import (
+    LineFeed,
+    format_of,
+    micro_batches,
+    parse_lines,
+    read_observations,
+    split_by_streams,
+    write_table,
+)
+from gdn2ts.models.checkpoint import Checkpoint, Limits, load_checkpoint
+from gdn2ts.models.units import parse_duration
+from gdn2ts.streaming import SQLiteStore
+from gdn2ts.streaming.frames import screen_values
 from gdn2ts.streaming.learn import LearnConfig
 from gdn2ts.streaming.runner import OnlineRunner
-from gdn2ts.streaming.store import SQLiteStore
 
-__all__ = ["FORMATS", "read_observations", "write_table", "open_runner", "run_stream"]
-
-FORMATS = ("csv", "parquet", "jsonl")
-_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-
-
-def _format_of(path: str, given: str | None, default: str | None = None) -> str:
-    if given is not None:
-        if given not in FORMATS:
-            raise ValueError(f"format expected one of {FORMATS}, got {given!r}")
-        return given
-    fmt = _SUFFIXES.get(Path(path).suffix.lower(), default)
-    if fmt is None:
-        raise ValueError(f"cannot tell the format of {path!r} from its suffix (expected one of {sorted(_SUFFIXES)}); "
-                         "pass --format")
-    return fmt
-
-
-def read_observations(source: str = "-", format: str | None = None) -> pl.DataFrame:
-    """Read long-format observations from a file or ``"-"`` (standard input; CSV unless ``format`` says otherwise).
-
-    Example:
-        >>> import tempfile
-        >>> path = tempfile.mkdtemp() + "/obs.jsonl"
-        >>> _ = open(path, "w").write('{"stream": "a", "time": 1.0, "load": 3.5}\\n')
-        >>> read_observations(path).rows()
-        [('a', 1.0, 3.5)]
-    """
-    fmt = _format_of(source, format, default="csv" if source == "-" else None)
-    name = "standard input" if source == "-" else repr(source)
-    if source == "-":
-        data = io.BytesIO(sys.stdin.buffer.read())
-    else:
-        if not Path(source).is_file():
-            raise ValueError(f"input file {source!r} does not exist")
-        data = source
-    try:
-        if fmt == "csv":
-            return pl.read_csv(data)
-        if fmt == "parquet":
-            return pl.read_parquet(data)
-        return pl.read_ndjson(data)
-    except (pl.exceptions.PolarsError, OSError, ValueError) as e:
-        raise ValueError(f"{name} cannot be read as {fmt} ({type(e).__name__}: {e})") from None
-
-
-def write_table(frame: pl.DataFrame, path: str) -> None:
-    """Write ``frame`` as CSV, Parquet or JSON lines, by the suffix of ``path``."""
-    fmt = _format_of(path, None)
-    if fmt == "csv":
-        frame.write_csv(path)
-    elif fmt == "parquet":
-        frame.write_parquet(path)
-    else:
-        frame.write_ndjson(path)
-
-
-def _validate(frame: pl.DataFrame, channels, covariates, id_column: str, time_column: str) -> None:
-    """Whole-input checks, so that a bad row late in a file stops the command before any batch is applied."""
-    known = {id_column, time_column, *channels, *covariates}
-    unknown = [c for c in frame.columns if c not in known]
-    if unknown:
-        raise ValueError(f"input has unknown columns {unknown} (expected {id_column!r}, {time_column!r}, channels "
-                         f"{list(channels)} and optionally covariates {list(covariates)})")
-    for c in channels:
-        if c in frame.columns and not (frame.schema[c].is_numeric() or frame.schema[c] == pl.Null):
-            raise ValueError(f"channel column {c!r} expected numbers, got {frame.schema[c]}")
-        if c in frame.columns and frame.schema[c].is_float() and frame[c].is_infinite().any():
-            bad = frame.filter(pl.col(c).is_infinite())[id_column][0]
-            raise ValueError(f"channel column {c!r} holds inf for stream {bad!r} (missing values are empty or NaN; "
-                             "inf is an error)")
-    if frame[id_column].null_count():
-        raise ValueError(f"column {id_column!r}: every row needs a stream id")
-    t = frame[time_column]
-    if t.null_count() or t.is_nan().any() or t.is_infinite().any():
-        raise ValueError(f"column {time_column!r}: every row needs a finite timestamp")
+__all__ = ["open_runner", "run_stream", "run_forecast", "run_forget", "read_observations", "write_table",
+           "limits_of"]
 
 
 def open_runner(ckpt: Checkpoint, store: str | Path, id_column: str = "stream", time_column: str = "time",
-                learning: LearnConfig | None = None) -> OnlineRunner:
+                learning: LearnConfig | None = None, *, units: bool = False, capacity: int = 4096,
+                limits: Limits | None = None) -> OnlineRunner:
     """An :class:`OnlineRunner` of the checkpoint's encoder over the SQLite store at ``store`` (closed again if the
-    runner refuses it, e.g. a store written by another model). A store that learns loads its learned weights into
-    the checkpoint's encoder (``learning`` None continues as the store does)."""
+    runner refuses it, e.g. a store written by another model). ``units``: the runner reads and answers in the
+    user's units (:meth:`OnlineRunner.from_checkpoint`); otherwise it works in model units. A store that learns
+    loads its learned weights into the checkpoint's encoder (``learning`` None continues as the store does)."""
     db = SQLiteStore(store)
     try:
+        if units:
+            return OnlineRunner.from_checkpoint(ckpt, db, capacity=capacity, learning=learning, limits=limits,
+                                                id_column=id_column, time_column=time_column)
         return OnlineRunner(ckpt.encoder, db, ckpt.scaler.channels, ckpt.covariates, id_column, time_column,
-                            learning=learning)
+                            capacity=capacity, learning=learning, limits=limits)
     except BaseException:
         db.close()
         raise
 
 
-def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 10_000,
-               forecast_out: str | None = None, id_column: str = "stream", time_column: str = "time",
-               quiet: bool = False, threads: int | None = 1) -> dict:
-    """Apply the observations of ``input`` to the states in ``store`` and optionally write forecasts.
+def limits_of(ckpt: Checkpoint, max_gap: str | float | None = None, max_abs: float | None = None) -> Limits:
+    """The checkpoint's input bounds with overrides: ``max_gap`` in time units or as a duration (``"90d"``), or
+    ``"none"``; ``max_abs`` in standard deviations (model units), 0 for none."""
+    limits = ckpt.limits
+    if max_gap is not None:
+        if isinstance(max_gap, str) and max_gap.strip().lower() == "none":
+            gap = None
+        else:
+            try:
+                gap = float(max_gap)
+            except ValueError:
+                gap = parse_duration(str(max_gap)) / ckpt.time_unit_seconds
+        limits = Limits(limits.max_abs, gap, limits.time_range)
+    if max_abs is not None:
+        limits = Limits(None if max_abs == 0 else max_abs, limits.max_gap, limits.time_range)
+    return limits
 
-    Returns ``{"rows", "accepted", "rejected", "streams", "seconds"}``; rejected rows are listed on standard error.
-    ``forecast_out`` (CSV, Parquet or JSON lines, by suffix) receives, for every stream of the input that has a
-    state, the forecast from its last observation: stream, origin (its last timestamp, in time units), step,
-    channel and one column per quantile, in raw units. ``threads``: torch CPU threads while applying (None: torch's
-    choice); one by default, since a call steps small matrices and a second intra-op thread made each step several
-    times slower on a busy 2-core machine (measured).
-    """
-    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
-        raise ValueError(f"batch_rows expected a positive int, got {batch_rows!r}")
-    if forecast_out is not None:
-        _format_of(forecast_out, None)
-    ckpt = load_checkpoint(checkpoint)
-    frame = read_observations(input, format)
-    prepared = prepare_rows(frame, ckpt, id_column, time_column)
-    _validate(prepared, ckpt.scaler.channels, ckpt.covariates, id_column, time_column)
-    started = time.perf_counter()
-    runner = open_runner(ckpt, store, id_column, time_column)
-    previous_threads = torch.get_num_threads()
+
+@contextmanager
+def _interruptible(threads: int | None):
+    """One torch thread (by default) and SIGTERM as an interrupt, while applying."""
+    previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
-        accepted, rejected = 0, []
-        for start in range(0, prepared.height, batch_rows):
-            result = runner.observe(prepared.slice(start, batch_rows))
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+        torch.set_num_threads(previous)
+
+
+class _Tally:
+    """What the command applied, for the summary and the per-batch acknowledgements."""
+
+    def __init__(self, acks: bool):
+        self.rows = self.accepted = self.batches = 0
+        self.rejected: list[tuple[str, float, str]] = []
+        self.reasons: dict[str, int] = {}
+        self.streams: dict[str, None] = {}
+        self.acks = acks
+
+    def apply(self, runner: OnlineRunner, frame: pl.DataFrame, capacity: int) -> None:
+        accepted, rejected = 0, 0
+        for part in split_by_streams(frame, runner.id_column, capacity):
+            result = runner.observe(part)
             accepted += result.accepted
-            rejected += result.rejected
-        for _, _, reason in rejected[:20]:
-            print(f"rejected: {reason}", file=sys.stderr)
-        if len(rejected) > 20:
-            print(f"rejected: ... and {len(rejected) - 20} more rows", file=sys.stderr)
-        streams = list(dict.fromkeys(prepared[id_column].cast(pl.String).to_list()))
-        if forecast_out is not None:
-            info = runner.info(streams).filter(pl.col("steps") > 0)
-            known = info["stream"].to_list()
-            origin = dict(zip(known, info["last_time"].to_list(), strict=True))
-            table = unscale_forecast(runner.forecast(known), ckpt.scaler)
-            table = table.with_columns(pl.col("stream").replace_strict(origin, return_dtype=pl.Float64)
-                                       .alias("origin")).select("stream", "origin", pl.exclude("stream", "origin"))
-            write_table(table, forecast_out)
+            rejected += len(result.rejected)
+            self.rejected += result.rejected[:max(0, 20 - len(self.rejected))]
+            for code, n in result.reasons.items():
+                self.reasons[code] = self.reasons.get(code, 0) + n
+        self.rows += frame.height
+        self.accepted += accepted
+        self.batches += 1
+        self.streams.update(dict.fromkeys(frame[runner.id_column].cast(pl.String).to_list()))
+        if self.acks:
+            print(json.dumps({"batch": self.batches, "rows": frame.height, "accepted": accepted,
+                              "rejected": rejected, "total_accepted": self.accepted}), flush=True)
+
+
+def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None = None, batch_rows: int = 1000,
+               batch_ms: float = 200.0, follow: bool = False, idle_exit: float | None = None, capacity: int = 4096,
+               forecast_out: str | None = None, id_column: str | None = None, time_column: str | None = None,
+               max_gap: str | float | None = None, max_abs: float | None = None, acks: bool = False,
+               quiet: bool = False, threads: int | None = 1) -> dict:
+    """Apply the observations of ``input`` to the states in ``store`` (see the module docstring) and optionally
+    write forecasts.
+
+    Returns ``{"rows", "accepted", "rejected", "reasons", "streams", "batches", "seconds", "interrupted"}``.
+    ``forecast_out`` (CSV, Parquet or JSON lines, by suffix) receives, for every stream of the input that has a
+    state, the forecast from its last observation (:meth:`OnlineRunner.forecast`, in the user's units).
+    ``acks``: print one JSON line per applied batch on standard output. ``threads``: torch CPU threads while
+    applying (None: torch's choice); one by default, since a call steps small matrices and a second intra-op
+    thread made each step several times slower on a busy 2-core machine (measured).
+    """
+    for name, value in (("batch_rows", batch_rows), ("capacity", capacity)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"'{name}' expected a positive int, got {value!r}")
+    if not batch_ms > 0:
+        raise ValueError(f"'batch_ms' expected a positive number of milliseconds, got {batch_ms!r}")
+    if forecast_out is not None:
+        format_of(forecast_out, None)
+    streaming = input == "-" or follow
+    fmt = format_of(input, format, default="csv" if input == "-" else None)
+    if streaming and fmt == "parquet":
+        raise ValueError("Parquet cannot be streamed: pass a file without --follow, or CSV / JSON lines")
+    if input != "-" and not Path(input).is_file():
+        raise ValueError(f"input file {input!r} does not exist")
+    ckpt = load_checkpoint(checkpoint)
+    limits = limits_of(ckpt, max_gap, max_abs)
+    whole = None if streaming else read_observations(input, fmt)
+    started = time.perf_counter()
+    runner = open_runner(ckpt, store, ckpt.columns[0] if id_column is None else id_column,
+                         ckpt.columns[1] if time_column is None else time_column, units=True, capacity=capacity,
+                         limits=limits)
+    tally, interrupted = _Tally(acks), False
+    try:
+        with _interruptible(threads):
+            try:
+                if whole is not None:
+                    # the whole file is checked before any of it is applied
+                    _check(runner, whole)
+                    for start in range(0, whole.height, batch_rows):
+                        tally.apply(runner, whole.slice(start, batch_rows), capacity)
+                else:
+                    _apply_stream(runner, tally, input, fmt, batch_rows, batch_ms / 1e3, follow, idle_exit,
+                                  capacity)
+            except KeyboardInterrupt:
+                interrupted = True
+        if forecast_out is not None and tally.streams:
+            info = runner.info(list(tally.streams)).filter(pl.col("steps") > 0)
+            write_table(runner.forecast(info["stream"].to_list()), forecast_out)
     finally:
         runner.close()
-        torch.set_num_threads(previous_threads)
-    summary = {"rows": prepared.height, "accepted": accepted, "rejected": len(rejected), "streams": len(streams),
-               "seconds": round(time.perf_counter() - started, 3)}
+    rejected = tally.rows - tally.accepted
+    summary = {"rows": tally.rows, "accepted": tally.accepted, "rejected": rejected, "reasons": tally.reasons,
+               "streams": len(tally.streams), "batches": tally.batches,
+               "seconds": round(time.perf_counter() - started, 3), "interrupted": interrupted}
+    for _, _, reason in tally.rejected:
+        print(f"rejected: {reason}", file=sys.stderr)
+    if rejected > len(tally.rejected):
+        print(f"rejected: ... and {rejected - len(tally.rejected)} more rows", file=sys.stderr)
+    if rejected:
+        why = ", ".join(f"{code} {n}" for code, n in sorted(tally.reasons.items()))
+        print(f"rejected {rejected} of {tally.rows} rows: {why}", file=sys.stderr)
     if not quiet:
-        print(f"applied {accepted} of {prepared.height} rows from {len(streams)} streams to {store} "
-              f"({len(rejected)} rejected) in {summary['seconds']} s", file=sys.stderr)
+        print(f"applied {tally.accepted} of {tally.rows} rows from {len(tally.streams)} streams to {store} in "
+              f"{tally.batches} batches ({rejected} rejected) in {summary['seconds']} s"
+              + (" (interrupted)" if interrupted else ""), file=sys.stderr)
     return summary
+
+
+def _check(runner: OnlineRunner, frame: pl.DataFrame) -> None:
+    """Raise ``ValueError`` for anything that would stop an observe call of ``frame``'s rows (so that a batch
+    split by stream is never applied in part)."""
+    read = runner.schema.read(frame, "input")
+    screen_values(read, runner.schema, None, torch.finfo(runner.dtype).max, op="input")
+
+
+def _apply_stream(runner: OnlineRunner, tally: _Tally, source: str, fmt: str, batch_rows: int, seconds: float,
+                  follow: bool, idle_exit: float | None, capacity: int) -> None:
+    stream = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115 (closed below)
+    name = "standard input" if source == "-" else repr(source)
+    try:
+        feed = LineFeed(stream, follow=follow, idle_exit=idle_exit)
+        header, line = None, 0
+        for lines in micro_batches(feed, batch_rows, seconds):
+            if fmt == "csv" and header is None:
+                header, lines = lines[0], lines[1:]
+                line += 1
+                if not lines:
+                    continue
+            first, line = line + 1, line + len(lines)
+            where = f"{name} lines {first}-{line}" if len(lines) > 1 else f"{name} line {first}"
+            try:
+                frame = parse_lines((header or b"") + b"".join(lines), fmt, where)
+                _check(runner, frame)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e} (nothing of these lines was applied; the {tally.accepted} rows "
+                                 "accepted before them stay applied)") from None
+            tally.apply(runner, frame, capacity)
+    finally:
+        if source != "-":
+            stream.close()
+
+
+def run_forecast(checkpoint: str, store: str, streams: list[str] | None = None, out: str | None = None) -> pl.DataFrame:
+    """Forecasts of ``streams`` (all the store's streams by default) from their last observations, in the user's
+    units; written to ``out`` (CSV, Parquet or JSON lines) when given."""
+    if out is not None:
+        format_of(out, None)
+    ckpt = load_checkpoint(checkpoint)
+    runner = open_runner(ckpt, store, *ckpt.columns, units=True)
+    try:
+        ids = list(streams) if streams is not None else list(runner.store.iterate())
+        known = runner.info(ids)
+        unknown = known.filter(pl.col("steps") == 0)["stream"].to_list()
+        if unknown:
+            raise ValueError(f"unknown streams {unknown} (the store has no observation of them)")
+        table = runner.forecast(ids)
+    finally:
+        runner.close()
+    if out is not None:
+        write_table(table, out)
+    return table
+
+
+def run_forget(checkpoint: str, store: str, streams: list[str], delete: bool = False) -> list[str]:
+    """Reset (or, with ``delete``, delete) ``streams`` in ``store`` (see :meth:`OnlineRunner.reset` and
+    :meth:`OnlineRunner.delete`); returns the ids changed."""
+    ckpt = load_checkpoint(checkpoint)
+    runner = open_runner(ckpt, store, *ckpt.columns, units=True)
+    try:
+        if delete:
+            runner.delete(list(streams))
+            return list(dict.fromkeys(streams))
+        return runner.reset(list(streams))
+    finally:
+        runner.close()

@@ -110,7 +110,8 @@ class ObservationSchema:
                              *[pl.col(c).cast(pl.Float64) if c in frame.columns else
                                pl.lit(None, dtype=pl.Float64).alias(c) for c in numeric])
         if frame[id_col].null_count():
-            raise ValueError(f"{op}: stream ids must not be null")
+            raise ValueError(f"{op}: stream ids must not be null: every row needs a stream id (column {id_col!r} "
+                             f"is empty in {frame[id_col].null_count()} rows)")
         for c in (time_col, *self.covariates):
             if frame[c].null_count() or frame[c].is_nan().any() or frame[c].is_infinite().any():
                 raise ValueError(f"{op}: column {c!r} expected finite values in every row")
@@ -144,7 +145,8 @@ def screen_values(frame: pl.DataFrame, schema: ObservationSchema, max_abs: float
     if over.any():
         row, j = (int(i) for i in np.argwhere(over)[0])
         raise ValueError(f"{op}: column {schema.channels[j]!r} of stream {frame[schema.id_column][row]!r}: "
-                         f"{frame[schema.channels[j]][row]:g} overflows to inf in the model's float type")
+                         f"{frame[schema.channels[j]][row]:g} (model units) overflows to inf in the model's float "
+                         "type")
     if max_abs is None:
         return frame, [], {}
     with np.errstate(invalid="ignore"):

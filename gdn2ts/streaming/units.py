@@ -21,7 +21,7 @@ import polars as pl
 from gdn2ts.models.checkpoint import Checkpoint, Scaler
 from gdn2ts.models.units import StreamScales, TimeSpec
 
-__all__ = ["Units", "CALENDAR", "calendar_columns", "time_in", "time_out"]
+__all__ = ["Units", "CALENDAR", "calendar_columns", "time_in", "time_out", "parse_datetimes"]
 
 CALENDAR = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
 """Covariates that can be derived from a timestamp: hour of day and day of week as sine/cosine pairs."""
@@ -54,6 +54,16 @@ def _first_failure(raw: pl.Series, parsed: pl.Series) -> object:
     return bad[0] if bad.len() else None
 
 
+def parse_datetimes(text: pl.Series) -> pl.Series:
+    """ISO-8601 strings as date-times (null where one does not parse)."""
+    if text.dtype == pl.Null:
+        return text.cast(pl.Datetime("us"))
+    try:
+        return text.str.to_datetime(time_unit="us", strict=False)
+    except pl.exceptions.PolarsError:  # no format fits the first values at all
+        return pl.Series(text.name, [None] * text.len(), dtype=pl.Datetime("us"))
+
+
 def time_in(column: pl.Series, spec: TimeSpec, op: str = "observe") -> pl.Series:
     """A timestamp column in the user's type as float64 model time units (seconds since the epoch / unit).
 
@@ -75,8 +85,7 @@ def time_in(column: pl.Series, spec: TimeSpec, op: str = "observe") -> pl.Series
         if spec.kind == "number" and _first_failure(text, numbers) is None:
             column = numbers
         else:
-            parsed = text.str.to_datetime(time_unit="us", strict=False) if column.dtype == pl.String else \
-                text.cast(pl.Datetime("us"))
+            parsed = parse_datetimes(text)
             bad = _first_failure(text, parsed)
             if bad is not None:
                 if _first_failure(text, numbers) is None:
@@ -206,6 +215,13 @@ class Units:
             if frame[time_column].null_count() or not frame[time_column].is_finite().all():
                 raise ValueError(f"{op}: column {time_column!r} expected a timestamp in every row")
             frame = frame.with_columns(_calendar(frame[time_column], self.time).select(derive))
+        strings = [c for c in self.covariates if c in frame.columns and frame.schema[c] == pl.String]
+        for c in strings:
+            numbers = frame[c].str.strip_chars().cast(pl.Float64, strict=False)
+            bad = _first_failure(frame[c], numbers)
+            if bad is not None:
+                raise ValueError(f"{op}: covariate column {c!r} expected numbers, got {bad!r}")
+            frame = frame.with_columns(numbers.alias(c))
         present = [c for c in self.channels if c in frame.columns]
         cast = []
         for c in present:
@@ -252,8 +268,32 @@ class Units:
         """Model timestamps in the user's type (:func:`time_out`)."""
         return time_out(model_time, self.time)
 
+    def restate_stale(self, rejected: list[tuple[str, float, str]], last: dict[str, float]
+                      ) -> list[tuple[str, float, str]]:
+        """Rows rejected for a timestamp not after their stream's last observation (``last``: model time per
+        stream), with the reason told in the user's timestamps."""
+        out = []
+        for sid, t, _ in rejected:
+            prev = last.get(sid, -math.inf)
+            why = (f"is not after its last observation {self.format_time(prev)}" if t <= prev else
+                   "repeats or precedes an earlier row of the batch")
+            out.append((sid, t, f"stream {sid!r}: timestamp {self.format_time(t)} {why}"))
+        return out
+
     def format_time(self, t: float) -> str:
         """One model timestamp in the user's type, as text (for messages)."""
         if not math.isfinite(t):
             return str(t)
         return str(time_out(pl.Series([t]), self.time)[0])
+
+
+def with_forecast_times(table: pl.DataFrame, last_time, rows: np.ndarray, bad: np.ndarray, time_unit: float,
+                        units: Units | None) -> pl.DataFrame:
+    """A runner's forecast table with ``origin`` (each stream's last observation, from ``last_time`` ``[N]``;
+    ``rows`` maps table rows to streams; null where ``bad``) and ``target_time`` (origin + step time units) after
+    ``stream``, in the user's units when ``units`` are given (model units otherwise)."""
+    origin = np.where(bad, np.nan, last_time.reshape(-1).cpu().double().numpy()[rows])
+    target = origin + table["step"].to_numpy() * time_unit
+    table = table.with_columns(pl.Series("origin", origin), pl.Series("target_time", target)).fill_nan(None)
+    table = table.select("stream", "origin", "target_time", pl.exclude("stream", "origin", "target_time"))
+    return table if units is None else units.forecast_to_user(table).fill_nan(None)

@@ -59,22 +59,24 @@ def test_csv_stream_matches_the_runner_and_writes_forecasts(tmp_path, ckpt):
     main(["stream", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.db"), "--input", str(src),
           "--forecast_out", str(out), "--batch_rows", "2", "--quiet", "true"])
     fc = pl.read_csv(out)
-    assert fc.columns == ["stream", "origin", "step", "channel", "q0.1", "q0.5", "q0.9"]
+    assert fc.columns == ["stream", "origin", "target_time", "step", "channel", "q0.1", "q0.5", "q0.9", "error"]
     assert fc.height == 3 * 3 * 2 and set(fc["stream"]) == {"a", "b", "c"}
     # the same rows through the runner by hand (scaled, calendar covariates) give the same forecasts
     loaded = load_checkpoint(ckpt)
     runner = OnlineRunner(loaded.encoder, MemoryStore(), CHANNELS, CALENDAR)
     runner.observe(prepare_rows(pl.DataFrame(ROWS), loaded))
-    ref = runner.forecast(["a", "b", "c"])
+    ref = runner.forecast(["a", "b", "c"]).drop("origin", "target_time")
     mine = fc.sort(["stream", "step", "channel"])
     ref = ref.sort(["stream", "step", "channel"])
     scale = ref["channel"].replace_strict({"load": 50.0, "temp": 5.0}, return_dtype=pl.Float64)
     loc = ref["channel"].replace_strict({"load": 500.0, "temp": 10.0}, return_dtype=pl.Float64)
     # (float32 states; batches of two rows group the streams' steps differently than one call does)
     assert ((mine["q0.5"] - (ref["q0.5"] * scale + loc)).abs().max()) < 1e-4
-    # origins are the last timestamps, in hours since the epoch (2020-03-02 02:00 for a)
-    a_origin = fc.filter(pl.col("stream") == "a")["origin"][0]
-    assert a_origin == (18323 * 24 + 2) and _stored(tmp_path / "s.db")["a"].steps == 3
+    # this checkpoint states no timestamp type (numbers in hours): origins are the last timestamps in hours since
+    # the epoch (2020-03-02 02:00 for a), each step one hour later
+    a = fc.filter(pl.col("stream") == "a")
+    assert a["origin"][0] == (18323 * 24 + 2) and (a["target_time"] - a["origin"] == a["step"]).all()
+    assert _stored(tmp_path / "s.db")["a"].steps == 3
 
 
 def test_jsonl_parquet_and_stdin_agree_with_csv(tmp_path, ckpt, monkeypatch):
@@ -91,7 +93,7 @@ def test_jsonl_parquet_and_stdin_agree_with_csv(tmp_path, ckpt, monkeypatch):
             {"csv": frame.write_csv, "jsonl": frame.write_ndjson, "parquet": frame.write_parquet}[fmt](src)
         out = tmp_path / f"fc-{fmt}.parquet"
         summary = run_stream(str(ckpt), str(tmp_path / f"{fmt}.db"), input=src, forecast_out=str(out), quiet=True)
-        assert summary == {**summary, "rows": 6, "accepted": 6, "rejected": 0, "streams": 3}
+        assert summary == {**summary, "rows": 6, "accepted": 6, "rejected": 0, "streams": 3, "reasons": {}}
         results[fmt] = pl.read_parquet(out)
     for fmt in ("jsonl", "parquet", "stdin"):
         assert results[fmt].equals(results["csv"]), fmt
@@ -109,9 +111,12 @@ def test_numeric_timestamps_and_explicit_format(tmp_path, ckpt):
 def test_out_of_order_rows_are_reported_and_the_rest_applied(tmp_path, ckpt, capsys):
     src = tmp_path / "obs.csv"
     src.write_text("stream,time,load,temp\na,10,510,10\na,10,520,10\nb,5,500,9\n")
-    main(["stream", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.db"), "--input", str(src)])
+    with pytest.raises(SystemExit) as stop:
+        main(["stream", "--checkpoint", str(ckpt), "--store", str(tmp_path / "s.db"), "--input", str(src)])
+    assert stop.value.code == 3  # rows were rejected
     err = capsys.readouterr().err
     assert "rejected: " in err and "'a'" in err and "applied 2 of 3 rows" in err
+    assert "rejected 1 of 3 rows: not_after_last 1" in err
     assert set(_stored(tmp_path / "s.db")) == {"a", "b"}
 
 
@@ -119,9 +124,10 @@ def test_out_of_order_rows_are_reported_and_the_rest_applied(tmp_path, ckpt, cap
     ("stream,time,load,temp,pressure\na,1,1,1,1\n", "csv", "unknown columns ['pressure']"),
     ("stream,time,load,temp\na,1,1,1\na,2,inf,1\n", "csv", "'load' holds inf for stream 'a'"),
     ("stream,time,load,temp\na,1,high,1\n", "csv", "'load' expected numbers"),
-    ("stream,when,load,temp\na,1,1,1\n", "csv", "lack the column 'time'"),
-    ("stream,time,load,temp\na,yesterday,1,1\n", "csv", "timestamps expected numbers or ISO-8601"),
+    ("stream,when,load,temp\na,1,1,1\n", "csv", "lacks the column 'time'"),
+    ("stream,time,load,temp\na,yesterday,1,1\n", "csv", "column 'time': timestamps expected numbers .*got 'yesterday'"),
     ("stream,time,load,temp\na,1,1,1\n,2,1,1\n", "csv", "every row needs a stream id"),
+    ("stream,time,load,temp\na,1,1e308,1\n", "csv", "column 'load' of stream 'a': .* overflows to inf"),
     ("not parquet at all", "parquet", "cannot be read as parquet"),
     ('{"stream": "a", "time": 1, "load": 1}\n{broken', "jsonl", "cannot be read as jsonl"),
 ])
@@ -158,5 +164,5 @@ def test_missing_files_and_foreign_stores(tmp_path, ckpt):
     other = save_checkpoint(tmp_path / "other.safetensors", enc, Scaler(CHANNELS, (0.0, 0.0), (1.0, 1.0)),
                             CALENDAR, time_unit_seconds=3600.0)
     src.write_text("stream,time,load,temp\na,2,500,10\n")
-    with pytest.raises(SystemExit, match="stream 'a'.*written by model"):
+    with pytest.raises(SystemExit, match="holds the states of model .* not of this model"):
         main(["stream", "--checkpoint", str(other), "--store", str(tmp_path / "s.db"), "--input", str(src)])
