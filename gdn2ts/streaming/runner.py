@@ -32,15 +32,16 @@ import polars as pl
 import torch
 
 from gdn2ts.models import EncoderState, StreamEncoder
-from gdn2ts.streaming import single
+from gdn2ts.streaming import lifecycle, single
 from gdn2ts.streaming.commit import Durability
-from gdn2ts.streaming.frames import ObservationSchema
+from gdn2ts.streaming.frames import Limits, ObservationSchema, screen_gaps, screen_values
 from gdn2ts.streaming.history import THROUGH, history_template, plan_windows
 from gdn2ts.streaming.journal import CommitPolicy
 from gdn2ts.streaming.learn import MODEL_BLOB, LearnConfig, LearnResult, open_learning
 from gdn2ts.streaming.recovery import replay_journal
 from gdn2ts.streaming.rounds import Stepper, group_streams, plan_rounds
 from gdn2ts.streaming.store import StateStore, StreamRecord, check_ids
+from gdn2ts.streaming.units import Units, with_forecast_times
 from gdn2ts.streaming.workingset import STATS, StateLayout, WorkingSet
 
 __all__ = ["OnlineRunner", "ObserveResult", "UnknownStreamError", "model_fingerprint"]
@@ -74,6 +75,17 @@ class ObserveResult:
     """``(stream_id, timestamp, reason)`` of rows not applied."""
     seq: int = 0
     """The journal entry that holds the call (0 when nothing was journaled)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """Rejected rows by reason code (:data:`~gdn2ts.streaming.frames.REASONS`)."""
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        """Rejected rows by reason code, ``other`` for the rest (such as a stream whose stored record cannot be
+        used)."""
+        other = len(self.rejected) - sum(self.counts.values())
+        return {**self.counts, "other": other} if other else dict(self.counts)
+
+
 
 
 class OnlineRunner:
@@ -91,6 +103,13 @@ class OnlineRunner:
         learning: learn online (:class:`~gdn2ts.streaming.learn.LearnConfig`; the store must be new or already
             learning with the same configuration), or None: continue as the store does (learning if it holds
             learned weights, loaded into ``encoder``), else no learning.
+        units: the user's units (:class:`~gdn2ts.streaming.units.Units`: timestamps in the user's type, raw values;
+            forecasts, ``info`` and messages answer in them). None: the runner works in model units (numeric
+            timestamps in model time units, scaled values) and refuses date and date-time columns.
+            :meth:`from_checkpoint` opens a runner with the checkpoint's units.
+        limits: bounds past which a row is rejected instead of applied (:class:`~gdn2ts.models.units.Limits`: a
+            value beyond ``max_abs`` model units, a timestamp more than ``max_gap`` time units after its stream's
+            last one). Default ``Limits()``: ``max_abs`` 100, no ``max_gap``.
 
     Opening a runner on a store that holds a journal replays it (the work of a process that stopped without
     :meth:`close`). One runner writes to a store at a time.
@@ -106,15 +125,23 @@ class OnlineRunner:
         >>> runner.observe(batch).accepted
         3
         >>> runner.forecast(["a"]).shape   # 3 steps x 2 channels, one row each
-        (6, 6)
+        (6, 8)
         >>> runner.stats(["a"])["mean"].to_list()
         [0.6, 20.0]
     """
 
     def __init__(self, encoder: StreamEncoder, store: StateStore, channels: Sequence[str],
                  covariates: Sequence[str] = (), id_column: str = "stream", time_column: str = "time",
-                 capacity: int = 4096, policy: CommitPolicy | None = None, learning: LearnConfig | None = None):
+                 capacity: int = 4096, policy: CommitPolicy | None = None, learning: LearnConfig | None = None,
+                 units: Units | None = None, limits: Limits | None = None):
         cfg = encoder.config
+        if units is not None and (not isinstance(units, Units) or units.channels != tuple(channels) or
+                                  units.covariates != tuple(covariates)):
+            raise ValueError(f"OnlineRunner: 'units' expected Units of channels {list(channels)} and covariates "
+                             f"{list(covariates)}, got {units!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise ValueError(f"OnlineRunner: 'limits' expected a Limits, got {type(limits).__name__}")
+        self.units, self.limits = units, Limits() if limits is None else limits
         if len(channels) != cfg.n_channels or len(set(channels)) != len(channels):
             raise ValueError(f"OnlineRunner: 'channels' expected {cfg.n_channels} distinct names, got {list(channels)}")
         if len(covariates) != cfg.n_covariates:
@@ -122,7 +149,7 @@ class OnlineRunner:
         self.durability = Durability(store, CommitPolicy() if policy is None else policy)
         self.encoder = encoder.eval()
         self.store, self.policy = store, self.durability.policy
-        self.schema = ObservationSchema(channels, covariates, id_column, time_column)
+        self.schema = ObservationSchema(channels, covariates, id_column, time_column, units)
         self.channels, self.covariates = list(channels), list(covariates)
         self.id_column, self.time_column = id_column, time_column
         self.fingerprint = model_fingerprint(encoder)
@@ -157,14 +184,22 @@ class OnlineRunner:
         polars DataFrame, a dict of columns or an iterable of row dicts). Returns once the call is durable."""
         self._check_open()
         frame = self.schema.read(batch).sort([self.id_column, self.time_column], maintain_order=True)
-        result = ObserveResult()
+        frame, rejected, counts = screen_values(frame, self.schema, self.limits.max_abs,
+                                                torch.finfo(self.dtype).max, self._describe)
+        result = ObserveResult(rejected=rejected, counts=counts)
         if frame.height == 0:
             return result
         groups = group_streams(frame, self.id_column)
         slots = self.ws.acquire(groups.streams)
+        frame, groups, slots = self._screen_gaps(frame, groups, slots, result)
+        if frame.height == 0:
+            return result
         plan = plan_rounds(frame, groups, self.ws.last_time[slots], self.schema, self.seq + 1,
                            self._entry_fingerprint)
-        result.rejected = plan.rejected
+        if plan.rejected:
+            result.counts["not_after_last"] = len(plan.rejected)
+            result.rejected += plan.rejected if self.units is None else self.units.restate_stale(
+                plan.rejected, dict(zip(groups.streams, self.ws.last_time[slots].tolist(), strict=True)))
         entry = plan.entry
         if entry is None:
             return result
@@ -186,16 +221,19 @@ class OnlineRunner:
         ``q{level}`` per quantile. Unknown streams raise ``KeyError``."""
         ids = check_ids(stream_ids)
         cfg = self.encoder.config
-        h = self._rows_of(ids, ["last_output"])["last_output"]
+        held = self._rows_of(ids, ["last_output", "last_time"])
+        h = held["last_output"]
         with torch.no_grad():
             q = self.encoder.heads(h.to(self.device, self.dtype))["forecast"].cpu().double()  # [N, H, C, Q]
         n, per = len(ids), cfg.horizon * cfg.n_channels
-        table = {"stream": pl.Series(ids, dtype=pl.String).gather(np.repeat(np.arange(n), per)),
+        rows = np.repeat(np.arange(n), per)
+        table = {"stream": pl.Series(ids, dtype=pl.String).gather(rows),
                  "step": np.tile(np.repeat(np.arange(1, cfg.horizon + 1), cfg.n_channels), n),
                  "channel": pl.Series(self.channels).gather(np.tile(np.arange(cfg.n_channels), n * cfg.horizon))}
         for i, level in enumerate(cfg.quantiles):
             table[f"q{level:g}"] = q[..., i].reshape(-1).numpy()
-        return pl.DataFrame(table)
+        return with_forecast_times(pl.DataFrame(table), held["last_time"], rows, np.zeros(rows.size, dtype=bool),
+                                   cfg.time_unit, self.units)
 
     def stats(self, stream_ids: Sequence[str]) -> pl.DataFrame:
         """Per-stream scaling statistics: one row per (stream, channel) with the count of observed values, their
@@ -227,8 +265,31 @@ class OnlineRunner:
             rec = records[ids[i]]
             if rec is not None:
                 steps[i], last[i] = rec.steps, rec.last_timestamp
-        return pl.DataFrame({"stream": pl.Series(ids, dtype=pl.String), "steps": steps,
-                             "last_time": np.where(np.isfinite(last), last, np.nan)}).fill_nan(None)
+        table = pl.DataFrame({"stream": pl.Series(ids, dtype=pl.String), "steps": steps,
+                              "last_time": np.where(np.isfinite(last), last, np.nan)}).fill_nan(None)
+        return table if self.units is None else table.with_columns(self.units.time_out(table["last_time"]))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, store: StateStore, *, capacity: int = 4096,
+                        policy: CommitPolicy | None = None, learning: LearnConfig | None = None,
+                        limits: Limits | None = None, id_column: str | None = None,
+                        time_column: str | None = None) -> OnlineRunner:
+        """A runner in the user's units of a checkpoint (or its path); see
+        :func:`gdn2ts.streaming.lifecycle.from_checkpoint`."""
+        return lifecycle.from_checkpoint(cls, checkpoint, store, capacity=capacity, policy=policy,
+                                         learning=learning, limits=limits, id_column=id_column,
+                                         time_column=time_column)
+
+    def reset(self, stream_ids: Sequence[str]) -> list[str]:
+        """Forget the states of the known ``stream_ids``; see :func:`gdn2ts.streaming.lifecycle.reset`."""
+        self._check_open()
+        return lifecycle.reset(self, stream_ids)
+
+    def delete(self, stream_ids: Sequence[str]) -> None:
+        """Remove the streams ``stream_ids`` (all known); see :func:`gdn2ts.streaming.lifecycle.delete`."""
+        self._check_open()
+        lifecycle.delete(self, stream_ids)
+
 
     def learn(self, stream_ids: Sequence[str]) -> LearnResult:
         """Update the weights from the matured, not yet learned forecast positions of ``stream_ids`` (see
@@ -385,6 +446,25 @@ class OnlineRunner:
             for k in names:
                 flat[k][at] = rows[k]
         return self.layout.unflatten(flat), known
+
+    def _describe(self, t: float) -> str:
+        """A model timestamp for messages, in the user's type when the runner has units."""
+        return repr(t) if self.units is None else self.units.format_time(t)
+
+    def _screen_gaps(self, frame: pl.DataFrame, groups, slots: np.ndarray, result: ObserveResult):
+        """Drop the rows :func:`~gdn2ts.streaming.frames.screen_gaps` rejects (recorded in ``result``)."""
+        if self.limits.max_gap is None:
+            return frame, groups, slots
+        keep, far = screen_gaps(frame[self.time_column].to_numpy(), groups.first, groups.group,
+                                self.ws.last_time[slots], groups.streams, self.limits, self._describe)
+        if not far:
+            return frame, groups, slots
+        result.rejected += far
+        result.counts["too_far"] = len(far)
+        frame = frame.filter(pl.Series(keep))
+        kept = group_streams(frame, self.id_column)
+        index = {sid: i for i, sid in enumerate(groups.streams)}
+        return frame, kept, slots[np.array([index[sid] for sid in kept.streams], dtype=np.int64)]
 
     def _check_open(self) -> None:
         if self._closed:

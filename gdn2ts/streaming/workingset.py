@@ -167,6 +167,15 @@ class WorkingSet:
         """Slots of ``stream_ids`` held now (-1 for the others); loads nothing."""
         return np.fromiter((self.slot_of.get(s, -1) for s in stream_ids), dtype=np.int64, count=len(stream_ids))
 
+    def drop(self, stream_ids: Sequence[str]) -> None:
+        """Let go of the held copies of ``stream_ids`` without writing them (their slots become free; ids not held
+        are skipped): for streams the store has just removed."""
+        for sid in stream_ids:
+            s = self.slot_of.pop(sid, None)
+            if s is not None:
+                self.id_of[s] = None
+                self.occupied[s] = self.dirty[s] = False
+
     def gather(self, slots: np.ndarray, copy: bool = True) -> dict[str, torch.Tensor]:
         """``{name: [len(slots), *shape]}`` of the slots' components: copies, or with ``copy=False`` views of the
         pools when the slots are consecutive (the caller must then not write to them)."""
