@@ -133,7 +133,7 @@ def _run(out, seed, steps, train_steps, streams, parquet, quiet, start) -> State
     if parquet is not None:
         append_audit_log(audit, parquet)
     if not quiet:
-        print(audit_summary_text(audit))
+        print(audit_summary_text(audit, horizon=cfg.horizon * cfg.time_unit))
         print(f"plot: {out}" + (f"; Parquet logs in {parquet}" if parquet is not None else "")
               + f"; {time.perf_counter() - start:.1f} s")
     return audit

@@ -184,6 +184,8 @@ def audit_window(runner, window: pl.DataFrame, channel: str, path: Path) -> str:
     tags = {f"{r['stream']} {channel} peak": (r["stream"], r["time"]) for r in peaks.iter_rows(named=True)}
     audit = runner.audit(window, tags=tags)
     plot_audit(audit, path)
+    # the model counts time in hours: the half-lives come in hours, and the horizon is horizon * time_unit of them
+    cfg = runner.encoder.config
     return (f"eviction audit of the next {end - start + 1:g} held-out hours ({window.height} rows) from each "
             f"stream's state (read-only; tags: each stream's highest {channel} in the first half; plot: {path})\n"
-            + audit_summary_text(audit))
+            + audit_summary_text(audit, unit="h", horizon=cfg.horizon * cfg.time_unit))

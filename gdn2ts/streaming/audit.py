@@ -8,9 +8,9 @@ change of the state energy ``||S||_F^2`` into three terms taken in the op's orde
 
 For associations registered at tagged events it keeps the written key ``k_e`` and value ``u_e = w_e * v_e``
 and follows how well later states still return ``u_e`` for ``k_e`` (``recall``), and how much of the event's own
-write survives the later decays and erases (``retention``, 1 at the event; its half-life is reported). Tables are
-polars DataFrames; :mod:`gdn2ts.apps.audit_report` appends them to Parquet logs, summarizes and plots them.
-See docs/audit.md.
+write survives the later decays and erases (``retention``, 1 at the event; its half-life, interpolated in time
+between observations, is reported). Tables are polars DataFrames; :mod:`gdn2ts.apps.audit_report` appends them
+to Parquet logs, summarizes and plots them. See docs/audit.md.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class StateAudit:
     the erase (summing over channels gives the energy table's ``erase_change``)."""
     associations: pl.DataFrame
     """Per (tag, layer, head): the event's ``stream``, ``event_step``, ``event_time``, ``key_norm`` ``||k_e||``,
-    ``value_norm`` ``||w_e * v_e||`` and ``half_life`` (time from the event to the first observation at which
-    ``retention`` is at or below 0.5, in the timestamps' units; null when it stays above within the window)."""
+    ``value_norm`` ``||w_e * v_e||`` and ``half_life`` (time from the event until ``retention`` falls to 0.5, in
+    the timestamps' units, interpolated log-linearly in time between the observations either side of the crossing;
+    null when it stays above half within the window)."""
     recall: pl.DataFrame
     """Per (tag, layer, head, step >= event step): ``since`` (time since the event); ``recall``
     ``<S_t^T k_e, u_e> / (||k_e||^2 ||u_e||^2)`` (what the whole state returns for the key, other writes
@@ -219,10 +220,24 @@ def _replay_layer(mixer: GatedDeltaNet2, call: dict, events: list[tuple[str, int
 
 
 def _half_life(times: np.ndarray, observed: np.ndarray, step: int, retention: np.ndarray) -> float:
-    """Time from ``step`` to the first later observation at which ``retention`` ``[T]`` is at or below half."""
-    later = np.arange(len(times)) > step
-    hit = np.nonzero(later & observed & (retention <= 0.5))[0]
-    return float(times[hit[0]] - times[step]) if hit.size else float("nan")
+    """Time from the event at ``step`` until ``retention`` ``[T]`` falls to half, interpolated in time; NaN when it
+    stays above half.
+
+    The state changes only at observations, so retention is known there: between the last observation above half
+    (the event itself at least, retention 1) and the first at or below it, the crossing is interpolated
+    log-linearly in time, which is exact when retention decays exponentially in time (as the decay does: a gap of
+    ``dt`` multiplies by ``alpha ** dt``); linearly when retention at the second point is not positive.
+    """
+    idx = np.arange(len(times))
+    later = np.flatnonzero(observed & (idx > step))
+    hit = later[retention[later] <= 0.5]
+    if not hit.size:
+        return float("nan")
+    j = int(hit[0])
+    i = int(np.flatnonzero(observed & (idx >= step) & (idx < j))[-1])
+    r_i, r_j = float(retention[i]), float(retention[j])
+    frac = np.log(r_i / 0.5) / np.log(r_i / r_j) if r_j > 0 else (r_i - 0.5) / (r_i - r_j)
+    return float(times[i] - times[step] + frac * (times[j] - times[i]))
 
 
 def audit_encoder(
@@ -254,7 +269,7 @@ def audit_encoder(
     """
     if not isinstance(encoder, StreamEncoder):
         raise ValueError(f"audit_encoder: argument 'encoder' expected a StreamEncoder, got {type(encoder).__name__}")
-    B, T = encoder._check(values, timestamps, covariates, 3)
+    B, T = encoder.check_inputs(values, timestamps, covariates, state)
     if T == 0:
         raise ValueError("audit_encoder: argument 'values' expected at least one step, got T = 0")
     ids = _check_stream_ids(stream_ids, B)

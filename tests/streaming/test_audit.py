@@ -193,7 +193,15 @@ def test_agrees_with_explicit_matrices_in_float64():
                     half = audit.associations.filter(which)["half_life"].item()
                     if below:
                         n_half += 1
-                        assert half == pytest.approx(tn[n, below[0]] - tn[n, step], rel=1e-12)
+                        # log-linear in time between the last observation above half and the first below
+                        j = below[0]
+                        i = max(t for t in range(step, j) if observed[n, t])
+                        r_i, r_j = want_ret[i - step], want_ret[j - step]
+                        frac = (np.log(r_i / 0.5) / np.log(r_i / r_j) if r_j > 0 else
+                                (r_i - 0.5) / (r_i - r_j))
+                        want = tn[n, i] - tn[n, step] + frac * (tn[n, j] - tn[n, i])
+                        assert half == pytest.approx(want, rel=1e-9)
+                        assert tn[n, i] - tn[n, step] < half <= tn[n, j] - tn[n, step]
                     else:
                         assert half is None
     assert n_half > 0
@@ -295,14 +303,97 @@ def test_summary_and_plot(tmp_path):
     assert row["write_added"] == pytest.approx((e["write_change"] / e["energy_before"]).mean())
     half = audit.associations.filter(pl.col("layer") == 1)["half_life"]
     assert (row["tagged"], row["pairs"], row["fell_to_half"]) == (2, 4, half.is_not_null().sum())
-    assert row["median_half_life"] == half.median()
-    text = audit_summary_text(audit)
-    assert "layer 0: decay removes" in text and "layer 1:" in text
+    if half.is_not_null().all():  # nothing censored: the Kaplan-Meier quartiles are order statistics
+        ordered = half.sort().to_list()
+        assert (row["half_life_q25"], row["median_half_life"], row["half_life_q75"]) == tuple(ordered[:3])
+    observed = ~torch.isnan(values).all(-1)
+    gaps = np.concatenate([np.diff(times[b][observed[b]].numpy()) for b in range(2)])
+    assert row["spacing"] == pytest.approx(np.median(gaps))
+    text = audit_summary_text(audit, unit="h", horizon=4.0)
+    assert "layer 0: decay removes" in text and "layer 1:" in text and "2 tags" in text
+    assert "forgets fastest" in text and "At the forecast horizon, 4 h ahead" in text
     fig = plot_audit(audit, tmp_path / "audit.png", stream="1")
     assert (tmp_path / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(fig.axes) == 2 * 2 + 2  # a flows panel (and its energy twin) per layer, channels, recall
     with pytest.raises(ValueError, match="unknown stream 'zz'"):
         plot_audit(audit, stream="zz")
+
+
+def mamba2_encoder(half_lives: list[list[float]]):
+    """An encoder whose state forgets at known rates: the Mamba-2 preset (no erase, one decay per head) with the
+    decay made constant, ``g = -ln 2 / h`` per time unit for head half-life ``h``. A written association then keeps
+    ``0.5 ** (dt / h)`` of itself after a time ``dt``, whatever the inputs."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(n_channels=2, hidden_size=8, n_layers=len(half_lives), num_heads=len(half_lives[0]),
+                        head_dim=4, variant="mamba2", horizon=2)
+    enc = StreamEncoder(cfg).double()
+    with torch.no_grad():
+        for mixer, hs in zip(enc.mixers, half_lives, strict=True):
+            assert mixer.config.erase == "none" and mixer.config.decay == "scalar"
+            mixer.a_proj.weight.zero_()
+            mixer.dt_bias.zero_()  # softplus(0) = ln 2
+            mixer.A_log.copy_(-torch.log(torch.tensor(hs, dtype=torch.float64)))
+    return enc
+
+
+@pytest.mark.parametrize("spacing", ["hourly", "irregular"])
+def test_half_lives_recover_known_decay_rates(spacing):
+    """Half-lives of 0.5, 1.7 and 3 steps (and 0.8) recovered from hourly and from irregular observations: below
+    and above one step, not floored at the first observation."""
+    half_lives = [[0.5, 1.7], [3.0, 0.8]]
+    enc = mamba2_encoder(half_lives)
+    gen = torch.Generator().manual_seed(4)
+    T = 40
+    values = torch.randn(2, T, 2, generator=gen, dtype=torch.float64)
+    if spacing == "hourly":
+        times = torch.arange(T, dtype=torch.float64).expand(2, T).contiguous()
+    else:
+        times = torch.cumsum(torch.rand(2, T, generator=gen, dtype=torch.float64) * 1.4 + 0.3, dim=1)
+        values[0, 7:9] = float("nan")  # no observation for a while after the first event
+    audit = audit_encoder(enc, values, times, tags={"e0": (0, 6), "e1": (1, 20)})
+    got = audit.associations.sort("tag", "layer", "head")
+    assert got.height == 8
+    for r in got.iter_rows(named=True):
+        want = half_lives[r["layer"]][r["head"]]
+        assert r["half_life"] == pytest.approx(want, rel=1e-9), r
+    # the retention itself is the exponential, 0.5 ** (since / h), at every observation (held between them)
+    rec = audit.recall.filter((pl.col("tag") == "e0") & (pl.col("layer") == 0) & (pl.col("head") == 1))
+    seen = (~torch.isnan(values[0, 6:]).all(-1)).numpy()
+    np.testing.assert_allclose(rec["retention"].to_numpy()[seen], 0.5 ** (rec["since"].to_numpy()[seen] / 1.7),
+                               rtol=1e-9)
+    summary = summarize_audit(audit)
+    assert summary["median_half_life"].to_list() == pytest.approx([0.5, 0.8], rel=1e-9)
+    assert summary["fell_to_half"].to_list() == [4, 4]
+    text = audit_summary_text(audit, unit="h", horizon=24)
+    assert "layer 0 forgets fastest" in text and "layer 1 keeps longest: 0.8 h" in text
+
+
+def test_half_life_interpolates_between_observations():
+    from gdn2ts.streaming.audit import _half_life
+
+    times = np.array([0.0, 1.0, 2.0, 4.0, 5.0])
+    observed = np.array([True, True, False, True, True])
+    # above half until step 1, below at step 3 (step 2 is unobserved: the state holds): log-linear from 1 to 4
+    retention = np.array([1.0, 0.8, 0.8, 0.2, 0.1])
+    want = 1.0 + np.log(0.8 / 0.5) / np.log(0.8 / 0.2) * 3.0
+    assert _half_life(times, observed, 0, retention) == pytest.approx(want, rel=1e-12)
+    # a retention that turns negative (an erase can overshoot): linear across the crossing
+    retention = np.array([1.0, 0.8, 0.8, -0.4, 0.1])
+    assert _half_life(times, observed, 0, retention) == pytest.approx(1.0 + 0.3 / 1.2 * 3.0, rel=1e-12)
+    assert np.isnan(_half_life(times, observed, 0, np.array([1.0, 0.9, 0.9, 0.6, 0.51])))
+    # an event later in the window counts from its own time
+    assert _half_life(times, observed, 1, np.array([1.0, 1.0, 1.0, 0.5, 0.2])) == pytest.approx(3.0)
+
+
+def test_censored_pairs_enter_the_quartiles_as_longer_than_their_window():
+    from gdn2ts.apps.audit_report import _km_quantiles
+
+    # six pairs: three fell (1, 2, 4), three still above half when their windows ended (0.5, 3, 9)
+    durations = np.array([1.0, 2.0, 4.0, 0.5, 3.0, 9.0])
+    fell = np.array([True, True, True, False, False, False])
+    # at risk 5 at t=1 (0.5 ended first): S = 4/5; at 2: S = 4/5 * 3/4 = 3/5; at 4 (3 ended): S = 3/5 * 1/2
+    assert _km_quantiles(durations, fell, (0.25, 0.5, 0.75)) == [2.0, 4.0, None]
+    assert _km_quantiles(durations[:3], fell[:3], (0.5,)) == [2.0]
 
 
 def test_audit_command(tmp_path, capsys):
