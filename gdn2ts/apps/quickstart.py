@@ -147,20 +147,9 @@ class QuickstartConfig:
             >>> QuickstartConfig.from_yaml("tasks/streaming/quickstart.yaml") == QuickstartConfig()
             True
         """
-        from jsonargparse import ArgumentParser
+        from gdn2ts.apps.train_recipe import load_typed
 
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"quickstart: recipe {str(path)!r} does not exist")
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(cls, "run")
-        try:
-            import yaml
-
-            cfg = parser.parse_object({"run": yaml.safe_load(path.read_text()) or {}})
-            return parser.instantiate_classes(cfg).run
-        except Exception as e:  # jsonargparse's parse errors
-            raise ValueError(f"quickstart: recipe {str(path)!r}: {e}") from None
+        return load_typed(cls, path, "quickstart: recipe")
 
     def identity(self) -> dict:
         """The fields that decide the model and the data (not how much of it one run streams)."""

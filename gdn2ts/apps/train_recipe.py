@@ -9,7 +9,7 @@ from pathlib import Path
 from gdn2ts.models.units import Limits
 from gdn2ts.streaming.train import TrainConfig
 
-__all__ = ["DataRecipe", "ModelRecipe", "TrainRecipe", "load_recipe"]
+__all__ = ["DataRecipe", "ModelRecipe", "TrainRecipe", "load_recipe", "load_typed"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,24 @@ class TrainRecipe:
     """Torch CPU threads while training."""
 
 
+def load_typed(cls, path: str | Path, what: str = "recipe"):
+    """An instance of the dataclass ``cls`` from a YAML file, typed and validated by jsonargparse: an unknown key
+    or a value of the wrong type is a ``ValueError`` naming it (and the file)."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "value")
+    try:
+        cfg = parser.parse_object({"value": yaml.safe_load(path.read_text()) or {}})
+        return parser.instantiate(cfg).value
+    except Exception as e:  # jsonargparse's parse errors, and the dataclass's own checks
+        raise ValueError(f"{what} {str(path)!r}: {e}") from None
+
+
 def load_recipe(path: str | Path) -> TrainRecipe:
     """A :class:`TrainRecipe` from YAML, typed and validated (unknown keys and wrong types are errors).
 
@@ -84,17 +102,4 @@ def load_recipe(path: str | Path) -> TrainRecipe:
         >>> load_recipe("tasks/streaming/tiny.yaml").train.steps > 0
         True
     """
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(TrainRecipe, "recipe")
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"recipe {str(path)!r} does not exist")
-    import yaml
-
-    try:
-        cfg = parser.parse_object({"recipe": yaml.safe_load(path.read_text()) or {}})
-        return parser.instantiate_classes(cfg).recipe
-    except Exception as e:  # jsonargparse's parse errors
-        raise ValueError(f"recipe {str(path)!r}: {e}") from None
+    return load_typed(TrainRecipe, path)

@@ -4,6 +4,7 @@ out; bad files stop with a named error and leave the store as it was."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import polars as pl
@@ -166,3 +167,105 @@ def test_missing_files_and_foreign_stores(tmp_path, ckpt):
     src.write_text("stream,time,load,temp\na,2,500,10\n")
     with pytest.raises(SystemExit, match="holds the states of model .* not of this model"):
         main(["stream", "--checkpoint", str(other), "--store", str(tmp_path / "s.db"), "--input", str(src)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# observations streamed in: micro-batches, capacity, follow, the other stream commands
+
+
+def test_micro_batches_close_at_rows_or_time_whichever_first():
+    import os
+    import threading
+    import time
+
+    from gdn2ts.apps.stream_input import LineFeed, micro_batches
+
+    read, write = os.pipe()
+    feed = LineFeed(os.fdopen(read, "rb"))
+    batches, seen = [], []
+
+    def consume():
+        for lines in micro_batches(feed, max_rows=3, max_seconds=0.15):
+            batches.append(lines)
+            seen.append(time.monotonic())
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    out = os.fdopen(write, "wb", buffering=0)
+    start = time.monotonic()
+    out.write(b"one\n")
+    time.sleep(0.6)  # a slow producer: the lone row is applied long before the next one comes
+    assert batches == [[b"one\n"]] and seen[0] - start < 0.5
+    out.write(b"a\nb\nc\nd\ne\n")  # a fast one: batches of max_rows
+    out.close()
+    worker.join(5)
+    assert batches[1:] == [[b"a\n", b"b\n", b"c\n"], [b"d\n", b"e\n"]]
+
+
+def test_a_batch_wider_than_the_working_set_is_split_by_stream(tmp_path, ckpt):
+    rows = pl.DataFrame({"stream": [f"s{i % 7}" for i in range(21)],
+                         "time": [f"2020-03-02 {i // 7:02d}:00" for i in range(21)],
+                         "load": [500.0 + i for i in range(21)], "temp": [10.0] * 21})
+    src = tmp_path / "wide.csv"
+    rows.write_csv(src)
+    summary = run_stream(str(ckpt), str(tmp_path / "s.db"), input=str(src), capacity=3, batch_rows=21,
+                         forecast_out=str(tmp_path / "fc.csv"), quiet=True)
+    assert summary["accepted"] == 21 and summary["rejected"] == 0
+    # the same as applying it whole with room for every stream
+    run_stream(str(ckpt), str(tmp_path / "t.db"), input=str(src), forecast_out=str(tmp_path / "ref.csv"), quiet=True)
+    got, want = (pl.read_csv(tmp_path / f).sort("stream", "step", "channel") for f in ("fc.csv", "ref.csv"))
+    assert ((got["q0.5"] - want["q0.5"]).abs().max()) < 1e-4
+    assert {sid: rec.steps for sid, rec in _stored(tmp_path / "s.db", [f"s{i}" for i in range(7)]).items()} == \
+        {f"s{i}": 3 for i in range(7)}
+
+
+def test_standard_input_in_micro_batches_and_a_bad_line(tmp_path, ckpt, monkeypatch, capsys):
+    good = "".join(f"a,2020-03-02 {h:02d}:00,{500 + h},10\n" for h in range(5))
+    text = "stream,time,load,temp\n" + good + "a,2020-03-02 06:00,high,10\n" + "a,2020-03-02 07:00,500,10\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    # the header and four rows make the first batch of five lines; the second (lines 6-8) holds the bad one
+    with pytest.raises(ValueError, match=r"standard input lines 6-8: .*column 'load' expected numbers, got 'high' "
+                                         r"\(nothing of these lines was applied; the 4 rows accepted before them"):
+        run_stream(str(ckpt), str(tmp_path / "s.db"), batch_rows=5, acks=True, quiet=True)
+    acks = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert acks == [{"batch": 1, "rows": 4, "accepted": 4, "rejected": 0, "total_accepted": 4}]
+    assert _stored(tmp_path / "s.db", ["a"])["a"].steps == 4
+
+
+def test_follow_a_growing_file(tmp_path, ckpt):
+    import threading
+    import time
+
+    src = tmp_path / "grows.jsonl"
+    src.write_text('{"stream": "a", "time": "2020-03-02 00:00", "load": 500, "temp": 10}\n')
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(run_stream(
+        str(ckpt), str(tmp_path / "s.db"), input=str(src), follow=True, idle_exit=1.0, batch_ms=50, quiet=True)))
+    worker.start()
+    time.sleep(0.3)
+    with src.open("a") as f:
+        f.write('{"stream": "a", "time": "2020-03-02 01:00", "load": 510, "temp": 11}\n{"stream": "b", ')
+        f.flush()
+        time.sleep(0.3)  # half a line: read once it is complete
+        f.write('"time": "2020-03-02 01:00", "load": 400, "temp": 9}\n')
+    worker.join(10)
+    assert result == {**result, "rows": 3, "accepted": 3, "batches": 3}
+    assert {s: r.steps for s, r in _stored(tmp_path / "s.db", ["a", "b"]).items()} == {"a": 2, "b": 1}
+
+
+def test_forecast_reset_and_delete_commands(tmp_path, ckpt, capsys):
+    src = tmp_path / "obs.csv"
+    pl.DataFrame(ROWS).write_csv(src)
+    db = str(tmp_path / "s.db")
+    run_stream(str(ckpt), db, input=str(src), quiet=True)
+    main(["stream", "forecast", "--checkpoint", str(ckpt), "--store", db, "--out", str(tmp_path / "fc.parquet")])
+    fc = pl.read_parquet(tmp_path / "fc.parquet")
+    assert sorted(fc["stream"].unique()) == ["a", "b", "c"] and fc.height == 3 * 3 * 2
+    main(["stream", "reset", "--checkpoint", str(ckpt), "--store", db, "--streams", "[a, nobody]"])
+    assert "reset: 1 streams ['a']" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="gdn2ts stream delete: delete: unknown stream 'a'"):
+        main(["stream", "delete", "--checkpoint", str(ckpt), "--store", db, "--streams", "[b, a]"])
+    main(["stream", "delete", "--checkpoint", str(ckpt), "--store", db, "--streams", "[b]", "--quiet", "true"])
+    assert set(_stored(tmp_path / "s.db")) == {"c"}
+    with pytest.raises(SystemExit, match="unknown streams \\['a'\\]"):
+        main(["stream", "forecast", "--checkpoint", str(ckpt), "--store", db, "--streams", "[a]"])
