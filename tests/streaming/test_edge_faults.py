@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
-import polars as pl
 import pytest
 import torch
 
