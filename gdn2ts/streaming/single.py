@@ -8,6 +8,7 @@ every guarantee of those (durable when they return; a rejected row changes nothi
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import numbers
 from collections.abc import Mapping
@@ -27,7 +28,10 @@ def learn_one(runner: OnlineRunner, stream_id: str, timestamp: float, values: Ma
               covariates: Mapping[str, float] | None = None) -> LearnResult:
     """Observe one row of one stream, then :meth:`learn` from what matured for it (river's ``learn_one``).
 
-    ``values`` maps channel names to numbers (None or NaN: missing; absent channels are missing);
+    ``timestamp`` is a number in model time units, or, on a runner with units (``from_checkpoint``), in the
+    user's timestamp type (a ``datetime``, a ``date``, an ISO-8601 string, or a number in the stated unit);
+    ``values`` maps channel names to numbers (None or NaN: missing; absent channels are missing; in the user's
+    units on a runner with units);
     ``covariates`` maps every covariate name to a number. An unknown channel or covariate, a non-numeric
     value, inf, or a timestamp not after the stream's last observation raise ``ValueError`` naming it, and
     change nothing.
@@ -58,9 +62,12 @@ def observe_one(runner: OnlineRunner, stream_id: str, timestamp: float, values: 
     """Observe one row of one stream (arguments as :meth:`learn_one`); a rejected row raises ``ValueError``."""
     if not isinstance(stream_id, str):
         raise ValueError(f"{op}: 'stream_id' expected a string, got {type(stream_id).__name__}")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or not math.isfinite(timestamp):
-        raise ValueError(f"{op}: 'timestamp' expected a finite number, got {timestamp!r}")
-    row = {runner.id_column: stream_id, runner.time_column: float(timestamp)}
+    stamp = isinstance(timestamp, (dt.date, str)) and runner.units is not None
+    if not stamp and (isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or
+                      not math.isfinite(timestamp)):
+        kinds = "a finite number" if runner.units is None else "a date-time, a date, a string or a finite number"
+        raise ValueError(f"{op}: 'timestamp' expected {kinds}, got {timestamp!r}")
+    row = {runner.id_column: stream_id, runner.time_column: timestamp if stamp else float(timestamp)}
     for kind, given, names in (("channel", values, runner.channels), ("covariate", covariates or {},
                                                                     runner.covariates)):
         if not isinstance(given, Mapping):
@@ -71,9 +78,13 @@ def observe_one(runner: OnlineRunner, stream_id: str, timestamp: float, values: 
                 raise ValueError(f"{op}: unknown {kind} {name!r} ({kind}s are {names})")
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise ValueError(f"{op}: {kind} {name!r} expected a number or None, got {v!r}")
+        # a runner with units derives the calendar covariates a row lacks
+        names = [n for n in names if n in given] if kind == "covariate" and runner.units is not None else names
         row.update({name: None if given.get(name) is None else float(given[name]) for name in names})
-    result = runner.observe(pl.DataFrame([row], schema={runner.id_column: pl.String,
-                                                      **dict.fromkeys(list(row)[1:], pl.Float64)}))
+    schema = {runner.id_column: pl.String, **dict.fromkeys(list(row)[1:], pl.Float64)}
+    if stamp:
+        schema[runner.time_column] = pl.String if isinstance(timestamp, str) else None
+    result = runner.observe(pl.DataFrame([row], schema=schema))
     if result.rejected:
         raise ValueError(f"{op}: {result.rejected[0][2]}")
     return result
@@ -82,7 +93,8 @@ def observe_one(runner: OnlineRunner, stream_id: str, timestamp: float, values: 
 def forecast_one(runner: OnlineRunner, stream_id: str, horizon: int | None = None
                  ) -> dict[str, list[dict[float, float]]]:
     """One stream's forecast from its last observation, as ``{channel: [{level: value}, ...]}`` with one dict
-    per step (the first ``horizon`` steps; all by default), in the model's units (river's ``forecast``).
+    per step (the first ``horizon`` steps; all by default), in the runner's units (river's ``forecast``): the
+    user's on a runner opened ``from_checkpoint``, else the model's.
 
     Example:
         >>> from gdn2ts.models import EncoderConfig, StreamEncoder

@@ -182,3 +182,20 @@ def test_version_1_checkpoints_still_load(tmp_path):
         {"not_after_last": 1}
     assert runner.observe({"stream": ["a"], "time": [hours + 1], "load": [500.0], "temp": [10.0]}).accepted == 1
     assert runner.forecast(["a"])["origin"][0] == hours + 1
+
+
+def test_one_stream_verbs_in_the_users_units():
+    model = ckpt(TimeSpec("datetime", 3600.0, time_zone="Europe/Paris"))
+    runner = OnlineRunner.from_checkpoint(model, MemoryStore())
+    paris = dt.timezone(dt.timedelta(hours=2))
+    runner.observe_one("a", dt.datetime(2024, 5, 1, 13, tzinfo=paris), {"load": 520.0, "temp": 11.0})
+    runner.observe_one("a", "2024-05-01 14:00", {"load": 530.0})
+    with pytest.raises(ValueError, match="observe_one: stream 'a': timestamp 2024-05-01 13:30:00\\+02:00 is not after"):
+        runner.observe_one("a", dt.datetime(2024, 5, 1, 11, 30, tzinfo=dt.timezone.utc), {"load": 1.0})
+    out = runner.forecast_one("a", horizon=1)
+    table = runner.forecast(["a"])
+    assert out["load"][0][0.5] == table.filter((pl.col("step") == 1) & (pl.col("channel") == "load"))["q0.5"][0]
+    assert table["origin"][0].isoformat() == "2024-05-01T14:00:00+02:00"
+    bare = OnlineRunner(model.encoder, MemoryStore(), CHANNELS, CALENDAR)
+    with pytest.raises(ValueError, match="'timestamp' expected a finite number"):
+        bare.observe_one("a", dt.datetime(2024, 5, 1), {"load": 0.1}, dict.fromkeys(CALENDAR, 0.0))
