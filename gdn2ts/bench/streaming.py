@@ -9,6 +9,7 @@ snapshot (``flush``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -24,8 +25,7 @@ from gdn2ts.bench.common import environment
 from gdn2ts.layers import RMSNorm
 from gdn2ts.models import EncoderConfig, EncoderState, StreamEncoder
 from gdn2ts.models.encoder import _SwiGLU
-from gdn2ts.streaming import CommitPolicy, OnlineRunner, SQLiteStore, StreamRecord
-from gdn2ts.streaming.store import encode
+from gdn2ts.streaming import CommitPolicy, OnlineRunner, SQLiteStore
 
 __all__ = ["GRUCellEncoder", "bench_streaming", "layer_state_floats"]
 
@@ -125,8 +125,7 @@ def _measure(model: nn.Module, n_streams: int, calls: int, channels: list[str], 
     t0 = time.perf_counter()
     runner.flush()
     flush_s = time.perf_counter() - t0
-    slot = runner.ws.resident([frames[0]["stream"][0]])
-    record = next(iter(runner.ws.records(slot, runner.seq).values()))
+    layout = runner.ws.record_layout
     runner.close()
     lat = np.array(latencies)
     per_call = float(lat.mean())
@@ -138,13 +137,9 @@ def _measure(model: nn.Module, n_streams: int, calls: int, channels: list[str], 
         "snapshot_ms": flush_s * 1e3,
         # a snapshot every `every` calls (the policy), its cost spread over them
         "obs_per_s_with_snapshots": n_streams * every / (every * per_call + flush_s),
-        "state_bytes_per_stream": _state_bytes(record),
-        "record_bytes_per_stream": len(encode(record)),
+        "state_bytes_per_stream": sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in layout.fields),
+        "record_bytes_per_stream": layout.nbytes,
     }
-
-
-def _state_bytes(record: StreamRecord) -> int:
-    return sum(t.numel() * t.element_size() for t in record.tensors.values())
 
 
 def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, single_calls: int = 300,

@@ -1,37 +1,40 @@
 """Streaming: persistent per-stream GDN-2 state and the online runner."""
 
-from gdn2ts.streaming.journal import CommitPolicy
-from gdn2ts.streaming.learn import LearnConfig, LearnResult
-from gdn2ts.streaming.runner import ObserveResult, OnlineRunner, UnknownStreamError, model_fingerprint
-from gdn2ts.streaming.store import (
-    BlobStore,
+from gdn2ts.streaming.errors import (
     CorruptJournalError,
     CorruptRecordError,
     FingerprintMismatchError,
-    JournaledStore,
-    MemoryStore,
-    SQLiteStore,
-    StateStore,
+    ReadOnlyStoreError,
     StoreError,
-    StreamRecord,
+    StoreLockedError,
 )
+from gdn2ts.streaming.journal import CommitPolicy
+from gdn2ts.streaming.learn import LearnConfig, LearnResult
+from gdn2ts.streaming.records import RecordLayout, Rows, StreamRecord
+from gdn2ts.streaming.runner import ObserveResult, OnlineRunner, UnknownStreamError, model_fingerprint
+from gdn2ts.streaming.sqlite_store import SQLiteStore
+from gdn2ts.streaming.store import BlobStore, JournaledStore, MemoryStore, StateStore
 
 __all__ = [
     "BlobStore",
     "CommitPolicy",
-    "LearnConfig",
-    "LearnResult",
-    "UnknownStreamError",
     "CorruptJournalError",
-    "JournaledStore",
-    "ObserveResult",
-    "OnlineRunner",
-    "model_fingerprint",
     "CorruptRecordError",
     "FingerprintMismatchError",
+    "JournaledStore",
+    "LearnConfig",
+    "LearnResult",
     "MemoryStore",
+    "ObserveResult",
+    "OnlineRunner",
+    "ReadOnlyStoreError",
+    "RecordLayout",
+    "Rows",
     "SQLiteStore",
     "StateStore",
     "StoreError",
+    "StoreLockedError",
     "StreamRecord",
+    "UnknownStreamError",
+    "model_fingerprint",
 ]

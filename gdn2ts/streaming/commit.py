@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 
 from gdn2ts.streaming.journal import CommitPolicy, Entry, encode_entry
-from gdn2ts.streaming.store import JournaledStore, StateStore, StreamRecord
+from gdn2ts.streaming.records import Rows
+from gdn2ts.streaming.store import JournaledStore, StateStore
 from gdn2ts.streaming.workingset import WorkingSet
 
 __all__ = ["Durability"]
@@ -38,14 +39,14 @@ class Durability:
         self.seq = store.journal_head() if journaling else 0
         self.reset()
 
-    def commit_call(self, entry: Entry, records: Callable[[], dict[str, StreamRecord]]) -> None:
-        """Make one call durable: its journal entry, or (write-through) the ``records()`` of the streams it touched,
-        in one transaction; nothing stays staged if that fails."""
+    def commit_call(self, entry: Entry, rows: Callable[[], tuple[list[str], Rows]]) -> None:
+        """Make one call durable: its journal entry, or (write-through) the ``rows()`` (ids and rows) of the
+        streams it touched, in one transaction; nothing stays staged if that fails."""
         try:
             if self.journaled:
                 self.store.append_journal(entry.seq, encode_entry(entry))
             else:
-                self.store.put(records())
+                self.store.write_rows(*rows())
             self.store.commit()
         except BaseException:
             # a call that did not commit must not linger as staged writes that later reads would see

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from gdn2ts.streaming.store import CorruptJournalError, FingerprintMismatchError, read_metadata, save_tensors
+from gdn2ts.streaming.errors import CorruptJournalError, FingerprintMismatchError
+from gdn2ts.streaming.records import read_metadata, save_tensors
 
 __all__ = ["CommitPolicy", "Entry", "encode_entry", "decode_entry"]
 

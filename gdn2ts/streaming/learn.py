@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load as st_load
 
 from gdn2ts.models import StreamEncoder
+from gdn2ts.streaming.errors import CorruptRecordError
 from gdn2ts.streaming.history import LearnPlan
-from gdn2ts.streaming.store import CorruptRecordError, read_metadata, save_tensors
+from gdn2ts.streaming.records import read_metadata, save_tensors
 from gdn2ts.streaming.train import pinball_loss
 
 __all__ = ["LearnConfig", "LearnResult", "Learner", "Learned", "decode_learned", "open_learning", "MODEL_BLOB"]
@@ -250,7 +251,8 @@ def open_learning(encoder: StreamEncoder, store, config: LearnConfig | None, lin
     one is refused. Learned weights of another model raise :class:`FingerprintMismatchError`. A new learning store
     gets version 0 (the weights as given) committed at once.
     """
-    from gdn2ts.streaming.store import BlobStore, FingerprintMismatchError, JournaledStore
+    from gdn2ts.streaming.errors import FingerprintMismatchError
+    from gdn2ts.streaming.store import BlobStore, JournaledStore
 
     if config is not None and not isinstance(config, LearnConfig):
         raise ValueError(f"OnlineRunner: 'learning' expected a LearnConfig or None, got {type(config).__name__}")

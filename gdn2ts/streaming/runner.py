@@ -22,6 +22,7 @@ version; states and journal entries stay tied to the model's lineage (its finger
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,13 +35,15 @@ import torch
 from gdn2ts.models import EncoderState, StreamEncoder
 from gdn2ts.streaming import lifecycle, single
 from gdn2ts.streaming.commit import Durability
+from gdn2ts.streaming.errors import ReadOnlyStoreError
 from gdn2ts.streaming.frames import Limits, ObservationSchema, screen_gaps, screen_values
 from gdn2ts.streaming.history import THROUGH, history_template, plan_windows
 from gdn2ts.streaming.journal import CommitPolicy
 from gdn2ts.streaming.learn import MODEL_BLOB, LearnConfig, LearnResult, open_learning
+from gdn2ts.streaming.records import Rows, check_ids
 from gdn2ts.streaming.recovery import replay_journal
 from gdn2ts.streaming.rounds import Stepper, group_streams, plan_rounds
-from gdn2ts.streaming.store import StateStore, StreamRecord, check_ids
+from gdn2ts.streaming.store import StateStore
 from gdn2ts.streaming.units import Units, with_forecast_times
 from gdn2ts.streaming.workingset import STATS, StateLayout, WorkingSet
 
@@ -56,6 +59,23 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def _closes_store_on_failure(init):
+    """The runner owns the store it is given: a runner that refuses to open (another model's store, a journal it
+    cannot replay, bad arguments) closes it, releasing its writer lease."""
+
+    @functools.wraps(init)
+    def opened(self, encoder, store, *args, **kwargs):
+        try:
+            init(self, encoder, store, *args, **kwargs)
+        except BaseException:
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
+            raise
+
+    return opened
 
 
 class UnknownStreamError(KeyError, ValueError):
@@ -84,8 +104,6 @@ class ObserveResult:
         used)."""
         other = len(self.rejected) - sum(self.counts.values())
         return {**self.counts, "other": other} if other else dict(self.counts)
-
-
 
 
 class OnlineRunner:
@@ -125,11 +143,12 @@ class OnlineRunner:
         >>> runner.observe(batch).accepted
         3
         >>> runner.forecast(["a"]).shape   # 3 steps x 2 channels, one row each
-        (6, 8)
+        (6, 9)
         >>> runner.stats(["a"])["mean"].to_list()
         [0.6, 20.0]
     """
 
+    @_closes_store_on_failure
     def __init__(self, encoder: StreamEncoder, store: StateStore, channels: Sequence[str],
                  covariates: Sequence[str] = (), id_column: str = "stream", time_column: str = "time",
                  capacity: int = 4096, policy: CommitPolicy | None = None, learning: LearnConfig | None = None,
@@ -165,11 +184,14 @@ class OnlineRunner:
         self.ws = WorkingSet(self.layout, capacity, store, self.fingerprint)
         self.stepper = Stepper(encoder, self.layout, learning=self.learner is not None)
         self.journaled = self.durability.journaled
+        self.readonly = bool(getattr(store, "readonly", False))
         self._closed = False
         if self.durability.has_journal:
-            replayed = replay_journal(store, self.ws, self.stepper, self.schema, self._entry_fingerprint)
+            # a read-only view replays the writer's journal in memory, from one consistent read of the store
+            with store.snapshot():
+                replayed = replay_journal(store, self.ws, self.stepper, self.schema, self._entry_fingerprint)
             self.ws.seq = self.seq
-            if replayed:
+            if replayed and not self.readonly:
                 self.flush()
 
     @property
@@ -182,7 +204,7 @@ class OnlineRunner:
     def observe(self, batch: pl.DataFrame | Mapping | Iterable[Mapping]) -> ObserveResult:
         """Apply a batch of observations (long format: id, time, one column per channel, nulls for missing; a
         polars DataFrame, a dict of columns or an iterable of row dicts). Returns once the call is durable."""
-        self._check_open()
+        self._check_open("observe")
         frame = self.schema.read(batch).sort([self.id_column, self.time_column], maintain_order=True)
         frame, rejected, counts = screen_values(frame, self.schema, self.limits.max_abs,
                                                 torch.finfo(self.dtype).max, self._describe)
@@ -190,7 +212,18 @@ class OnlineRunner:
         if frame.height == 0:
             return result
         groups = group_streams(frame, self.id_column)
-        slots = self.ws.acquire(groups.streams)
+        failed: dict[str, str] = {}
+        slots = self.ws.acquire(groups.streams, failed)
+        if failed:
+            # a stream whose stored record cannot be used loses its rows of this call; the others proceed
+            ids = frame[self.id_column]
+            for sid, t in frame.filter(ids.is_in(list(failed))).select(self.id_column, self.time_column).rows():
+                result.rejected.append((sid, t, f"stream {sid!r}: {failed[sid]}"))
+            frame = frame.filter(~ids.is_in(list(failed)))
+            if frame.height == 0:
+                return result
+            groups = group_streams(frame, self.id_column)
+            slots = self.ws.acquire(groups.streams)
         frame, groups, slots = self._screen_gaps(frame, groups, slots, result)
         if frame.height == 0:
             return result
@@ -206,7 +239,7 @@ class OnlineRunner:
         stream_slots = slots[plan.order]
         # one round replaces every component by the step's new tensors, so it may read the pools in place
         flat, steps = self.stepper.run(self.ws.gather(stream_slots, copy=entry.sizes.size > 1), entry)
-        self.durability.commit_call(entry, lambda: self._records(stream_slots, entry.stream_ids, flat, steps))
+        self.durability.commit_call(entry, lambda: (entry.stream_ids, self._rows(stream_slots, flat, steps)))
         self.ws.scatter(stream_slots, flat, steps, entry.seq if self.journaled else self.ws.seq,
                         dirty=self.journaled)
         result.accepted = plan.accepted
@@ -218,21 +251,26 @@ class OnlineRunner:
 
     def forecast(self, stream_ids: Sequence[str]) -> pl.DataFrame:
         """Quantile forecasts from each stream's last observation: one row per (stream, step, channel), a column
-        ``q{level}`` per quantile. Unknown streams raise ``KeyError``."""
+        ``q{level}`` per quantile and a column ``error``, null except for a stream whose stored record cannot be
+        used (its quantiles are null and ``error`` says why; the other streams are forecast). Unknown streams
+        raise ``KeyError``."""
         ids = check_ids(stream_ids)
         cfg = self.encoder.config
-        held = self._rows_of(ids, ["last_output", "last_time"])
+        failed: dict[str, str] = {}
+        held = self._rows_of(ids, ["last_output", "last_time"], failed)
         h = held["last_output"]
         with torch.no_grad():
             q = self.encoder.heads(h.to(self.device, self.dtype))["forecast"].cpu().double()  # [N, H, C, Q]
         n, per = len(ids), cfg.horizon * cfg.n_channels
         rows = np.repeat(np.arange(n), per)
+        bad = np.array([sid in failed for sid in ids], dtype=bool)[rows]
         table = {"stream": pl.Series(ids, dtype=pl.String).gather(rows),
                  "step": np.tile(np.repeat(np.arange(1, cfg.horizon + 1), cfg.n_channels), n),
                  "channel": pl.Series(self.channels).gather(np.tile(np.arange(cfg.n_channels), n * cfg.horizon))}
         for i, level in enumerate(cfg.quantiles):
-            table[f"q{level:g}"] = q[..., i].reshape(-1).numpy()
-        return with_forecast_times(pl.DataFrame(table), held["last_time"], rows, np.zeros(rows.size, dtype=bool),
+            table[f"q{level:g}"] = np.where(bad, np.nan, q[..., i].reshape(-1).numpy())
+        table["error"] = pl.Series([failed.get(sid) for sid in ids], dtype=pl.String).gather(rows)
+        return with_forecast_times(pl.DataFrame(table).fill_nan(None), held["last_time"], rows, bad,
                                    cfg.time_unit, self.units)
 
     def stats(self, stream_ids: Sequence[str]) -> pl.DataFrame:
@@ -260,11 +298,11 @@ class OnlineRunner:
         held = np.flatnonzero(slots >= 0)
         steps[held], last[held] = self.ws.steps[slots[held]], self.ws.last_time[slots[held]]
         cold = [ids[i] for i in np.flatnonzero(slots < 0).tolist()]
-        records = self.store.get(cold, fingerprint=self.fingerprint) if cold else {}
-        for i in np.flatnonzero(slots < 0).tolist():
-            rec = records[ids[i]]
-            if rec is not None:
-                steps[i], last[i] = rec.steps, rec.last_timestamp
+        if cold:
+            rows = self.store.read_rows(cold)
+            rows.raise_failed(cold)
+            at = np.flatnonzero(slots < 0)[rows.found]
+            steps[at], last[at] = rows.steps[rows.found], rows.last_timestamp[rows.found]
         table = pl.DataFrame({"stream": pl.Series(ids, dtype=pl.String), "steps": steps,
                               "last_time": np.where(np.isfinite(last), last, np.nan)}).fill_nan(None)
         return table if self.units is None else table.with_columns(self.units.time_out(table["last_time"]))
@@ -282,14 +320,13 @@ class OnlineRunner:
 
     def reset(self, stream_ids: Sequence[str]) -> list[str]:
         """Forget the states of the known ``stream_ids``; see :func:`gdn2ts.streaming.lifecycle.reset`."""
-        self._check_open()
+        self._check_open("reset")
         return lifecycle.reset(self, stream_ids)
 
     def delete(self, stream_ids: Sequence[str]) -> None:
         """Remove the streams ``stream_ids`` (all known); see :func:`gdn2ts.streaming.lifecycle.delete`."""
-        self._check_open()
+        self._check_open("delete")
         lifecycle.delete(self, stream_ids)
-
 
     def learn(self, stream_ids: Sequence[str]) -> LearnResult:
         """Update the weights from the matured, not yet learned forecast positions of ``stream_ids`` (see
@@ -300,7 +337,7 @@ class OnlineRunner:
         weights, the optimizer and every state are as they were. Streams with nothing matured are left alone.
         Unknown streams raise :class:`UnknownStreamError`; a runner without learning raises ``ValueError``.
         """
-        self._check_open()
+        self._check_open("learn")
         learner = self._learner("learn")
         ids = check_ids(stream_ids)
         if len(set(ids)) != len(ids):
@@ -322,7 +359,7 @@ class OnlineRunner:
             steps, targets, loss = learner.step(plan)
             self.flush()
             self.ws.pools[THROUGH].index_copy_(0, index, torch.from_numpy(plan.through).to(self.device))
-            self.store.put(self.ws.records(slots, self.seq))
+            self.store.write_rows(ids, self.ws.rows(slots, self.seq))
             self.store.put_blob(MODEL_BLOB, learner.encode(learner.version + 1, model_fingerprint(self.encoder)))
             self.store.commit()
         except BaseException:
@@ -364,14 +401,15 @@ class OnlineRunner:
 
     def flush(self) -> None:
         """Snapshot: write every changed stream's state to the store and truncate the journal it reflects."""
-        self._check_open()
+        self._check_open("flush")
         self.durability.snapshot(self.ws)
 
     def close(self) -> None:
-        """Flush and close the store. Calling it again does nothing."""
+        """Flush (unless read-only) and close the store. Calling it again does nothing."""
         if self._closed:
             return
-        self.flush()
+        if not self.readonly:
+            self.flush()
         self._closed = True
         self.store.close()
 
@@ -383,18 +421,15 @@ class OnlineRunner:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def _records(self, slots: np.ndarray, ids: list[str], flat: dict[str, torch.Tensor], steps: np.ndarray
-                 ) -> dict[str, StreamRecord]:
-        host = {k: v.cpu() for k, v in flat.items()}
-        last = host["last_time"].numpy()
-        total = self.ws.steps[slots] + steps
-        return {sid: StreamRecord({k: v[j:j + 1] for k, v in host.items()}, last_timestamp=float(last[j]),
-                                  steps=int(total[j]), fingerprint=self.fingerprint, journal_seq=self.ws.seq)
-                for j, sid in enumerate(ids)}
+    def _rows(self, slots: np.ndarray, flat: dict[str, torch.Tensor], steps: np.ndarray) -> Rows:
+        """Store rows of streams in ``slots`` after stepping: their new components ``flat`` and ``steps`` more."""
+        return self.ws.pack(flat, slots, self.ws.steps[slots] + steps, self.ws.seq)
 
-    def _rows_of(self, ids: list[str], names: list[str]) -> dict[str, torch.Tensor]:
+    def _rows_of(self, ids: list[str], names: list[str], failed: dict[str, str] | None = None
+                 ) -> dict[str, torch.Tensor]:
         """``{name: [N, *shape]}`` of known streams, from the working set or straight from the store (a read does
-        not disturb the working set)."""
+        not disturb the working set). With ``failed``, a stream whose stored record cannot be used is listed there
+        (its rows are left as they are) instead of raising."""
         slots = self.ws.resident(ids)
         held = np.flatnonzero(slots >= 0)
         for i in held[self.ws.steps[slots[held]] == 0].tolist():
@@ -407,14 +442,20 @@ class OnlineRunner:
         cold = np.flatnonzero(slots < 0)
         if cold.size:
             cold_ids = [ids[i] for i in cold.tolist()]
-            records = self.store.get(cold_ids, fingerprint=self.fingerprint)
-            for sid in cold_ids:
-                if records[sid] is None:
-                    raise UnknownStreamError(f"unknown stream {sid!r}")
-                self.layout.check(sid, records[sid])
-            at = torch.from_numpy(cold).to(self.device)
+            rows = self.store.read_rows(cold_ids)
+            if failed is None:
+                rows.raise_failed(cold_ids)
+            failed_here = {i: why for i, why in rows.failed.items()}
+            for i in np.flatnonzero(~rows.found).tolist():
+                if i not in failed_here:
+                    raise UnknownStreamError(f"unknown stream {cold_ids[i]!r}")
+            if failed is not None:
+                failed.update({cold_ids[i]: why for i, why in failed_here.items()})
+            good = np.flatnonzero(rows.found)
+            tensors = self.ws.record_layout.unpack(rows.data[good])
+            at = torch.from_numpy(cold[good]).to(self.device)
             for k in names:
-                out[k][at] = torch.cat([records[sid].tensors[k] for sid in cold_ids]).to(self.device)
+                out[k][at] = tensors[k].to(self.device)
         return out
 
     @property
@@ -466,6 +507,10 @@ class OnlineRunner:
         index = {sid: i for i, sid in enumerate(groups.streams)}
         return frame, kept, slots[np.array([index[sid] for sid in kept.streams], dtype=np.int64)]
 
-    def _check_open(self) -> None:
+    def _check_open(self, op: str | None = None) -> None:
+        """Raise unless the runner is open (and, for a writing ``op``, writable)."""
         if self._closed:
             raise ValueError("OnlineRunner: the runner is closed")
+        if op is not None and self.readonly:
+            raise ReadOnlyStoreError(f"OnlineRunner: {op} is refused: the store is open read-only (a read-only view "
+                                     "answers forecast, stats, info and audit)")

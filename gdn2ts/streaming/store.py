@@ -1,214 +1,80 @@
-"""Persistent per-stream state: the ``StateStore`` protocol, an in-memory store and the embedded SQLite store.
+"""Persistent per-stream state: the ``StateStore`` protocol, the staging every store shares, and an in-memory store.
 
-A stream's record (:class:`StreamRecord`) holds named tensors (layer states, conv tails, scaling statistics, ...),
-the last timestamp, the step count and the fingerprint of the model that wrote it. Records are encoded with
-safetensors (tensors and string metadata only; nothing is pickled) and carry a SHA-256 checksum that is verified
-on every read.
+A store belongs to one model. The first writer binds it to the model's fingerprint and record layout
+(:class:`~gdn2ts.streaming.records.RecordLayout`); a runner of another model is refused with
+:class:`FingerprintMismatchError` before it can add a stream. Records move as rows (``uint8`` matrices, one row
+per stream, see :class:`~gdn2ts.streaming.records.Rows`), many streams per call; each row carries a checksum
+verified on every read, and a row that fails it fails only its own stream.
 
 Writes are staged and become visible to other readers only at ``commit()``, all at once or not at all; reads
-through the same store see its staged writes. Stream ids are data: they are bound as SQL parameters and never
-become part of a path or an SQL string.
-
-Commit policy of :class:`SQLiteStore`: write-ahead logging (WAL) and ``synchronous=NORMAL`` by default, so a
-committed batch survives a crash of the process (SIGKILL included); ``synchronous="FULL"`` also survives a power
-loss at some cost per commit. Commit in batches (many streams per transaction): a transaction costs one log append.
+through the same store see its staged writes. Stream ids are data: bound as parameters, never part of a path or a
+query string. A store opened for writing holds the store's writer lease (one writer per store; see
+:mod:`gdn2ts.streaming.lease`); a store opened read-only reads beside it.
 
 A :class:`JournaledStore` also keeps an observation journal: numbered, checksummed entries appended and truncated
-in the same transactions as the records, so that an online runner can commit one small entry per call and write
-the full states only now and then (see ``docs/streaming-durability.md``).
-
-A :class:`BlobStore` also keeps a few named payloads (an online runner's learned weights and optimizer state),
-staged and committed in the same transactions as the records (see ``docs/streaming-learning.md``).
+in the same transactions as the records (see ``docs/streaming-durability.md``). A :class:`BlobStore` also keeps a
+few named payloads (an online runner's learned weights and optimizer state), committed in the same transactions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import sqlite3
+import contextlib
+import os
+import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
-from safetensors import TensorSpec, serialize
-from safetensors.torch import load as st_load
 
-__all__ = [
-    "StreamRecord",
-    "StateStore",
-    "JournaledStore",
-    "BlobStore",
-    "MemoryStore",
-    "SQLiteStore",
-    "StoreError",
-    "CorruptRecordError",
-    "CorruptJournalError",
-    "FingerprintMismatchError",
-]
+from gdn2ts.streaming.errors import (
+    CorruptJournalError,
+    CorruptRecordError,
+    FingerprintMismatchError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreLockedError,
+)
+from gdn2ts.streaming.lease import Lease
+from gdn2ts.streaming.records import RecordLayout, Rows, StreamRecord, check_ids, payload_checksum, row_checksums
 
-FORMAT = "gdn2ts.stream.v1"
-# 2 added the journal table, 3 the blobs table (learned weights); older files are upgraded in place on open, and
-# an older gdn2ts refuses a version-3 file rather than stream it with the wrong weights
-SCHEMA_VERSION = "3"
-_SQL_BATCH = 500  # stream ids per SELECT ... IN (...)
-
-
-class StoreError(Exception):
-    """Base class of the state stores' errors."""
-
-
-class CorruptRecordError(StoreError):
-    """A stored record failed its checksum or could not be decoded."""
-
-
-class CorruptJournalError(StoreError):
-    """A journal entry failed its checksum or could not be decoded."""
-
-
-class FingerprintMismatchError(StoreError):
-    """A stored record was written by a different model."""
-
-
-@dataclass(frozen=True)
-class StreamRecord:
-    """Everything a stream carries between observations.
-
-    Example:
-        >>> import torch
-        >>> r = StreamRecord({"layer0.recurrent": torch.zeros(1, 2, 4, 4)}, last_timestamp=3.5, steps=7,
-        ...                  fingerprint="abc")
-        >>> r.steps, r.fingerprint
-        (7, 'abc')
-    """
-
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Named tensors (layer states, conv tails, scaling statistics); any dtype, stored on the CPU."""
-    last_timestamp: float = float("-inf")
-    """Timestamp of the last observation applied (``-inf`` before the first)."""
-    steps: int = 0
-    """Number of observations applied."""
-    fingerprint: str = ""
-    """Fingerprint of the model that wrote the record."""
-    journal_seq: int = 0
-    """The record reflects every journal entry numbered up to this one (0: it was written without a journal)."""
-
-    def __post_init__(self):
-        if not isinstance(self.tensors, dict):
-            raise ValueError(f"StreamRecord: 'tensors' expected a dict of name -> tensor, got "
-                             f"{type(self.tensors).__name__}")
-        for name, t in self.tensors.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"StreamRecord: tensor names expected non-empty strings, got {name!r}")
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"StreamRecord: tensor {name!r} expected a torch.Tensor, got {type(t).__name__}")
-        if isinstance(self.last_timestamp, bool) or not isinstance(self.last_timestamp, (int, float)) or \
-                math.isnan(self.last_timestamp) or self.last_timestamp == math.inf:
-            raise ValueError(f"StreamRecord: 'last_timestamp' expected a number (or -inf), got "
-                             f"{self.last_timestamp!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"StreamRecord: 'steps' expected a non-negative int, got {self.steps!r}")
-        if not isinstance(self.fingerprint, str):
-            raise ValueError(f"StreamRecord: 'fingerprint' expected a string, got {type(self.fingerprint).__name__}")
-        if isinstance(self.journal_seq, bool) or not isinstance(self.journal_seq, int) or self.journal_seq < 0:
-            raise ValueError(f"StreamRecord: 'journal_seq' expected a non-negative int, got {self.journal_seq!r}")
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
-def save_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes of ``tensors`` (any device, views allowed) with string ``metadata``.
-
-    Goes through safetensors' ``serialize`` with the tensors' own buffers: rows of a state pool are views that
-    share one storage, which ``safetensors.torch.save`` would refuse (and it is several times slower per record).
-
-    Example:
-        >>> import torch
-        >>> from safetensors.torch import load
-        >>> pool = torch.arange(12.0).view(3, 4)
-        >>> load(save_tensors({"row": pool[1]}, {"k": "v"}))["row"].tolist()
-        [4.0, 5.0, 6.0, 7.0]
-    """
-    keep = {name: t if t.device.type == "cpu" and t.is_contiguous() else t.detach().cpu().contiguous()
-            for name, t in tensors.items()}
-    specs = {name: TensorSpec(dtype=_dtype_name(t.dtype), shape=t.shape, data_ptr=t.data_ptr(), data_len=t.nbytes)
-             for name, t in keep.items()}
-    # `keep` holds every buffer alive until serialize has copied it
-    payload = bytes(serialize(specs, metadata=metadata))
-    del keep
-    return payload
-
-
-def encode(record: StreamRecord) -> bytes:
-    """safetensors bytes of the record's tensors, with the scalars in its string metadata."""
-    metadata = {"format": FORMAT, "last_timestamp": repr(float(record.last_timestamp)), "steps": str(record.steps),
-                "fingerprint": record.fingerprint, "journal_seq": str(record.journal_seq)}
-    return save_tensors(record.tensors, metadata)
-
-
-def read_metadata(payload: bytes) -> dict[str, str]:
-    """The string metadata of safetensors bytes."""
-    # safetensors layout: 8-byte little-endian header length, then the JSON header holding the metadata
-    header_len = int.from_bytes(payload[:8], "little")
-    return json.loads(payload[8:8 + header_len]).get("__metadata__", {})
-
-
-def decode(payload: bytes, stream_id: str) -> StreamRecord:
-    try:
-        tensors = st_load(payload)
-        metadata = read_metadata(payload)
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"unknown format {metadata.get('format')!r}")
-        return StreamRecord(tensors=dict(tensors), last_timestamp=float(metadata["last_timestamp"]),
-                            steps=int(metadata["steps"]), fingerprint=metadata["fingerprint"],
-                            journal_seq=int(metadata.get("journal_seq", "0")))
-    except Exception as e:  # any decoding failure is a corrupt record, named
-        raise CorruptRecordError(f"stream {stream_id!r}: stored record cannot be decoded ({e})") from None
-
-
-def checksum(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
-
-
-def check_ids(stream_ids) -> list[str]:
-    """``stream_ids`` as a list of strings (a bare string or a non-string id is a ValueError)."""
-    if isinstance(stream_ids, str):
-        raise ValueError("stream_ids expected a sequence of strings, got a single string (wrap it in a list)")
-    ids = list(stream_ids)
-    for sid in ids:
-        if not isinstance(sid, str):
-            raise ValueError(f"stream ids expected strings, got {type(sid).__name__} {sid!r}")
-    return ids
-
-
-def _check_fingerprint(stream_id: str, record: StreamRecord, fingerprint: str | None) -> None:
-    if fingerprint is not None and record.fingerprint != fingerprint:
-        raise FingerprintMismatchError(
-            f"stream {stream_id!r}: stored state was written by model {record.fingerprint!r}, "
-            f"not by this model {fingerprint!r}")
+__all__ = ["StateStore", "JournaledStore", "BlobStore", "MemoryStore", "StoreError", "CorruptRecordError",
+           "CorruptJournalError", "FingerprintMismatchError", "StoreLockedError", "ReadOnlyStoreError"]
 
 
 @runtime_checkable
 class StateStore(Protocol):
-    """Where per-stream records live. Writes are staged until ``commit()``; a networked backend implements the
-    same seven methods (and the four of :class:`JournaledStore` to serve a journaling runner)."""
+    """Where per-stream records live. Writes are staged until ``commit()``. A networked backend implements the
+    same methods (and those of :class:`JournaledStore` and :class:`BlobStore` to serve a journaling, learning
+    runner)."""
+
+    model: str | None
+    """Fingerprint of the model the store belongs to (None until a writer binds it)."""
+    layout: RecordLayout | None
+    """The record layout of that model (None until bound)."""
+    readonly: bool
+    """Opened for reading only (every write raises :class:`ReadOnlyStoreError`)."""
+    lease: Lease | None
+    """The writer lease this store holds (None when read-only)."""
+
+    def bind(self, layout: RecordLayout, fingerprint: str) -> None:
+        """Bind the store to a model (committed at once), or check that it is bound to this one:
+        :class:`FingerprintMismatchError` names the store's model when it is another."""
+
+    def read_rows(self, stream_ids: Sequence[str]) -> Rows:
+        """The records of ``stream_ids`` (staged writes included) as rows; a record failing its checksum is
+        listed in ``Rows.failed`` and the others are returned."""
+
+    def write_rows(self, stream_ids: Sequence[str], rows: Rows) -> None:
+        """Stage ``rows`` (``found`` ignored) for ``stream_ids`` (distinct), replacing earlier versions."""
 
     def get(self, stream_ids: Sequence[str], fingerprint: str | None = None) -> dict[str, StreamRecord | None]:
-        """Records of ``stream_ids`` (None for unknown streams), staged writes included. With ``fingerprint``,
-        a record written by another model raises :class:`FingerprintMismatchError`."""
+        """Records of ``stream_ids`` (None for unknown streams) as :class:`StreamRecord`; a corrupt one raises
+        :class:`CorruptRecordError`, and with ``fingerprint``, a store of another model raises
+        :class:`FingerprintMismatchError`."""
 
     def put(self, records: Mapping[str, StreamRecord]) -> None:
-        """Stage records (replacing any earlier version)."""
+        """Stage records (binding an unbound store to their layout and fingerprint)."""
 
     def delete(self, stream_ids: Iterable[str]) -> None:
         """Stage deletions."""
@@ -223,13 +89,13 @@ class StateStore(Protocol):
         """Discard staged writes."""
 
     def close(self) -> None:
-        """Release the store (staged writes are discarded)."""
+        """Release the store and its lease (staged writes are discarded)."""
 
 
 @runtime_checkable
 class JournaledStore(StateStore, Protocol):
     """A :class:`StateStore` that also keeps a journal of numbered entries, committed in the same transactions
-    as the records (a networked backend: one transaction or batch of its own, holding both)."""
+    as the records (a networked backend: one transaction of its own, holding both)."""
 
     durable: bool
     """Whether a commit survives the death of the process (SQLite: yes; memory: no)."""
@@ -251,7 +117,7 @@ class JournaledStore(StateStore, Protocol):
 @runtime_checkable
 class BlobStore(StateStore, Protocol):
     """A :class:`StateStore` that also keeps named payloads (bytes, each with a checksum), staged like records
-    and committed in the same transactions (a networked backend: in the same transaction or ordered log)."""
+    and committed in the same transactions."""
 
     def put_blob(self, name: str, payload: bytes) -> None:
         """Stage ``payload`` under ``name`` (replacing any earlier one)."""
@@ -261,51 +127,191 @@ class BlobStore(StateStore, Protocol):
         checksum (:class:`CorruptRecordError`, naming the blob, on failure)."""
 
 
-_DELETED = object()
+_DELETED = (-1, -1)
 
 
-class _Staging:
-    """Staged writes shared by the stores: id -> encoded payload (or the deletion marker), journal entries to
-    append and the journal truncation point."""
+class StagedStore:
+    """What every store shares: the binding, staged rows, deletions, journal entries and blobs, and the record
+    API on top of rows. A backend provides ``_read_committed``, ``_bind_committed``, ``_committed_head``,
+    ``_committed_blob``, ``_has_content`` and its own ``commit``/``read_journal``/``iterate``/``close``."""
 
-    def __init__(self):
-        self.staged: dict[str, object] = {}
-        self.staged_journal: list[tuple[int, bytes, str]] = []
+    what = "store"
+
+    def __init__(self, readonly: bool = False):
+        self.readonly = readonly
+        self.model: str | None = None
+        self.layout: RecordLayout | None = None
+        self.lease: Lease | None = None
+        self._batches: list[tuple[np.ndarray, Rows]] = []
+        self._pos: dict[str, tuple[int, int]] = {}
+        self.staged_journal: list[tuple[int, bytes, int]] = []
         self.staged_truncate: int | None = None
-        self.staged_blobs: dict[str, tuple[bytes, str]] = {}
+        self.staged_blobs: dict[str, tuple[bytes, int]] = {}
+
+    # -- binding ---------------------------------------------------------------------------------------------------
+
+    def bind(self, layout: RecordLayout, fingerprint: str) -> None:
+        if not isinstance(layout, RecordLayout) or not isinstance(fingerprint, str) or not fingerprint:
+            raise ValueError(f"bind: expected a RecordLayout and a fingerprint string, got {type(layout).__name__} "
+                             f"and {fingerprint!r}")
+        if self.model == fingerprint and self.layout == layout:
+            return
+        if self.readonly and self.model is None:
+            # an empty store read beside (or before) its writer: nothing to read, nothing to bind
+            self.model, self.layout = fingerprint, layout
+            return
+        if self.model is not None and self._has_content():
+            if self.model != fingerprint:
+                raise FingerprintMismatchError(
+                    f"{self.what} holds the states of model {self.model!r}, not of this model {fingerprint!r}: "
+                    "open another store for this model")
+            raise StoreError(f"{self.what}: model {fingerprint!r} keeps records of layout {self.layout.spec}, "
+                             f"not {layout.spec}")
+        self._writable("bind")
+        self._bind_committed(layout, fingerprint)
+        self.model, self.layout = fingerprint, layout
+
+    # -- rows ------------------------------------------------------------------------------------------------------
+
+    def read_rows(self, stream_ids: Sequence[str]) -> Rows:
+        ids = check_ids(stream_ids)
+        if self.layout is None:
+            return Rows.empty(len(ids), 8)
+        staged = [i for i, sid in enumerate(ids) if sid in self._pos] if self._pos else []
+        if not staged:
+            return self._read_committed(ids)
+        rest = np.setdiff1d(np.arange(len(ids)), staged)
+        out = Rows.empty(len(ids), self.layout.nbytes)
+        if rest.size:
+            committed = self._read_committed([ids[i] for i in rest.tolist()])
+            _place(out, rest, committed)
+            out.failed.update({int(rest[j]): why for j, why in committed.failed.items()})
+        for i in staged:
+            b, r = self._pos[ids[i]]
+            if b < 0:
+                continue
+            _, rows = self._batches[b]
+            out.found[i] = True
+            out.data[i], out.steps[i] = rows.data[r], rows.steps[r]
+            out.last_timestamp[i], out.journal_seq[i] = rows.last_timestamp[r], rows.journal_seq[r]
+        return out
+
+    def write_rows(self, stream_ids: Sequence[str], rows: Rows) -> None:
+        self._writable("write")
+        ids = check_ids(stream_ids)
+        if self.layout is None:
+            raise StoreError(f"{self.what}: rows cannot be written before the store is bound to a model")
+        if len(set(ids)) != len(ids):
+            raise ValueError("write_rows: stream ids expected distinct")
+        if rows.data.shape != (len(ids), self.layout.nbytes):
+            raise ValueError(f"write_rows: rows expected shape ({len(ids)}, {self.layout.nbytes}), got "
+                             f"{rows.data.shape}")
+        b = len(self._batches)
+        self._batches.append((np.asarray(ids, dtype=object), rows))
+        self._pos.update(zip(ids, ((b, r) for r in range(len(ids))), strict=True))
+
+    def _staged_rows(self) -> tuple[list[str], Rows, list[str]]:
+        """The staged writes as one batch (the last version of each stream) and the staged deletions."""
+        deletes = [sid for sid, p in self._pos.items() if p == _DELETED]
+        if len(self._batches) == 1 and not deletes and len(self._pos) == len(self._batches[0][0]):
+            ids, rows = self._batches[0]
+            return list(ids), rows, []
+        ids = [sid for sid, p in self._pos.items() if p != _DELETED]
+        pos = np.array([self._pos[sid] for sid in ids], dtype=np.int64).reshape(-1, 2)
+        nbytes = self.layout.nbytes if self.layout is not None else 8
+        out = Rows.empty(len(ids), nbytes)
+        for b, (_, rows) in enumerate(self._batches):
+            at = np.flatnonzero(pos[:, 0] == b)
+            if at.size:
+                _place(out, at, rows, pos[at, 1])
+        out.found[:] = True
+        return ids, out, deletes
+
+    # -- the record API --------------------------------------------------------------------------------------------
+
+    def get(self, stream_ids, fingerprint=None):
+        ids = check_ids(stream_ids)
+        rows = self.read_rows(ids)
+        rows.raise_failed(ids)
+        if fingerprint is not None and self.model is not None and self.model != fingerprint and rows.found.any():
+            sid = ids[int(np.flatnonzero(rows.found)[0])]
+            raise FingerprintMismatchError(f"stream {sid!r}: stored state was written by model {self.model!r}, "
+                                           f"not by this model {fingerprint!r}")
+        if not rows.found.any():
+            return dict.fromkeys(ids)
+        # records own their tensors, with ordinary strides (the rows' views have the row size as their stride)
+        tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in self.layout.unpack(rows.data).items()}
+        return {sid: StreamRecord({k: v[i:i + 1] for k, v in tensors.items()}, float(rows.last_timestamp[i]),
+                                  int(rows.steps[i]), self.model or "", int(rows.journal_seq[i]))
+                if rows.found[i] else None for i, sid in enumerate(ids)}
 
     def put(self, records: Mapping[str, StreamRecord]) -> None:
+        self._writable("put")
         if not isinstance(records, Mapping):
             raise ValueError(f"put: 'records' expected a mapping of stream id -> StreamRecord, got "
                              f"{type(records).__name__}")
-        encoded = {}
         for sid, record in records.items():
             if not isinstance(sid, str):
                 raise ValueError(f"put: stream ids expected strings, got {type(sid).__name__} {sid!r}")
             if not isinstance(record, StreamRecord):
                 raise ValueError(f"put: stream {sid!r} expected a StreamRecord, got {type(record).__name__}")
-            encoded[sid] = encode(record)
-        # everything encoded before anything is staged: a bad record stages nothing
-        self.staged.update(encoded)
+        if not records:
+            return
+        first = next(iter(records.values()))
+        layout = self.layout or RecordLayout.of(first.tensors)
+        model = self.model or first.fingerprint
+        # everything is checked before anything is staged: a bad record stages nothing
+        for sid, record in records.items():
+            if record.fingerprint != model:
+                raise FingerprintMismatchError(f"stream {sid!r}: a record of model {record.fingerprint!r} cannot "
+                                               f"join a store of model {model!r}")
+            try:
+                layout.check(record.tensors, 1, what=f"stream {sid!r}")
+            except ValueError as e:
+                raise CorruptRecordError(str(e)) from None
+        if self.layout is None:
+            self.bind(layout, model)
+        ids = list(records)
+        n = len(ids)
+        data = layout.pack({name: torch.cat([records[sid].tensors[name] for sid in ids]) for name, _, _ in
+                            layout.fields})
+        self.write_rows(ids, Rows(np.ones(n, dtype=bool), data,
+                                  np.array([r.steps for r in records.values()], dtype=np.int64),
+                                  np.array([r.last_timestamp for r in records.values()], dtype=np.float64),
+                                  np.array([r.journal_seq for r in records.values()], dtype=np.int64), {}))
 
     def delete(self, stream_ids: Iterable[str]) -> None:
+        self._writable("delete")
         for sid in check_ids(stream_ids):
-            self.staged[sid] = _DELETED
+            self._pos[sid] = _DELETED
+
+    # -- journal and blobs -----------------------------------------------------------------------------------------
 
     def append_journal(self, seq: int, payload: bytes) -> None:
+        self._writable("append_journal")
         head = self.journal_head()
         if isinstance(seq, bool) or not isinstance(seq, int) or seq <= head:
             raise ValueError(f"append_journal: 'seq' expected an int above the journal head {head}, got {seq!r}")
         if not isinstance(payload, (bytes, bytearray)):
             raise ValueError(f"append_journal: entry {seq} expected bytes, got {type(payload).__name__}")
-        self.staged_journal.append((seq, bytes(payload), checksum(payload)))
+        self.staged_journal.append((seq, bytes(payload), payload_checksum(payload)))
+
+    def truncate_journal(self, through: int) -> None:
+        self._writable("truncate_journal")
+        if isinstance(through, bool) or not isinstance(through, int) or through < 0:
+            raise ValueError(f"truncate_journal: 'through' expected a non-negative int, got {through!r}")
+        self.staged_truncate = max(through, self.staged_truncate or 0)
+
+    def journal_head(self) -> int:
+        return max([self._committed_head(), *(seq for seq, _, _ in self.staged_journal)])
 
     def put_blob(self, name: str, payload: bytes) -> None:
+        self._writable("put_blob")
         if not isinstance(name, str) or not name:
             raise ValueError(f"put_blob: 'name' expected a non-empty string, got {name!r}")
         if not isinstance(payload, (bytes, bytearray)):
             raise ValueError(f"put_blob: blob {name!r} expected bytes, got {type(payload).__name__}")
-        self.staged_blobs[name] = (bytes(payload), checksum(payload))
+        self.staged_blobs[name] = (bytes(payload), payload_checksum(payload))
 
     def get_blob(self, name: str) -> bytes | None:
         if not isinstance(name, str) or not name:
@@ -314,72 +320,126 @@ class _Staging:
         if row is None:
             return None
         payload, digest = row
-        if checksum(payload) != digest:
+        if payload_checksum(payload) != digest:
             raise CorruptRecordError(f"blob {name!r}: stored payload fails its checksum")
         return payload
 
-    def truncate_journal(self, through: int) -> None:
-        if isinstance(through, bool) or not isinstance(through, int) or through < 0:
-            raise ValueError(f"truncate_journal: 'through' expected a non-negative int, got {through!r}")
-        self.staged_truncate = max(through, self.staged_truncate or 0)
-
-    def journal_head(self) -> int:
-        return max([self._committed_head(), *(seq for seq, _, _ in self.staged_journal)])
-
     def rollback(self) -> None:
-        self.staged.clear()
+        self._batches.clear()
+        self._pos.clear()
         self.staged_journal.clear()
         self.staged_truncate = None
         self.staged_blobs.clear()
 
-    def _committed_head(self) -> int:
-        raise NotImplementedError
+    def __enter__(self):
+        return self
 
-    def _committed_blob(self, name: str) -> tuple[bytes, str] | None:
-        raise NotImplementedError
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def snapshot(self):
+        """A context in which every read sees one committed state of the store (a read-only view replaying the
+        journal reads records and entries from the same moment)."""
+        return contextlib.nullcontext()
+
+    def _has_staged(self) -> bool:
+        return bool(self._pos or self.staged_journal or self.staged_truncate is not None or self.staged_blobs)
 
     def _staged_entries(self, after: int) -> Iterator[tuple[int, bytes]]:
         for seq, payload, _ in self.staged_journal:
             if seq > after and (self.staged_truncate is None or seq > self.staged_truncate):
                 yield seq, payload
 
+    def _writable(self, op: str) -> None:
+        if self.readonly:
+            raise ReadOnlyStoreError(f"{self.what} is open read-only: {op} is refused")
 
-def _verified(seq: int, payload: bytes, digest: str) -> tuple[int, bytes]:
-    if checksum(payload) != digest:
+    # backend hooks
+    def _read_committed(self, ids: list[str]) -> Rows:
+        raise NotImplementedError
+
+    def _bind_committed(self, layout: RecordLayout, fingerprint: str) -> None:
+        raise NotImplementedError
+
+    def _has_content(self) -> bool:
+        raise NotImplementedError
+
+    def _committed_head(self) -> int:
+        raise NotImplementedError
+
+    def _committed_blob(self, name: str) -> tuple[bytes, int] | None:
+        raise NotImplementedError
+
+
+
+
+def _place(out: Rows, at: np.ndarray, rows: Rows, take: np.ndarray | None = None) -> None:
+    """Copy ``rows`` (or its rows ``take``) into positions ``at`` of ``out``."""
+    take = slice(None) if take is None else take
+    out.found[at], out.data[at], out.steps[at] = rows.found[take], rows.data[take], rows.steps[take]
+    out.last_timestamp[at], out.journal_seq[at] = rows.last_timestamp[take], rows.journal_seq[take]
+
+
+def verified(seq: int, payload: bytes, digest: int) -> tuple[int, bytes]:
+    """A journal entry, checked against its checksum."""
+    if payload_checksum(payload) != digest:
         raise CorruptJournalError(f"journal entry {seq}: stored entry fails its checksum")
     return seq, payload
 
 
-class MemoryStore(_Staging):
-    """An in-memory :class:`JournaledStore` and :class:`BlobStore` (tests, ephemeral runs). Records are kept
-    encoded, exactly as on disk.
+class _ProcessLease:
+    """The lease of an in-memory store: held by this process for the store's lifetime."""
+
+    def __init__(self):
+        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": None}
+
+    def release(self) -> None:
+        pass
+
+
+class MemoryStore(StagedStore):
+    """An in-memory :class:`JournaledStore` and :class:`BlobStore` (tests, ephemeral runs). Records are kept as
+    rows with their checksums, exactly as on disk.
 
     Example:
         >>> import torch
         >>> store = MemoryStore()
-        >>> store.put({"meter-1": StreamRecord({"h": torch.ones(2)}, 1.0, 1, "m")})
+        >>> store.put({"meter-1": StreamRecord({"h": torch.ones(1, 2)}, 1.0, 1, "m")})
         >>> store.commit()
         >>> store.get(["meter-1", "meter-2"])["meter-2"] is None
         True
     """
 
     durable = False
+    what = "MemoryStore"
 
     def __init__(self):
         super().__init__()
-        self.committed: dict[str, bytes] = {}
-        self.journal: dict[int, tuple[bytes, str]] = {}
-        self.blobs: dict[str, tuple[bytes, str]] = {}
+        self.lease = _ProcessLease()
+        self.committed: dict[str, tuple[np.ndarray, int, float, int, int]] = {}
+        self.journal: dict[int, tuple[bytes, int]] = {}
+        self.blobs: dict[str, tuple[bytes, int]] = {}
         self.head = 0
 
-    def get(self, stream_ids, fingerprint=None):
-        out = {}
-        for sid in check_ids(stream_ids):
-            payload = self.staged.get(sid, self.committed.get(sid))
-            out[sid] = None if payload is None or payload is _DELETED else decode(payload, sid)
-            if out[sid] is not None:
-                _check_fingerprint(sid, out[sid], fingerprint)
+    def _read_committed(self, ids):
+        out = Rows.empty(len(ids), self.layout.nbytes)
+        for i, sid in enumerate(ids):
+            row = self.committed.get(sid)
+            if row is None:
+                continue
+            data, steps, last, seq, crc = row
+            if int(row_checksums(data[None])[0]) != crc:
+                out.failed[i] = "stored record fails its checksum"
+                continue
+            out.found[i], out.data[i], out.steps[i], out.last_timestamp[i], out.journal_seq[i] = \
+                True, data, steps, last, seq
         return out
+
+    def _bind_committed(self, layout, fingerprint):
+        pass
+
+    def _has_content(self):
+        return bool(self.committed or self.journal or self.blobs)
 
     def iterate(self):
         return iter(sorted(self.committed))
@@ -387,15 +447,19 @@ class MemoryStore(_Staging):
     def read_journal(self, after: int = 0):
         for seq in sorted(s for s in self.journal if s > after):
             if self.staged_truncate is None or seq > self.staged_truncate:
-                yield _verified(seq, *self.journal[seq])
+                yield verified(seq, *self.journal[seq])
         yield from self._staged_entries(after)
 
     def commit(self):
-        for sid, payload in self.staged.items():
-            if payload is _DELETED:
-                self.committed.pop(sid, None)
-            else:
-                self.committed[sid] = payload
+        if not self._has_staged():
+            return
+        ids, rows, deletes = self._staged_rows()
+        sums = row_checksums(rows.data)
+        for i, sid in enumerate(ids):
+            self.committed[sid] = (rows.data[i].copy(), int(rows.steps[i]), float(rows.last_timestamp[i]),
+                                   int(rows.journal_seq[i]), int(sums[i]))
+        for sid in deletes:
+            self.committed.pop(sid, None)
         for seq, payload, digest in self.staged_journal:
             self.journal[seq] = (payload, digest)
             self.head = max(self.head, seq)
@@ -417,142 +481,3 @@ class MemoryStore(_Staging):
     def __len__(self):
         return len(self.committed)
 
-
-class SQLiteStore(_Staging):
-    """The embedded default :class:`JournaledStore` and :class:`BlobStore`: one SQLite file in WAL mode, one row
-    per stream, one row per journal entry, one row per blob.
-
-    Args:
-        path: the database file (created if missing).
-        synchronous: SQLite's ``synchronous`` setting, ``"NORMAL"`` (survives process crashes) or ``"FULL"``
-            (also survives power loss).
-        timeout: seconds to wait for a lock held by another connection.
-
-    Example:
-        >>> import tempfile, torch
-        >>> path = tempfile.mkdtemp() + "/state.db"
-        >>> store = SQLiteStore(path)
-        >>> store.put({"turbine/7": StreamRecord({"h": torch.arange(3.0)}, 10.0, 3, "model-a")})
-        >>> store.append_journal(1, b"observations")
-        >>> store.commit(); store.close()
-        >>> again = SQLiteStore(path)
-        >>> again.get(["turbine/7"])["turbine/7"].steps, list(again.read_journal()), again.journal_head()
-        (3, [(1, b'observations')], 1)
-    """
-
-    durable = True
-
-    def __init__(self, path: str | Path, synchronous: str = "NORMAL", timeout: float = 30.0):
-        super().__init__()
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError(f"SQLiteStore: 'synchronous' expected 'NORMAL' or 'FULL', got {synchronous!r}")
-        self.path = Path(path)
-        self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
-        try:
-            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise StoreError(f"SQLiteStore: {self.path} cannot use write-ahead logging (journal mode {mode})")
-            self.conn.execute(f"PRAGMA synchronous={synchronous}")
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self.conn.execute("CREATE TABLE IF NOT EXISTS streams (stream_id TEXT PRIMARY KEY, payload BLOB NOT NULL, "
-                              "checksum TEXT NOT NULL)")
-            self.conn.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL, "
-                              "checksum TEXT NOT NULL)")
-            self.conn.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, payload BLOB NOT NULL, "
-                              "checksum TEXT NOT NULL)")
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('journal_head', '0')")
-            version = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-            if version in ("1", "2"):
-                # version 1 had no journal, version 2 no blobs: the tables above complete them
-                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
-                version = SCHEMA_VERSION
-            self.conn.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
-            self.conn.close()
-            raise StoreError(f"SQLiteStore: {self.path} is not a usable state store ({e})") from None
-        if version != SCHEMA_VERSION:
-            self.conn.close()
-            raise StoreError(f"SQLiteStore: {self.path} has schema version {version}, expected {SCHEMA_VERSION}")
-
-    def get(self, stream_ids, fingerprint=None):
-        ids = check_ids(stream_ids)
-        out: dict[str, StreamRecord | None] = {}
-        missing = []
-        for sid in ids:
-            if sid in self.staged:
-                payload = self.staged[sid]
-                out[sid] = None if payload is _DELETED else decode(payload, sid)
-            else:
-                missing.append(sid)
-        rows = {}
-        for start in range(0, len(missing), _SQL_BATCH):
-            part = missing[start:start + _SQL_BATCH]
-            marks = ",".join("?" * len(part))
-            rows.update({sid: (payload, digest) for sid, payload, digest in self.conn.execute(
-                f"SELECT stream_id, payload, checksum FROM streams WHERE stream_id IN ({marks})", part)})
-        for sid in missing:
-            if sid not in rows:
-                out[sid] = None
-                continue
-            payload, digest = rows[sid]
-            if checksum(payload) != digest:
-                raise CorruptRecordError(f"stream {sid!r}: stored record fails its checksum")
-            out[sid] = decode(payload, sid)
-        for sid in ids:
-            if out[sid] is not None:
-                _check_fingerprint(sid, out[sid], fingerprint)
-        return {sid: out[sid] for sid in ids}
-
-    def iterate(self):
-        for (sid,) in self.conn.execute("SELECT stream_id FROM streams ORDER BY stream_id"):
-            yield sid
-
-    def read_journal(self, after: int = 0):
-        # entries are fetched one at a time (the journal can be large) and each statement is finished before the
-        # next, so that a caller may commit between entries
-        floor = max(after, self.staged_truncate or 0)
-        seqs = [seq for (seq,) in self.conn.execute("SELECT seq FROM journal WHERE seq > ? ORDER BY seq", (floor,))]
-        for seq in seqs:
-            row = self.conn.execute("SELECT payload, checksum FROM journal WHERE seq = ?", (seq,)).fetchone()
-            if row is not None:
-                yield _verified(seq, *row)
-        yield from self._staged_entries(after)
-
-    def commit(self):
-        if not (self.staged or self.staged_journal or self.staged_truncate is not None or self.staged_blobs):
-            return
-        puts = [(sid, payload, checksum(payload)) for sid, payload in self.staged.items() if payload is not _DELETED]
-        deletes = [(sid,) for sid, payload in self.staged.items() if payload is _DELETED]
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?, ?)", puts)
-            self.conn.executemany("DELETE FROM streams WHERE stream_id = ?", deletes)
-            if self.staged_journal:
-                self.conn.executemany("INSERT INTO journal VALUES (?, ?, ?)", self.staged_journal)
-                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'journal_head'",
-                                  (str(max(seq for seq, _, _ in self.staged_journal)),))
-            if self.staged_truncate is not None:
-                self.conn.execute("DELETE FROM journal WHERE seq <= ?", (self.staged_truncate,))
-            self.conn.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
-                                  [(name, payload, digest) for name, (payload, digest) in self.staged_blobs.items()])
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        self.rollback()
-
-    def close(self):
-        self.rollback()
-        self.conn.close()
-
-    def _committed_head(self):
-        return int(self.conn.execute("SELECT value FROM meta WHERE key = 'journal_head'").fetchone()[0])
-
-    def _committed_blob(self, name):
-        return self.conn.execute("SELECT payload, checksum FROM blobs WHERE name = ?", (name,)).fetchone()
-
-    def __len__(self):
-        return self.conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0]

@@ -5,6 +5,8 @@ the per-channel scaling statistics) lives in one pool ``[capacity, *shape]``; a 
 of them. Streams not in the working set live in the store. A miss loads the stream's record into a free slot; when
 none is free, the least recently used streams (never those of the call being served) are evicted, and those whose
 state changed since it was last written (dirty) are first written to the store, bit for bit, and committed.
+Streams move between the pools and the store as rows (one ``uint8`` row per stream in the store's
+:class:`~gdn2ts.streaming.records.RecordLayout`), many per call.
 
 Bookkeeping that the host reads often (last timestamps, step counts, dirty flags, recency) is kept in NumPy
 arrays next to the pools, so that grouping and rejection never wait on the device.
@@ -19,7 +21,9 @@ import numpy as np
 import torch
 
 from gdn2ts.models import EncoderState
-from gdn2ts.streaming.store import CorruptRecordError, StateStore, StreamRecord
+from gdn2ts.streaming.errors import StoreError
+from gdn2ts.streaming.records import RecordLayout, Rows
+from gdn2ts.streaming.store import StateStore
 
 __all__ = ["StateLayout", "WorkingSet", "STATS"]
 
@@ -81,17 +85,9 @@ class StateLayout:
                        kind(*(flat[f"layer{i}.{f}"] for f in kind._fields)) for i, kind in enumerate(self.layer_types))
         return self.state_type(layers, flat["last_time"], flat["last_output"])
 
-    def check(self, stream_id: str, record: StreamRecord) -> None:
-        """Raise :class:`CorruptRecordError` naming the stream when a record's tensors do not fit this layout."""
-        names = set(record.tensors)
-        if names != set(self.shapes):
-            raise CorruptRecordError(
-                f"stream {stream_id!r}: stored record holds tensors {sorted(names)}, expected {sorted(self.shapes)}")
-        for name, t in record.tensors.items():
-            if tuple(t.shape) != (1, *self.shapes[name]) or t.dtype != self.dtypes[name]:
-                raise CorruptRecordError(
-                    f"stream {stream_id!r}: stored tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected "
-                    f"{self.dtypes[name]} {(1, *self.shapes[name])}")
+    def record_layout(self) -> RecordLayout:
+        """The store's record layout of these components (in this order)."""
+        return RecordLayout([(name, self.dtypes[name], self.shapes[name]) for name in self.template])
 
 
 class WorkingSet:
@@ -119,6 +115,9 @@ class WorkingSet:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"WorkingSet: 'capacity' expected a positive int, got {capacity!r}")
         self.layout, self.capacity, self.store, self.fingerprint = layout, capacity, store, fingerprint
+        self.record_layout = layout.record_layout()
+        # the store belongs to one model: another model's store is refused here, before any stream is touched
+        store.bind(self.record_layout, fingerprint)
         self.pools = {name: t.new_empty((capacity, *t.shape[1:])) for name, t in layout.template.items()}
         for name, pool in self.pools.items():
             pool.copy_(layout.template[name].expand_as(pool))
@@ -138,10 +137,12 @@ class WorkingSet:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def acquire(self, stream_ids: Sequence[str]) -> np.ndarray:
+    def acquire(self, stream_ids: Sequence[str], failed: dict[str, str] | None = None) -> np.ndarray:
         """Slots of distinct ``stream_ids``, loading misses from the store (new streams start from the template).
 
-        Nothing held changes when a record is refused (fingerprint, checksum, layout): the error is raised first.
+        A stored record that cannot be used (its checksum fails) raises :class:`CorruptRecordError` naming the
+        stream, before anything held changes; with ``failed``, such streams are listed there instead (stream ->
+        why), get slot -1, and the others are loaded.
         """
         self.tick += 1
         slots = np.fromiter((self.slot_of.get(s, -1) for s in stream_ids), dtype=np.int64, count=len(stream_ids))
@@ -154,12 +155,16 @@ class WorkingSet:
             raise ValueError(f"a call touches {len(stream_ids)} streams, more than the working set's capacity "
                              f"{self.capacity}: split the batch or raise 'capacity'")
         ids = [stream_ids[i] for i in miss]
-        records = self.store.get(ids, fingerprint=self.fingerprint)
-        for sid, rec in records.items():
-            if rec is not None:
-                self.layout.check(sid, rec)
+        rows = self.store.read_rows(ids)
+        if rows.failed:
+            if failed is None:
+                rows.raise_failed(ids)
+            failed.update({ids[i]: why for i, why in rows.failed.items()})
+            keep = np.array([i not in rows.failed for i in range(len(ids))], dtype=bool)
+            miss, ids = miss[keep], [sid for sid, k in zip(ids, keep, strict=True) if k]
+            rows = Rows(*(f[keep] for f in rows[:5]), {})
         new = self._allocate(len(ids))
-        self._fill(new, ids, records)
+        self._fill(new, ids, rows)
         slots[miss] = new
         return slots
 
@@ -202,13 +207,17 @@ class WorkingSet:
         self.seqs[slots] = seq
         self.dirty[slots] = dirty
 
-    def records(self, slots: np.ndarray, journal_seq: int) -> dict[str, StreamRecord]:
-        """Records of the held streams in ``slots`` (views of a host copy of their rows)."""
-        host = {name: t.cpu() for name, t in self.gather(slots).items()}
-        return {self.id_of[s]: StreamRecord({name: t[j:j + 1] for name, t in host.items()},
-                                            last_timestamp=float(self.last_time[s]), steps=int(self.steps[s]),
-                                            fingerprint=self.fingerprint, journal_seq=journal_seq)
-                for j, s in enumerate(slots.tolist())}
+    def rows(self, slots: np.ndarray, journal_seq: int) -> Rows:
+        """The held streams in ``slots`` as store rows."""
+        return self.pack(self.gather(slots), slots, self.steps[slots], journal_seq)
+
+    def pack(self, flat: dict[str, torch.Tensor], slots: np.ndarray, steps: np.ndarray, journal_seq: int) -> Rows:
+        """Store rows of ``flat`` (``{name: [n, *shape]}``) with ``steps`` ``[n]`` (``slots`` only sizes them)."""
+        n = len(slots)
+        data = self.record_layout.pack(flat)
+        last = flat["last_time"].reshape(n).cpu().numpy().astype(np.float64)
+        return Rows(np.ones(n, dtype=bool), data, np.asarray(steps, dtype=np.int64), last,
+                    np.full(n, journal_seq, dtype=np.int64), {})
 
     def write_dirty(self, slots: np.ndarray | None = None) -> int:
         """Write the dirty streams among ``slots`` (all held, by default) to the store, a chunk per committed
@@ -217,7 +226,7 @@ class WorkingSet:
         for start in range(0, dirty.size, _SPILL_CHUNK):
             part = dirty[start:start + _SPILL_CHUNK]
             try:
-                self.store.put(self.records(part, self.seq))
+                self.store.write_rows([self.id_of[i] for i in part.tolist()], self.rows(part, self.seq))
                 self.store.commit()
             except BaseException:
                 self.store.rollback()
@@ -241,6 +250,10 @@ class WorkingSet:
         order = np.argpartition(self.used[candidates], need - 1)[:need] if need < candidates.size else \
             np.arange(candidates.size)
         victims = candidates[order]
+        if self.store.readonly and self.dirty[victims].any():
+            raise StoreError(f"a read-only view holds {int(self.dirty.sum())} streams changed since the writer's "
+                             f"last snapshot, and its capacity {self.capacity} is too small to hold them and "
+                             "more: raise 'capacity'")
         # a dirty victim is committed to the store before its slot is reused: nothing is lost if that fails
         self.write_dirty(victims)
         for s in victims.tolist():
@@ -249,23 +262,22 @@ class WorkingSet:
         self.occupied[victims] = False
         return np.concatenate([free, victims])
 
-    def _fill(self, slots: np.ndarray, ids: list[str], records: dict[str, StreamRecord | None]) -> None:
+    def _fill(self, slots: np.ndarray, ids: list[str], rows: Rows) -> None:
         device = next(iter(self.pools.values())).device
         index = torch.from_numpy(slots).to(device)
-        loaded = [j for j, sid in enumerate(ids) if records[sid] is not None]
+        loaded = np.flatnonzero(rows.found)
+        tensors = self.record_layout.unpack(rows.data[loaded]) if loaded.size else {}
+        at = index[torch.from_numpy(loaded).to(device)]
+        fresh = np.flatnonzero(~rows.found)
+        empty = index[torch.from_numpy(fresh).to(device)] if fresh.size else None
         for name, pool in self.pools.items():
-            pool.index_copy_(0, index, self.layout.template[name].expand(len(ids), *pool.shape[1:]))
-            if loaded:
-                rows = torch.cat([records[ids[j]].tensors[name] for j in loaded]).to(device)
-                pool.index_copy_(0, index[loaded], rows)
-        self.last_time[slots] = -math.inf
-        self.steps[slots] = 0
-        self.seqs[slots] = 0
-        for j in loaded:
-            rec = records[ids[j]]
-            self.last_time[slots[j]] = float(rec.tensors["last_time"].reshape(-1)[0])
-            self.steps[slots[j]] = rec.steps
-            self.seqs[slots[j]] = rec.journal_seq
+            if empty is not None:
+                pool.index_copy_(0, empty, self.layout.template[name].expand(fresh.size, *pool.shape[1:]))
+            if loaded.size:
+                pool.index_copy_(0, at, tensors[name].to(device))
+        self.last_time[slots] = np.where(rows.found, rows.last_timestamp, -math.inf)
+        self.steps[slots] = np.where(rows.found, rows.steps, 0)
+        self.seqs[slots] = np.where(rows.found, rows.journal_seq, 0)
         self.dirty[slots] = False
         self.occupied[slots] = True
         self.used[slots] = self.tick

@@ -2,11 +2,15 @@
 none half-applied.
 
 Each trial starts a child (forked from a fork server that has already imported torch) that opens the runner on
-one SQLite file (replaying whatever journal the previous victim left), continues with the next batch, and appends
-the number of each call to an acknowledgement file after the call returns. The parent kills it after a random
-delay (during start-up and replay, an observe call, a spill or a snapshot), copies the database, opens a runner on
+one store (replaying whatever journal the previous victim left), continues with the next batch, and appends the
+number of each call to an acknowledgement file after the call returns. The parent kills it after a random delay
+(during start-up and replay, an observe call, a spill or a snapshot), copies the store's files, opens a runner on
 the copy and checks that every stream's state is bit for bit that of an uninterrupted run over exactly the
 acknowledged calls, or those plus the call in flight, and that SQLite finds the file intact.
+
+One trial in three kills the child inside a write of records to the slab: there the child writes every slot in two
+halves with a pause between and marks the start and end of each write, and the parent kills it a moment after a
+start, so that the slab holds half-written slots and half-written batches when it dies.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from gdn2ts.models import EncoderConfig, StreamEncoder
 from gdn2ts.streaming import CommitPolicy, MemoryStore, OnlineRunner, SQLiteStore
+from gdn2ts.streaming.slab import Slab
 
 CHANNELS = ["a", "b"]
 STREAMS = [f"s{i}" for i in range(12)]
@@ -59,11 +64,29 @@ def batches() -> list[pl.DataFrame]:
 BATCHES = batches()
 
 
-def victim(db: str, acks: str) -> None:
+def slow_slab_writes(fd: int) -> None:
+    """Make this process write each slab slot in two halves with a pause between, marking each write."""
+
+    def write(self, slots, data):
+        os.write(fd, b"slab\n")
+        self.reserve(int(np.max(slots)) + 1 if len(slots) else 0)
+        for slot, row in zip(np.asarray(slots).tolist(), np.asarray(data), strict=True):
+            half = len(row) // 2
+            os.pwrite(self.fd, row[:half].tobytes(), slot * self.slot_bytes)
+            time.sleep(0.002)
+            os.pwrite(self.fd, row[half:].tobytes(), slot * self.slot_bytes + half)
+        os.write(fd, b"slab-done\n")
+
+    Slab.write = write
+
+
+def victim(db: str, acks: str, slow_slab: bool = False) -> None:
     """The child: continue the stream from where the store stands, acknowledging each returned call."""
     torch.set_num_threads(1)
     parts = BATCHES
     fd = os.open(acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    if slow_slab:
+        slow_slab_writes(fd)
     os.write(fd, b"start\n")
     runner = OnlineRunner(encoder(), SQLiteStore(db), CHANNELS, capacity=CAPACITY, policy=POLICY)
     os.write(fd, b"ready\n")
@@ -120,27 +143,31 @@ def run_trials(n_trials: int, tmp_path: Path, seed: int) -> dict:
     reference = reference_states()
     before_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic as the child's (and quicker on a busy machine)
-    seen = {"in_flight_applied": 0, "acknowledged_only": 0, "in_start_up": 0, "finished": 0, "calls": 0}
+    seen = {"in_flight_applied": 0, "acknowledged_only": 0, "in_start_up": 0, "in_slab_write": 0, "finished": 0,
+            "calls": 0}
     generation, done = 0, 0
     try:
         db, acks = tmp_path / "g0.db", tmp_path / "g0.acks"
         for trial in range(n_trials):
-            # one kill in five lands while the runner opens (and replays the previous victim's journal)
-            start_up = rng.random() < 0.2
-            mark = b"start" if start_up else b"ready"
+            # one kill in three lands inside a slab write, one in five of the others while the runner opens (and
+            # replays the previous victim's journal)
+            slab_write = trial % 3 == 2
+            start_up = not slab_write and rng.random() < 0.2
+            mark = b"slab" if slab_write else b"start" if start_up else b"ready"
             earlier = lines(acks).count(mark)
-            child = ctx.Process(target=victim, args=(str(db), str(acks)))
+            child = ctx.Process(target=victim, args=(str(db), str(acks), slab_write))
             child.start()
             wait_for(acks, mark, earlier, child)
-            time.sleep(rng.uniform(0.0, 0.03 if start_up else 0.15))
+            time.sleep(rng.uniform(0.0, 0.004 if slab_write else 0.03 if start_up else 0.15))
             child.kill()  # SIGKILL
             child.join()
             assert child.exitcode in (0, -signal.SIGKILL), f"trial {trial}: the child failed ({child.exitcode})"
             seen["in_start_up"] += start_up
+            seen["in_slab_write"] += bool(lines(acks)) and lines(acks)[-1] == b"slab"
             acked = acknowledged(acks)
             # check a copy, so that the next victim starts from exactly what this one left (replay included)
             copy = tmp_path / f"check{trial}.db"
-            for suffix in ("", "-wal"):
+            for suffix in ("", "-wal", "-slab"):  # the database, its log and the records' slab
                 if Path(f"{db}{suffix}").exists():
                     shutil.copyfile(f"{db}{suffix}", f"{copy}{suffix}")
             con = sqlite3.connect(copy)
@@ -161,7 +188,7 @@ def run_trials(n_trials: int, tmp_path: Path, seed: int) -> dict:
                 seen["finished"] += 1
                 generation, done = generation + 1, 0
                 db, acks = tmp_path / f"g{generation}.db", tmp_path / f"g{generation}.acks"
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", "-slab", "-lock"):
                 Path(f"{copy}{suffix}").unlink(missing_ok=True)
     finally:
         torch.set_num_threads(before_threads)
@@ -170,8 +197,9 @@ def run_trials(n_trials: int, tmp_path: Path, seed: int) -> dict:
 
 def test_sigkill_at_random_points_loses_nothing_and_half_applies_nothing(tmp_path):
     seen = run_trials(50, tmp_path, seed=1)
-    # the victims got somewhere, and the kills landed in different places
+    # the victims got somewhere, and the kills landed in different places, slab writes included
     assert seen["calls"] >= 25 and seen["acknowledged_only"] > 0 and seen["in_start_up"] > 0
+    assert seen["in_slab_write"] >= 5, seen
 
 
 @pytest.mark.slow

@@ -20,6 +20,9 @@ from gdn2ts.streaming import (
     SQLiteStore,
 )
 from gdn2ts.streaming.journal import Entry, decode_entry, encode_entry
+from gdn2ts.streaming.records import RecordLayout
+
+from stored import dump
 
 CHANNELS = ["a", "b"]
 ODD_IDS = ["'; DROP TABLE streams; --", "../../etc/passwd", "x\x00y", "流-β", "", "NULL"]
@@ -55,13 +58,6 @@ def parts(ids=("s0", "s1", "s2"), n_calls=6, seed=0, per_call=None):
     return out
 
 
-def dump(path):
-    """Everything the database holds, byte for byte."""
-    con = sqlite3.connect(path)
-    try:
-        return {t: con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("streams", "journal", "meta")}
-    finally:
-        con.close()
 
 
 def test_replay_after_a_crash_equals_the_uninterrupted_run(tmp_path):
@@ -78,7 +74,7 @@ def test_replay_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     # process now dies without closing
     entries = [s for s, _ in first.store.read_journal()]
     assert entries and max(r.journal_seq for r in first.store.get(ids).values() if r is not None) >= entries[0]
-    first.store.conn.close()
+    first.store.close()  # dies (the lease goes with it)
     second = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS, capacity=3)
     assert list(second.store.read_journal()) == []  # replayed, then snapshotted
     second.observe(batches[10])
@@ -158,41 +154,65 @@ def test_stale_rows_are_rejected_by_stream_while_others_proceed(tmp_path):
     assert runner.store.journal_head() == 2
 
 
-def test_state_from_another_model_and_corrupt_records_are_named(tmp_path):
+def corrupt(path, stream_id: str, at: int = -3) -> None:
+    """Flip one bit of a stream's record in the store's slab."""
+    con = sqlite3.connect(path)
+    slot = con.execute("SELECT slot FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()[0]
+    layout = RecordLayout.from_json(con.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()[0])
+    con.close()
+    with open(f"{path}-slab", "r+b") as f:
+        f.seek(slot * layout.nbytes + (at % layout.nbytes))
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def test_a_corrupt_record_fails_only_its_own_stream(tmp_path):
     with OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS) as first:
         first.observe(parts()[0])
-    raw = sqlite3.connect(tmp_path / "s.db")
-    payload = bytearray(raw.execute("SELECT payload FROM streams WHERE stream_id = 's1'").fetchone()[0])
-    payload[-3] ^= 0x01
-    raw.execute("UPDATE streams SET payload = ? WHERE stream_id = 's1'", (bytes(payload),))
-    raw.commit()
-    raw.close()
+    corrupt(tmp_path / "s.db", "s1")
     before = dump(tmp_path / "s.db")
     runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
+    batch = parts()[2]
+    result = runner.observe(batch)
+    s1_rows = batch.filter(pl.col("stream") == "s1").height
+    assert result.accepted == batch.height - s1_rows > 0
+    assert len(result.rejected) == s1_rows
+    assert all(r[0] == "s1" and "stream 's1': stored record fails its checksum" in r[2] for r in result.rejected)
+    fc = runner.forecast(["s0", "s1", "s2"])
+    bad = fc.filter(pl.col("stream") == "s1")
+    assert bad["error"].to_list() == ["stored record fails its checksum"] * bad.height
+    assert bad["q0.5"].null_count() == bad.height
+    assert fc.filter(pl.col("stream") != "s1")["error"].null_count() == fc.height - bad.height
+    assert fc.filter(pl.col("stream") != "s1")["q0.5"].null_count() == 0
     with pytest.raises(CorruptRecordError, match="stream 's1': stored record fails its checksum"):
-        runner.observe(parts()[2])
-    with pytest.raises(CorruptRecordError, match="stream 's1'"):
-        runner.forecast(["s1"])
+        runner.stats(["s1"])
+    runner.close()
+    after = dump(tmp_path / "s.db")
+    assert after["records"]["s1"] == before["records"]["s1"]
+    assert [r for r in after["streams"] if r[0] == "s1"] == [r for r in before["streams"] if r[0] == "s1"]
+
+
+def test_a_store_of_another_model_refuses_its_runner(tmp_path):
+    with OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS) as first:
+        first.observe(parts()[0])
+    before = dump(tmp_path / "s.db")
+    with pytest.raises(FingerprintMismatchError, match="holds the states of model"):
+        OnlineRunner(encoder(seed=5), SQLiteStore(tmp_path / "s.db"), CHANNELS)
+    store = SQLiteStore(tmp_path / "s.db")  # the refused runner closed the store and released its lease
+    with pytest.raises(FingerprintMismatchError, match="stored state was written by model"):
+        store.get(["s0"], fingerprint="another-model")
+    store.close()
     assert dump(tmp_path / "s.db") == before
-    assert runner.observe(parts()[2].filter(pl.col("stream") != "s1")).accepted > 0  # other streams proceed
-    runner.flush()
-    assert [r for r in dump(tmp_path / "s.db")["streams"] if r[0] == "s1"] == \
-        [r for r in before["streams"] if r[0] == "s1"]
-    other = OnlineRunner(encoder(seed=5), SQLiteStore(tmp_path / "t.db"), CHANNELS)
-    other.store.conn.execute("ATTACH DATABASE ? AS src", (str(tmp_path / "s.db"),))
-    other.store.conn.execute("INSERT INTO streams SELECT * FROM src.streams WHERE stream_id = 's0'")
-    with pytest.raises(FingerprintMismatchError, match="stream 's0': stored state was written by model"):
-        other.observe([{"stream": "s0", "time": 100.0, "a": 1.0}])
-    assert other.store.journal_head() == 0
 
 
 def test_journal_entries_are_checked(tmp_path):
     runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
     for b in parts()[:3]:
         runner.observe(b)
-    runner.store.conn.close()  # dies with three entries in the journal
+    runner.store.close()  # dies with three entries in the journal (the lease goes with it)
     before = dump(tmp_path / "s.db")
-    with pytest.raises(FingerprintMismatchError, match="journal entry 1: written by model"):
+    with pytest.raises(FingerprintMismatchError, match="s.db holds the states of model"):
         OnlineRunner(encoder(seed=1), SQLiteStore(tmp_path / "s.db"), CHANNELS)
     with pytest.raises(ValueError, match=r"journal entry 1: written with channels \['a', 'b'\]"):
         OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), ["b", "a"])
@@ -230,11 +250,11 @@ def test_stream_ids_are_data(tmp_path):
     for r in (reference, runner):
         r.observe(rows[:6])
         r.observe(rows[6:])
-    runner.store.conn.close()
+    runner.store.close()  # dies (the lease goes with it)
     again = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
     assert again.forecast(ODD_IDS).equals(reference.forecast(ODD_IDS))
     assert sorted(again.store.iterate()) == sorted(ODD_IDS)
-    assert sorted(p.name for p in tmp_path.iterdir()) <= ["s.db", "s.db-shm", "s.db-wal"]
+    assert {p.name for p in tmp_path.iterdir()} <= {"s.db", "s.db-shm", "s.db-wal", "s.db-slab", "s.db-lock"}
 
 
 def test_a_failed_journal_commit_leaves_no_trace(tmp_path):

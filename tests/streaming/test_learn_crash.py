@@ -143,7 +143,7 @@ def test_sigkill_while_observing_and_learning(tmp_path):
             seen["kills"] += child.exitcode != 0
             acked = acknowledged(acks)
             copy = tmp_path / f"check{trial}.db"
-            for suffix in ("", "-wal"):
+            for suffix in ("", "-wal", "-slab"):  # the database, its log and the records' slab
                 if Path(f"{db}{suffix}").exists():
                     shutil.copyfile(f"{db}{suffix}", f"{copy}{suffix}")
             con = sqlite3.connect(copy)

@@ -9,6 +9,8 @@ import torch
 from gdn2ts.models import EncoderConfig, StreamEncoder
 from gdn2ts.streaming import FingerprintMismatchError, MemoryStore, OnlineRunner, SQLiteStore
 
+from stored import digest as store_digest
+
 CHANNELS = ["load", "temp"]
 
 
@@ -105,14 +107,17 @@ def test_bad_batches_change_nothing(rows, pattern):
 
 
 def test_state_written_by_another_model_is_refused(tmp_path):
+    """A store belongs to one model: a runner of another model is refused at open, before it can add a stream,
+    and the store is left as it was."""
     with OnlineRunner(encoder(seed=0), SQLiteStore(tmp_path / "s.db"), CHANNELS) as first:  # close: snapshot
         first.observe(batches()[0])
-    other = OnlineRunner(encoder(seed=1), SQLiteStore(tmp_path / "s.db"), CHANNELS)
-    with pytest.raises(FingerprintMismatchError, match="stream 's0': stored state was written by model"):
-        other.forecast(["s0"])
-    with pytest.raises(FingerprintMismatchError, match="stream 's0': stored state was written by model"):
-        other.observe(batches()[1])
-    assert other.store.get(["s0"])["s0"].steps == first.info(["s0"])["steps"][0]
+        steps = first.info(["s0"])["steps"][0]
+    before = store_digest(tmp_path / "s.db")
+    with pytest.raises(FingerprintMismatchError, match="holds the states of model .*, not of this model"):
+        OnlineRunner(encoder(seed=1), SQLiteStore(tmp_path / "s.db"), CHANNELS)
+    assert store_digest(tmp_path / "s.db") == before
+    with OnlineRunner(encoder(seed=0), SQLiteStore(tmp_path / "s.db"), CHANNELS) as again:
+        assert again.info(["s0"])["steps"][0] == steps
 
 
 def test_unknown_stream_forecast_is_an_error():

@@ -1,4 +1,4 @@
-"""State stores: exact round trips, atomic commits, checksums, model fingerprints, stream ids as data."""
+"""State stores: exact round trips, atomic commits, checksums, one model per store, stream ids as data."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from gdn2ts.streaming import (
     StoreError,
     StreamRecord,
 )
-from gdn2ts.streaming import store as store_module
+
+from stored import dump
 
 ODD_IDS = ["'; DROP TABLE streams; --", "../../etc/passwd", "meter/7\\x", "流-β", "", " ", "a" * 500, "NULL"]
 
@@ -85,7 +86,10 @@ def test_staged_writes_are_read_back_but_invisible_until_commit(make_store, tmp_
 
 
 def test_other_connection_sees_only_committed_batches(tmp_path):
-    writer, reader = SQLiteStore(tmp_path / "s.db"), SQLiteStore(tmp_path / "s.db")
+    writer = SQLiteStore(tmp_path / "s.db")
+    writer.put({"c": record(3)})
+    writer.commit()
+    reader = SQLiteStore(tmp_path / "s.db", readonly=True)
     writer.put({"a": record(1), "b": record(2)})
     assert reader.get(["a", "b"]) == {"a": None, "b": None}
     writer.commit()
@@ -103,10 +107,12 @@ def test_failed_commit_writes_nothing(tmp_path):
     store.commit()
     store.conn.execute("CREATE TRIGGER boom BEFORE INSERT ON streams WHEN NEW.stream_id = 'new' "
                        "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    before = dump(tmp_path / "s.db")
     store.put({"keep": record(9), "new": record(3)})
-    with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+    with pytest.raises(StoreError, match=r"s.db: commit failed: .*disk full"):
         store.commit()
-    fresh = SQLiteStore(tmp_path / "s.db")
+    assert dump(tmp_path / "s.db") == before
+    fresh = SQLiteStore(tmp_path / "s.db", readonly=True)
     got = fresh.get(["keep", "new"])
     assert same(got["keep"], record(1)) and got["new"] is None
     store.conn.execute("DROP TRIGGER boom")
@@ -134,7 +140,8 @@ def test_reopen_continues_where_it_stopped(tmp_path):
     assert all(same(got[sid], record(i)) for i, sid in enumerate(ODD_IDS))
     assert sorted(again.iterate()) == sorted(ODD_IDS)
     assert again.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert tmp_path.joinpath("s.db").exists() and len(list(tmp_path.iterdir())) <= 3  # no file per stream
+    # the database with SQLite's -wal and -shm, the slab and the lock file: no file per stream
+    assert {p.name for p in tmp_path.iterdir()} <= {"s.db", "s.db-wal", "s.db-shm", "s.db-slab", "s.db-lock"}
     again.close()
 
 
@@ -149,34 +156,59 @@ def test_stream_ids_are_data(make_store):
     assert all(same(got[sid], record(i)) for i, sid in enumerate(ODD_IDS) if i > 0)
 
 
-def test_checksum_failure_names_the_stream(tmp_path):
+def flip_bit(path, stream_id: str) -> None:
+    con = sqlite3.connect(path)
+    slot = con.execute("SELECT slot FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()[0]
+    con.close()
+    reader = SQLiteStore(path, readonly=True)
+    nbytes = reader.layout.nbytes
+    reader.close()
+    with open(f"{path}-slab", "r+b") as f:
+        f.seek(slot * nbytes + 5)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_checksum_failure_names_the_stream_and_spares_the_others(tmp_path):
     store = SQLiteStore(tmp_path / "s.db")
     store.put({"meter-9": record(1), "meter-1": record(2)})
     store.commit()
-    raw = sqlite3.connect(tmp_path / "s.db")
-    payload = bytearray(raw.execute("SELECT payload FROM streams WHERE stream_id = 'meter-9'").fetchone()[0])
-    payload[-1] ^= 0xFF
-    raw.execute("UPDATE streams SET payload = ? WHERE stream_id = 'meter-9'", (bytes(payload),))
-    raw.commit()
-    raw.close()
+    flip_bit(tmp_path / "s.db", "meter-9")
     with pytest.raises(CorruptRecordError, match="stream 'meter-9': stored record fails its checksum"):
         store.get(["meter-1", "meter-9"])
+    rows = store.read_rows(["meter-1", "meter-9", "none"])
+    assert rows.found.tolist() == [True, False, False] and rows.failed == {1: "stored record fails its checksum"}
     assert same(store.get(["meter-1"])["meter-1"], record(2))
     store.close()
 
 
-def test_undecodable_record_names_the_stream():
-    with pytest.raises(CorruptRecordError, match="stream 'x': stored record cannot be decoded"):
-        store_module.decode(b"\x00" * 16, "x")
-
-
-def test_state_from_another_model_is_refused(make_store):
+def test_a_store_belongs_to_one_model(make_store):
     store = make_store()
-    store.put({"a": record(1, fingerprint="model-a"), "b": record(2, fingerprint="model-b")})
+    store.put({"a": record(1, fingerprint="model-a")})
     store.commit()
+    assert store.model == "model-a"
     assert same(store.get(["a"], fingerprint="model-a")["a"], record(1))
-    with pytest.raises(FingerprintMismatchError, match="stream 'b': stored state was written by model 'model-b'"):
-        store.get(["a", "b"], fingerprint="model-a")
+    with pytest.raises(FingerprintMismatchError, match="stream 'b': a record of model 'model-b' cannot join"):
+        store.put({"c": record(3), "b": record(2, fingerprint="model-b")})
+    assert store.get(["c"])["c"] is None  # nothing of the refused put was staged
+    with pytest.raises(FingerprintMismatchError, match="stream 'a': stored state was written by model 'model-a'"):
+        store.get(["a"], fingerprint="model-b")
+    with pytest.raises(FingerprintMismatchError, match="holds the states of model 'model-a'"):
+        store.bind(store.layout, "model-b")
+    with pytest.raises(CorruptRecordError, match="tensor 'layer0.recurrent' is torch.float32"):
+        store.put({"d": StreamRecord({**record(4).tensors, "layer0.recurrent": torch.zeros(1, 2)}, 0.0, 0,
+                                     "model-a")})
+
+
+def test_an_empty_store_can_be_bound_again(make_store):
+    store = make_store()
+    store.put({"a": record(1, fingerprint="model-a")})
+    store.rollback()
+    store.bind(store.layout, "model-b")
+    store.put({"b": record(2, fingerprint="model-b")})
+    store.commit()
+    assert store.model == "model-b" and same(store.get(["b"])["b"], record(2, fingerprint="model-b"))
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -200,7 +232,7 @@ def test_bad_ids_and_files(make_store, tmp_path):
         store.get([1])
     not_db = tmp_path / "notes.txt"
     not_db.write_text("this is not a database " * 100)
-    with pytest.raises(StoreError, match="is not a usable state store"):
+    with pytest.raises(StoreError, match="notes.txt: open failed: not a usable state store"):
         SQLiteStore(not_db)
     with pytest.raises(ValueError, match="'synchronous' expected"):
         SQLiteStore(tmp_path / "x.db", synchronous="OFF")
@@ -208,7 +240,7 @@ def test_bad_ids_and_files(make_store, tmp_path):
 
 def test_large_batches(tmp_path):
     store = SQLiteStore(tmp_path / "s.db")
-    small = {f"stream-{i}": StreamRecord({"h": torch.full((4,), float(i))}, float(i), i, "m") for i in range(1200)}
+    small = {f"stream-{i}": StreamRecord({"h": torch.full((1, 4), float(i))}, float(i), i, "m") for i in range(1200)}
     store.put(small)
     store.commit()
     got = store.get(list(small))

@@ -1,0 +1,454 @@
+"""The embedded default store: an SQLite index, journal and blobs, with the records in a slab file beside it.
+
+Files for a store at ``state.db``: ``state.db`` (SQLite in WAL mode: the stream index, the journal, the blobs and
+the store's model and layout), ``state.db-slab`` (the records, one fixed-size slot each; see
+:mod:`gdn2ts.streaming.slab`) and ``state.db-lock`` (the writer lease; see :mod:`gdn2ts.streaming.lease`), plus
+SQLite's own ``-wal`` and ``-shm`` files.
+
+A commit writes the new records into free slots of the slab, then commits their index rows (slot, checksum,
+steps, last timestamp, journal entry), the journal and the blobs in one SQLite transaction; the slots the index no
+longer points to are free from then on. A process killed at any moment leaves every committed index row pointing
+at the bytes it was committed with. ``synchronous="NORMAL"`` (the default) survives the death of the process;
+``"FULL"`` also syncs the slab and the log at each commit, which survives a power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load as st_load
+
+from gdn2ts.streaming.errors import (
+    CorruptRecordError,
+    FingerprintMismatchError,
+    ReadOnlyStoreError,
+    StoreError,
+)
+from gdn2ts.streaming.lease import FileLease
+from gdn2ts.streaming.records import RecordLayout, Rows, payload_checksum, read_metadata, row_checksums
+from gdn2ts.streaming.slab import Slab
+from gdn2ts.streaming.store import StagedStore, verified
+
+__all__ = ["SQLiteStore"]
+
+# 4 moved the records into a slab of fixed-size slots and bound the store to one model; older files (records as
+# safetensors rows of the streams table) are converted on their first open for writing
+SCHEMA_VERSION = "4"
+_SQL_BATCH = 500  # stream ids per SELECT ... IN (...)
+# an index row of the streams table, as read: slot, steps, last timestamp, journal entry, checksum
+_META = np.dtype([("slot", np.int64), ("steps", np.int64), ("last", np.float64), ("seq", np.int64),
+                  ("checksum", np.int64)])
+
+
+class SQLiteStore(StagedStore):
+    """The embedded default :class:`~gdn2ts.streaming.store.JournaledStore` and
+    :class:`~gdn2ts.streaming.store.BlobStore`.
+
+    Args:
+        path: the database file (created if missing, unless ``readonly``).
+        synchronous: ``"NORMAL"`` (survives process crashes) or ``"FULL"`` (also survives power loss).
+        timeout: seconds to wait for SQLite's own locks.
+        readonly: open for reading beside a writer (no lease; every write raises ``ReadOnlyStoreError``).
+
+    Opening for writing takes the store's writer lease: a second writer, in this process or another, gets
+    :class:`~gdn2ts.streaming.errors.StoreLockedError` naming the holder. Every failure of the database or the
+    slab (a directory or a read-only location at the path, a full disk, a damaged file) is a
+    :class:`~gdn2ts.streaming.errors.StoreError` naming the path and the cause, and leaves the store as it was.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from gdn2ts.streaming.records import StreamRecord
+        >>> path = tempfile.mkdtemp() + "/state.db"
+        >>> store = SQLiteStore(path)
+        >>> store.put({"turbine/7": StreamRecord({"h": torch.arange(3.0)[None]}, 10.0, 3, "model-a")})
+        >>> store.append_journal(1, b"observations")
+        >>> store.commit()
+        >>> reader = SQLiteStore(path, readonly=True)
+        >>> reader.get(["turbine/7"])["turbine/7"].steps, list(reader.read_journal()), reader.journal_head()
+        (3, [(1, b'observations')], 1)
+        >>> store.close(); reader.close()
+    """
+
+    durable = True
+
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL", timeout: float = 30.0,
+                 readonly: bool = False):
+        super().__init__(readonly=readonly)
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"SQLiteStore: 'synchronous' expected 'NORMAL' or 'FULL', got {synchronous!r}")
+        self.path = Path(path)
+        self.what = f"SQLiteStore {self.path}"
+        self.synchronous = synchronous
+        self.conn: sqlite3.Connection | None = None
+        self.slab: Slab | None = None
+        self._free = np.zeros(0, dtype=np.int64)
+        self._top = 0
+        try:
+            is_dir, is_file = self.path.is_dir(), self.path.is_file()
+        except OSError as e:
+            raise self._error("open", e) from None
+        if is_dir:
+            raise StoreError(f"{self.what}: the path is a directory, not a state store file")
+        if readonly and not is_file:
+            raise StoreError(f"{self.what}: no store at this path to open read-only")
+        if not readonly:
+            self.lease = FileLease(f"{self.path}-lock", what=self.what)
+        try:
+            self._open(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------------------------------
+
+    def _open(self, timeout: float) -> None:
+        try:
+            if self.readonly:
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout,
+                                            isolation_level=None)
+            else:
+                self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+                mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StoreError(f"{self.what}: cannot use write-ahead logging (journal mode {mode})")
+            self.conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            version = self._schema() if self.readonly else self._create()
+        except sqlite3.Error as e:
+            raise self._error("open", e) from None
+        except OSError as e:
+            raise self._error("open", e) from None
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.what} has schema version {version}, expected {SCHEMA_VERSION} (open it for "
+                             "writing once to convert it)" if self.readonly and version in ("1", "2", "3") else
+                             f"{self.what} has schema version {version}, expected {SCHEMA_VERSION}")
+        meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        if "layout" in meta:
+            self.model, self.layout = meta["model"], RecordLayout.from_json(meta["layout"])
+            self._open_slab()
+
+    def _schema(self) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            raise StoreError(f"{self.what} is not a state store (no schema version)")
+        return row[0]
+
+    def _create(self) -> str:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('journal_head', '0')")
+            version = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            if version in ("1", "2", "3") and _has_table(c, "streams") and not _has_table(c, "legacy_streams"):
+                c.execute("ALTER TABLE streams RENAME TO legacy_streams")
+                for table in ("journal", "blobs"):
+                    if _has_table(c, table):
+                        c.execute(f"ALTER TABLE {table} RENAME TO legacy_{table}")
+            c.execute("CREATE TABLE IF NOT EXISTS streams (stream_id TEXT PRIMARY KEY, slot INTEGER NOT NULL, "
+                      "steps INTEGER NOT NULL, last_timestamp REAL NOT NULL, journal_seq INTEGER NOT NULL, "
+                      "checksum INTEGER NOT NULL) WITHOUT ROWID")
+            c.execute("CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL, "
+                      "checksum INTEGER NOT NULL)")
+            c.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, payload BLOB NOT NULL, "
+                      "checksum INTEGER NOT NULL)")
+            if version in ("1", "2", "3"):
+                self._convert_legacy()
+                c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+                version = SCHEMA_VERSION
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        return version
+
+    def _open_slab(self) -> None:
+        self.slab = Slab(f"{self.path}-slab", self.layout.nbytes, readonly=self.readonly)
+        if self.readonly:
+            return
+        used = np.fromiter((s for (s,) in self.conn.execute("SELECT slot FROM streams")), dtype=np.int64)
+        self._top = max(self.slab.capacity, int(used.max()) + 1 if used.size else 0)
+        taken = np.zeros(self._top, dtype=bool)
+        taken[used] = True
+        self._free = np.flatnonzero(~taken)
+
+    # -- backend hooks ---------------------------------------------------------------------------------------------
+
+    def _bind_committed(self, layout, fingerprint):
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                  [("model", fingerprint), ("layout", layout.spec)])
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise self._error("bind", e) from None
+        if self.slab is not None:
+            self.slab.close()
+        self.layout = layout
+        self._open_slab()
+
+    def _has_content(self):
+        return any(self._query(f"SELECT 1 FROM {t} LIMIT 1") for t in ("streams", "journal", "blobs"))
+
+    def _query(self, sql: str, params=(), op: str = "read") -> list[tuple]:
+        """All rows of one statement; a database failure is a :class:`StoreError` naming the store."""
+        if self.conn is None:
+            raise StoreError(f"{self.what} is closed")
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise self._error(op, e) from None
+
+    def _read_committed(self, ids):
+        n = len(ids)
+        out = Rows.empty(n, self.layout.nbytes)
+        if self.slab is None:  # bound in memory only (a read-only view of an empty store)
+            return out
+        try:
+            index = self._index(ids)
+            at = np.array([i for i, sid in enumerate(ids) if sid in index], dtype=np.int64)
+            if at.size == 0:
+                return out
+            meta = np.array([index[ids[i]] for i in at.tolist()], dtype=_META)
+            bad = at[self._fill(out, at, meta)]
+            if bad.size:
+                # a writer may have moved these streams to other slots (and reused theirs) after this reader's
+                # index snapshot: read what the index says now; a row failing again is corrupt
+                again = self._index([ids[i] for i in bad.tolist()])
+                moved = np.array([ids[i] in again and again[ids[i]] != index[ids[i]] for i in bad.tolist()],
+                                 dtype=bool)
+                if moved.any():
+                    meta2 = np.array([again[ids[i]] for i in bad[moved].tolist()], dtype=_META)
+                    bad = np.concatenate([bad[~moved], bad[moved][self._fill(out, bad[moved], meta2)]])
+                for i in bad.tolist():
+                    if ids[i] in again:
+                        out.failed[i] = "stored record fails its checksum"
+        except sqlite3.Error as e:
+            raise self._error("read", e) from None
+        except OSError as e:
+            raise self._error("read the slab", e) from None
+        return out
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        # the writer is the only one changing the store: only a reader needs a read transaction
+        if not self.readonly or self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.conn is not None and self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+
+    def _index(self, ids: list[str]) -> dict[str, tuple]:
+        rows = {}
+        for start in range(0, len(ids), _SQL_BATCH):
+            part = ids[start:start + _SQL_BATCH]
+            marks = ",".join("?" * len(part))
+            rows.update({r[0]: r[1:] for r in self.conn.execute(
+                f"SELECT stream_id, slot, steps, last_timestamp, journal_seq, checksum FROM streams "
+                f"WHERE stream_id IN ({marks})", part)})
+        return rows
+
+    def _fill(self, out: Rows, at: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        """Read the slots of ``meta`` into rows ``at`` of ``out``; returns the positions (into ``at``) whose
+        checksum fails (left not found, zeroed)."""
+        self.slab.read(meta["slot"], out.data, at)
+        good = row_checksums(out.data, at) == meta["checksum"]
+        ok = at[good]
+        out.found[ok] = True
+        out.steps[ok] = meta["steps"][good]
+        out.last_timestamp[ok] = meta["last"][good]
+        out.journal_seq[ok] = meta["seq"][good]
+        out.data[at[~good]] = 0
+        return np.flatnonzero(~good)
+
+    def _committed_head(self):
+        return int(self._query("SELECT value FROM meta WHERE key = 'journal_head'")[0][0])
+
+    def _committed_blob(self, name):
+        rows = self._query("SELECT payload, checksum FROM blobs WHERE name = ?", (name,))
+        return None if not rows else (rows[0][0], int(rows[0][1]))
+
+    # -- the rest of the protocol ----------------------------------------------------------------------------------
+
+    def iterate(self):
+        for (sid,) in self._query("SELECT stream_id FROM streams ORDER BY stream_id"):
+            yield sid
+
+    def read_journal(self, after: int = 0):
+        # entries are fetched one at a time (the journal can be large) and each statement is finished before the
+        # next, so that a caller may commit between entries
+        floor = max(after, self.staged_truncate or 0)
+        seqs = [seq for (seq,) in self._query("SELECT seq FROM journal WHERE seq > ? ORDER BY seq", (floor,))]
+        for seq in seqs:
+            rows = self._query("SELECT payload, checksum FROM journal WHERE seq = ?", (seq,), "read the journal")
+            if rows:
+                yield verified(seq, rows[0][0], int(rows[0][1]))
+        yield from self._staged_entries(after)
+
+    def commit(self):
+        if not self._has_staged():
+            return
+        if self.readonly:
+            raise ReadOnlyStoreError(f"{self.what} is open read-only: commit is refused")
+        ids, rows, deletes = self._staged_rows()
+        c = self.conn
+        new = self._allocate(len(ids))
+        freed = np.zeros(0, dtype=np.int64)
+        try:
+            if ids:
+                self.slab.write(new, rows.data)
+            sums = row_checksums(rows.data) if ids else np.zeros(0, dtype=np.int64)
+            if self.synchronous == "FULL" and ids:
+                self.slab.sync()
+            c.execute("BEGIN IMMEDIATE")
+            old = self._slots_of(ids + deletes)
+            c.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?, ?, ?, ?, ?)",
+                          zip(ids, new.tolist(), rows.steps.tolist(), rows.last_timestamp.tolist(),
+                              rows.journal_seq.tolist(), sums.tolist(), strict=True))
+            c.executemany("DELETE FROM streams WHERE stream_id = ?", [(sid,) for sid in deletes])
+            if self.staged_journal:
+                c.executemany("INSERT INTO journal VALUES (?, ?, ?)", self.staged_journal)
+                c.execute("UPDATE meta SET value = ? WHERE key = 'journal_head'",
+                          (str(max(seq for seq, _, _ in self.staged_journal)),))
+            if self.staged_truncate is not None:
+                c.execute("DELETE FROM journal WHERE seq <= ?", (self.staged_truncate,))
+            c.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
+                          [(name, payload, digest) for name, (payload, digest) in self.staged_blobs.items()])
+            c.execute("COMMIT")
+            freed = old
+        except BaseException as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            # the slots written for this commit were never referenced: free again
+            self._free = np.concatenate([new, self._free])
+            if isinstance(e, (sqlite3.Error, OSError)):
+                raise self._error("commit", e) from None
+            raise
+        self._free = np.concatenate([self._free, freed])
+        self.rollback()
+
+    def _allocate(self, n: int) -> np.ndarray:
+        """``n`` free slots, the lowest first (new ones past the top when too few are free)."""
+        take = self._free[:n]
+        self._free = self._free[n:]
+        if take.size < n:
+            more = np.arange(self._top, self._top + n - take.size, dtype=np.int64)
+            self._top += more.size
+            take = np.concatenate([take, more])
+        return take
+
+    def _slots_of(self, ids: list[str]) -> np.ndarray:
+        slots = []
+        for start in range(0, len(ids), _SQL_BATCH):
+            part = ids[start:start + _SQL_BATCH]
+            slots += [s for (s,) in self.conn.execute(
+                f"SELECT slot FROM streams WHERE stream_id IN ({','.join('?' * len(part))})", part)]
+        return np.array(slots, dtype=np.int64)
+
+    def close(self):
+        self.rollback()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.slab is not None:
+            self.slab.close()
+            self.slab = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def __len__(self):
+        return self._query("SELECT COUNT(*) FROM streams")[0][0]
+
+    # -- errors and old files --------------------------------------------------------------------------------------
+
+    def _error(self, op: str, e: Exception) -> StoreError:
+        """A :class:`StoreError` naming the store, the operation and the cause."""
+        text = str(e)
+        code = getattr(e, "errno", None)
+        if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "disk is full" in text:
+            cause = f"disk full ({text})"
+        elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text or "read-only" in text:
+            cause = f"read-only location ({text})"
+        elif self.path.is_dir():
+            cause = "the path is a directory"
+        elif "unable to open" in text:
+            cause = f"cannot open the file ({text}; is its folder missing or read-only?)"
+        elif isinstance(e, sqlite3.DatabaseError) and "not a database" in text:
+            cause = f"not a usable state store ({text})"
+        else:
+            cause = f"{type(e).__name__}: {text}"
+        return StoreError(f"{self.what}: {op} failed: {cause}")
+
+    def _convert_legacy(self) -> None:
+        """Move the records of an older file (safetensors rows of ``legacy_streams``) into the slab, in the open
+        transaction; a file holding the states of two models is refused."""
+        c = self.conn
+        # journal entries and blobs: verified against their old SHA-256 checksums, stored with the new ones
+        for table, key in (("journal", "seq"), ("blobs", "name")):
+            if _has_table(c, f"legacy_{table}"):
+                for name, payload, digest in c.execute(f"SELECT {key}, payload, checksum FROM legacy_{table}"
+                                                       ).fetchall():
+                    if hashlib.sha256(payload).hexdigest() != digest:
+                        what = f"journal entry {name}" if table == "journal" else f"blob {name!r}"
+                        raise CorruptRecordError(f"{self.what}: {what} fails its checksum; the file is not converted")
+                    c.execute(f"INSERT INTO {table} VALUES (?, ?, ?)", (name, payload, payload_checksum(payload)))
+                c.execute(f"DROP TABLE legacy_{table}")
+        if not _has_table(c, "legacy_streams"):
+            return
+        cursor = c.execute("SELECT stream_id, payload FROM legacy_streams ORDER BY stream_id")
+        while batch := cursor.fetchmany(4096):
+            records = {sid: _decode_legacy(payload, sid) for sid, payload in batch}
+            models = {r.fingerprint for r in records.values()} | ({self.model} if self.model else set())
+            if len(models) > 1:
+                raise FingerprintMismatchError(f"{self.what} holds the states of several models {sorted(models)}; "
+                                               "it cannot be converted to one model's store")
+            if self.layout is None:
+                first = next(iter(records.values()))
+                self._bind_in_transaction(RecordLayout.of(first.tensors), first.fingerprint)
+            self.put(records)
+            ids, rows, _ = self._staged_rows()
+            new = self._allocate(len(ids))
+            self.slab.write(new, rows.data)
+            c.executemany("INSERT INTO streams VALUES (?, ?, ?, ?, ?, ?)",
+                          zip(ids, new.tolist(), rows.steps.tolist(), rows.last_timestamp.tolist(),
+                              rows.journal_seq.tolist(), row_checksums(rows.data).tolist(), strict=True))
+            self.rollback()
+        c.execute("DROP TABLE legacy_streams")
+
+    def _bind_in_transaction(self, layout: RecordLayout, fingerprint: str) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                              [("model", fingerprint), ("layout", layout.spec)])
+        self.model, self.layout = fingerprint, layout
+        self._open_slab()
+
+
+def _has_table(c: sqlite3.Connection, name: str) -> bool:
+    return c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+def _decode_legacy(payload: bytes, stream_id: str):
+    """A record of an older store (safetensors with the scalars in its metadata)."""
+    from gdn2ts.streaming.records import StreamRecord
+
+    try:
+        meta = read_metadata(payload)
+        if meta.get("format") != "gdn2ts.stream.v1":
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        return StreamRecord(dict(st_load(payload)), float(meta["last_timestamp"]), int(meta["steps"]),
+                            meta["fingerprint"], int(meta.get("journal_seq", "0")))
+    except Exception as e:  # any decoding failure is a corrupt record, named
+        raise CorruptRecordError(f"stream {stream_id!r}: stored record cannot be decoded ({e})") from None
+
