@@ -253,6 +253,8 @@ def run_forecast(checkpoint: str, store: str, streams: list[str] | None = None, 
     runner = open_runner(ckpt, store, *ckpt.columns, units=True)
     try:
         ids = list(streams) if streams is not None else list(runner.store.iterate())
+        if not ids:
+            raise ValueError(f"the store {str(store)!r} holds no streams")
         known = runner.info(ids)
         unknown = known.filter(pl.col("steps") == 0)["stream"].to_list()
         if unknown:

@@ -108,7 +108,8 @@ class TimeSpec:
             what = f"numbers ({self.number_unit} since 1970-01-01 UTC)"
         else:
             what = ("date-times" if self.kind == "datetime" else "dates") + \
-                (f" in {self.time_zone}" if self.time_zone else " (naive, read as UTC)")
+                (f" in {self.time_zone}" if self.time_zone else " (naive, read as UTC)" if self.kind == "datetime"
+                 else "")
         return f"{what}, time unit {format_duration(self.unit_seconds)}"
 
     def to_json(self) -> dict:

@@ -50,9 +50,12 @@ def infer_time_spec(column: pl.Series, ids: pl.Series, number_unit: str | None =
     """
     name = column.name
     if column.dtype == pl.String:
-        parsed = parse_datetimes(column.str.strip_chars())
+        text = column.str.strip_chars()
+        parsed = parse_datetimes(text)
         if parsed.null_count() == column.null_count():
-            column = parsed
+            # ISO dates with no time of day are dates
+            dates_only = text.drop_nulls().str.contains(r"^\d{4}-\d{2}-\d{2}$").all()
+            column = parsed.dt.date() if dates_only else parsed
         elif column.str.strip_chars().cast(pl.Float64, strict=False).null_count() == column.null_count():
             column = column.str.strip_chars().cast(pl.Float64)
         else:

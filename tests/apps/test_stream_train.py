@@ -111,7 +111,8 @@ def test_train_writes_a_checkpoint_that_streams_in_the_users_units(tmp_path, cap
 
 
 @pytest.mark.parametrize("values, kwargs, want", [
-    (["2024-01-01", "2024-01-02", "2024-01-04"], {}, TimeSpec("datetime", 86400.0)),
+    (["2024-01-01", "2024-01-02", "2024-01-04"], {}, TimeSpec("date", 86400.0)),
+    (["2024-01-01 00:00", "2024-01-02 00:00", "2024-01-04 00:00"], {}, TimeSpec("datetime", 86400.0)),
     ([0, 900, 1800, 3600], {"number_unit": "s"}, TimeSpec("number", 900.0, number_unit="s")),
     (["2024-01-01T00:00:00Z", "2024-01-01T00:05:00Z"], {}, TimeSpec("datetime", 300.0, time_zone="UTC")),
     (["2024-01-01 00:00", "2024-01-01 00:05"], {"time_unit": "1h", "time_zone": "Asia/Kolkata"},
