@@ -275,18 +275,19 @@ class OnlineRunner:
 
     def stats(self, stream_ids: Sequence[str]) -> pl.DataFrame:
         """Per-stream scaling statistics: one row per (stream, channel) with the count of observed values, their
-        mean, variance and standard deviation (sample, null below two values). Unknown streams raise
-        ``KeyError``."""
+        mean, variance and standard deviation (sample, null below two values), in the runner's units. Unknown
+        streams raise ``KeyError``."""
         ids = check_ids(stream_ids)
         t = {k: v.cpu().numpy().reshape(-1) for k, v in self._rows_of(ids, list(STATS)).items()}
         count = t["stats.count"]
         var = np.where(count > 1, t["stats.m2"] / np.maximum(count - 1, 1), np.nan)
         c = len(self.channels)
-        return pl.DataFrame({
+        table = pl.DataFrame({
             "stream": pl.Series(ids, dtype=pl.String).gather(np.repeat(np.arange(len(ids)), c)),
             "channel": pl.Series(self.channels).gather(np.tile(np.arange(c), len(ids))),
             "count": count.astype(np.int64), "mean": np.where(count > 0, t["stats.mean"], np.nan),
-            "var": var, "std": np.sqrt(var)}).fill_nan(None)
+            "var": var, "std": np.sqrt(var)})
+        return (table if self.units is None else self.units.stats_to_user(table)).fill_nan(None)
 
     def info(self, stream_ids: Sequence[str]) -> pl.DataFrame:
         """One row per stream: ``steps`` (rows applied, 0 for an unknown stream) and ``last_time`` (the last

@@ -264,6 +264,17 @@ class Units:
         out = table.with_columns(pl.Series(c, table[c].to_numpy() * s_ + l_) for c in levels)
         return out.with_columns(time_out(out[c], self.time) for c in ("origin", "target_time") if c in out.columns)
 
+    def stats_to_user(self, table: pl.DataFrame) -> pl.DataFrame:
+        """Per-(stream, channel) ``mean``, ``var`` and ``std`` of model-unit values in the user's units."""
+        loc, scale = self.scales_of(table["stream"])
+        ch = table["channel"].replace_strict(list(self.channels), list(range(len(self.channels))),
+                                             return_dtype=pl.Int64).to_numpy()
+        rows = np.arange(table.height)
+        l_, s_ = loc[rows, ch], scale[rows, ch]
+        return table.with_columns(pl.Series("mean", table["mean"].to_numpy() * s_ + l_),
+                                  pl.Series("var", table["var"].to_numpy() * s_ ** 2),
+                                  pl.Series("std", table["std"].to_numpy() * s_))
+
     def time_out(self, model_time: pl.Series) -> pl.Series:
         """Model timestamps in the user's type (:func:`time_out`)."""
         return time_out(model_time, self.time)

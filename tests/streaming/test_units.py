@@ -131,6 +131,8 @@ def test_forecasts_come_back_in_the_users_units_and_timestamp_type():
             got = fc.filter((pl.col("stream") == sid) & (pl.col("channel") == ch))["q0.5"].to_numpy()
             want = raw.filter((pl.col("stream") == sid) & (pl.col("channel") == ch))["q0.5"].to_numpy()
             np.testing.assert_allclose(got, want * scale[j] + loc[j], rtol=1e-12)
+    stats = runner.stats(["a"]).filter(pl.col("channel") == "load")
+    assert stats["mean"][0] == pytest.approx(1010.0) and stats["count"][0] == 1
     info = runner.info(["a", "zz"])
     assert info["last_time"].dtype == pl.Datetime("us", "America/New_York") and info["last_time"][1] is None
 
