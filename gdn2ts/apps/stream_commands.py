@@ -26,14 +26,14 @@ def stream_train(input: str, out: str = "gdn2ts-stream-model", id_column: str = 
                  time_numbers: str | None = None, time_zone: str | None = None, format: str | None = None,
                  data: DataRecipe = _DATA, model: ModelRecipe = _MODEL, train: TrainConfig = _TRAIN,
                  threads: int = 1, quiet: bool = False) -> None:
-    """Train a streaming encoder on your own long-format file; write OUT/model.safetensors and OUT/report.json.
+    """Train a streaming encoder on your own long-format file; write OUT/model.safetensors, report.json, a plot.
 
     The file (CSV, Parquet or JSON lines) holds a stream id, a timestamp and channel columns (empty for missing),
     irregular times welcome. Recipes: --config tasks/streaming/train.yaml (sections data, model, train).
 
     Args:
         input: the file of observations.
-        out: output folder (model.safetensors, report.json).
+        out: output folder (model.safetensors, report.json, validation.png).
         id_column: the stream id column.
         time_column: the timestamp column (date-times, dates, or numbers with --time_numbers).
         channels: channel columns (default: every other numeric column).

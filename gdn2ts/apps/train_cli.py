@@ -39,7 +39,7 @@ def run_train(input: str, out: str, recipe: TrainRecipe | None = None, id_column
               time_column: str = "time", channels: tuple[str, ...] = (), covariates: tuple[str, ...] = (),
               time_numbers: str | None = None, time_zone: str | None = None, format: str | None = None,
               quiet: bool = False) -> dict:
-    """Train on the file ``input`` and write ``out``/model.safetensors and ``out``/report.json; returns the report.
+    """Train on the file ``input``; write ``out``/model.safetensors, report.json and validation.png; return the report.
 
     ``channels``: the channel columns (default: every numeric column other than the id, the time and the
     covariates). ``time_numbers``: the unit numeric timestamps count (``s``, ``ms``, ``h``, ``d``) since
@@ -103,7 +103,8 @@ def run_train(input: str, out: str, recipe: TrainRecipe | None = None, id_column
                       None if grid.covariates is None else grid.covariates[:, :last], tcfg, quiet=quiet)
         loc, scale = _stream_scales(units, grid.streams)
         season = recipe.data.season or season_of(spec.unit_seconds)
-        table = validate(encoder, grid, tails, loc, scale, context, season, channels)
+        curves: list[pl.DataFrame] = []
+        table = validate(encoder, grid, tails, loc, scale, context, season, channels, curves=curves)
     finally:
         torch.set_num_threads(threads)
     summary = summarize_validation(table, m.horizon)
@@ -120,10 +121,37 @@ def run_train(input: str, out: str, recipe: TrainRecipe | None = None, id_column
                            limits=Limits(recipe.data.max_abs, max_gap, (t_lo, t_hi)),
                            columns=(id_column, time_column), info=report)
     report["checkpoint"] = str(path)
+    if curves:
+        report["plot"] = str(plot_validation(pl.concat(curves), units, Path(out) / "validation.png"))
     report["seconds"] = round(time.perf_counter() - started, 2)
     (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
     _print_report(console, report, m.horizon)
     return report
+
+
+def plot_validation(curves: pl.DataFrame, units: Units, path: Path, streams: int = 4) -> Path:
+    """The held-out tails of up to ``streams`` streams (first channel): the actual values, the one-step median and
+    its outermost quantile band, in the data's units and times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    channel = curves["channel"][0]
+    names = curves["stream"].unique(maintain_order=True).to_list()[:streams]
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.4 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        part = curves.filter((pl.col("stream") == name) & (pl.col("channel") == channel)).sort("time")
+        when = units.time_out(part["time"]).to_list()
+        ax.fill_between(when, part["low"], part["high"], alpha=0.3, label="q-band, one step ahead")
+        ax.plot(when, part["median"], lw=1, label="median, one step ahead")
+        ax.plot(when, part["actual"], "k.", ms=2, label="actual")
+        ax.set_title(f"{name}: {channel}, held-out tail", fontsize=9)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _unit_scaler(channels):
@@ -176,4 +204,4 @@ def _print_report(console, report: dict, horizon: int) -> None:
             table.add_row(row["channel"], label, str(r["targets"]), fmt(r["mae"]), fmt(r["naive_mae"]),
                           fmt(r["ratio"]), "-" if r["coverage"] is None else f"{r['coverage']:.0%}")
     console.print(table)
-    console.print(f"wrote {report['checkpoint']} and report.json ({report['seconds']} s)")
+    console.print(f"wrote {report['checkpoint']}, report.json and validation.png ({report['seconds']} s)")

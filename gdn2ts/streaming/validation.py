@@ -23,7 +23,8 @@ __all__ = ["validate", "summarize_validation"]
 
 @torch.no_grad()
 def validate(encoder: StreamEncoder, grid: Grid, tail: torch.Tensor, loc: np.ndarray, scale: np.ndarray,
-             context: int, season: int, channels: tuple[str, ...], batch: int = 64) -> pl.DataFrame:
+             context: int, season: int, channels: tuple[str, ...], batch: int = 64,
+             curves: list[pl.DataFrame] | None = None) -> pl.DataFrame:
     """Errors of the encoder and of the seasonal-naive baseline on the tail rows.
 
     Args:
@@ -34,7 +35,9 @@ def validate(encoder: StreamEncoder, grid: Grid, tail: torch.Tensor, loc: np.nda
         season: rows per season of the baseline.
 
     Returns one row per (stream, channel, step): ``n`` scored targets, ``abs_err`` and ``naive_abs_err`` (sums),
-    ``covered`` (targets inside the outermost quantile band).
+    ``covered`` (targets inside the outermost quantile band). With ``curves`` (a list), the one-step forecasts
+    are appended to it as tables (stream, channel, time: the target's model time, actual, low, median, high), for
+    plots.
     """
     S, N, C = grid.values.shape
     H, Q = encoder.config.horizon, len(encoder.config.quantiles)
@@ -76,6 +79,12 @@ def validate(encoder: StreamEncoder, grid: Grid, tail: torch.Tensor, loc: np.nda
             sums[part, :, k - 1, 1] += err.sum(1).numpy()
             sums[part, :, k - 1, 2] += nerr.sum(1).numpy()
             sums[part, :, k - 1, 3] += inside.sum(1).numpy()
+            if curves is not None and k == 1:
+                b, t, c = (i.numpy() for i in valid.nonzero(as_tuple=True))
+                curves.append(pl.DataFrame({
+                    "stream": pl.Series(grid.streams[part]).gather(b), "channel": pl.Series(list(channels)).gather(c),
+                    "time": grid.times[part, start:][b, t + 1].numpy(), "actual": tgt[b, t, c].numpy(),
+                    "low": f[b, t, c, 0].numpy(), "median": median[b, t, c].numpy(), "high": f[b, t, c, -1].numpy()}))
     s_idx, c_idx, k_idx = np.meshgrid(np.arange(S), np.arange(C), np.arange(H), indexing="ij")
     flat = sums.reshape(-1, 4)
     return pl.DataFrame({"stream": pl.Series(grid.streams).gather(s_idx.reshape(-1)),

@@ -97,6 +97,7 @@ def test_train_writes_a_checkpoint_that_streams_in_the_users_units(tmp_path, cap
     assert scale[0] == pytest.approx(north["flow"].std(ddof=0), rel=1e-9)
     report = json.loads((out / "report.json").read_text())
     assert report["scaling"] == "per_stream" and report["holdout_rows"] > 0
+    assert (out / "validation.png").stat().st_size > 10_000
     flow = next(r for r in report["validation"] if r["channel"] == "flow")
     assert flow["all"]["targets"] > 0 and flow["all"]["mae"] > 0 and flow["all"]["naive_mae"] > 0
     assert ckpt.info["validation"] == report["validation"] and ckpt.limits.max_gap >= 300
