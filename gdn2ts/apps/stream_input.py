@@ -126,7 +126,7 @@ def micro_batches(feed: LineFeed, max_rows: int, max_seconds: float) -> Iterator
         >>> list(micro_batches(feed, max_rows=2, max_seconds=10.0))
         [[b'a\\n', b'b\\n'], [b'c\\n']]
     """
-    done = False
+    done = interrupted = False
     while not done:
         first = feed.lines.get()
         if first is _END:
@@ -142,12 +142,19 @@ def micro_batches(feed: LineFeed, max_rows: int, max_seconds: float) -> Iterator
                 item = feed.lines.get(timeout=left)
             except queue.Empty:
                 break
+            except KeyboardInterrupt:
+                # an interrupt (SIGINT, or SIGTERM as gdn2ts stream maps it) while a batch is open: the lines
+                # already read are still handed on, then the interrupt goes on
+                done = interrupted = True
+                break
             if item is _END:
                 done = True
                 break
             if item.strip():
                 lines.append(item)
         yield lines
+    if interrupted:
+        raise KeyboardInterrupt
     if feed.error is not None:
         raise ValueError(f"reading the input failed ({type(feed.error).__name__}: {feed.error})")
 

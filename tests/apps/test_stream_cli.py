@@ -269,3 +269,27 @@ def test_forecast_reset_and_delete_commands(tmp_path, ckpt, capsys):
     assert set(_stored(tmp_path / "s.db")) == {"c"}
     with pytest.raises(SystemExit, match="unknown streams \\['a'\\]"):
         main(["stream", "forecast", "--checkpoint", str(ckpt), "--store", db, "--streams", "[a]"])
+
+
+def test_an_interrupt_hands_on_the_open_batch_first():
+    from gdn2ts.apps.stream_input import micro_batches
+
+    class Interrupted:
+        """A feed whose third wait is interrupted (SIGINT, or SIGTERM as the command maps it)."""
+
+        def __init__(self):
+            self.calls = 0
+            self.error = None
+            self.lines = self
+
+        def get(self, timeout=None):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return f"row {self.calls}\n".encode()
+
+    batches = []
+    with pytest.raises(KeyboardInterrupt):
+        for lines in micro_batches(Interrupted(), max_rows=10, max_seconds=5.0):
+            batches.append(lines)
+    assert batches == [[b"row 1\n", b"row 2\n"]]
