@@ -58,7 +58,14 @@ def test_every_streaming_recipe_loads(path):
         defaults = {k: p.default for k, p in inspect.signature(quickstart).parameters.items() if k != "quiet"}
         assert recipe == QuickstartConfig() == QuickstartConfig(**defaults)
     else:
-        assert isinstance(load_recipe(path), TrainRecipe)
+        recipe = load_recipe(path)
+        assert isinstance(recipe, TrainRecipe)
+        if path.name == "train.yaml":
+            # `gdn2ts stream train` with no --config trains with train.yaml's settings
+            from gdn2ts.apps.stream_commands import stream_train
+
+            defaults = {k: p.default for k, p in inspect.signature(stream_train).parameters.items()}
+            assert recipe == TrainRecipe(defaults["data"], defaults["model"], defaults["train"], defaults["threads"])
     assert {p.name for p in RECIPES} >= {"quickstart.yaml", "train.yaml", "tiny.yaml"}
 
 
