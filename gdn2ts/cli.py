@@ -76,9 +76,10 @@ def bench_kernels(json: str | None = None, decode: bool = True, chunk: bool = Tr
 
 
 def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, single_calls: int = 300,
-                    threads: int | None = 1, json: str | None = "docs/results/bench_streaming.json",
-                    quiet: bool = False) -> None:
-    """Online runner throughput, durability on: GDN-2 against a GRU of equal state size.
+                    threads: int | None = 1, scale: tuple[tuple[int, int, int], ...] | None = None, batch: int = 4096,
+                    json: str | None = "docs/results/bench_streaming.json", quiet: bool = False) -> None:
+    """Online runner throughput, durability on: GDN-2 against a GRU of equal state size; then streams well past
+    the working set next to all streams in memory.
 
     Both models go through the same ingestion path (validation, rounds, working set, SQLite journal, snapshots).
 
@@ -87,12 +88,18 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
         calls: timed calls per stream count above one.
         single_calls: timed calls with one stream.
         threads: torch CPU threads (None: torch's choice).
+        scale: (streams, capacity, passes) cases of streams through the working set, each in a fresh process;
+            default: 10,000 streams all in memory (11 passes), then 1,000,000 streams through 4,096 (2 passes);
+            [] for none.
+        batch: streams per observe call in the scale cases.
         json: path of the JSON record to write.
         quiet: print nothing.
     """
+    from gdn2ts.bench.streaming import SCALE_CASES
     from gdn2ts.bench.streaming import bench_streaming as run
 
-    run(streams=tuple(streams), calls=calls, single_calls=single_calls, threads=threads, json_path=json,
+    run(streams=tuple(streams), calls=calls, single_calls=single_calls, threads=threads,
+        scale=SCALE_CASES if scale is None else tuple(tuple(c) for c in scale), batch=batch, json_path=json,
         quiet=quiet)
 
 

@@ -1,9 +1,11 @@
-"""Throughput of the online runner with durability on: GDN-2 encoder against a GRU of equal state size.
+"""Throughput of the online runner with durability on: GDN-2 encoder against a GRU of equal state size, and the
+same runner with streams well past its working set next to all streams in memory.
 
 Both models go through the same ingestion path (validation, grouping into rounds, the working set, the SQLite
 journal and snapshots); only ``encoder.step`` differs. For each number of streams the runner first sees every
 stream once (untimed), then ``calls`` timed ``observe`` calls of one observation per stream, then one timed
-snapshot (``flush``).
+snapshot (``flush``). The scale cases (:mod:`gdn2ts.bench.streaming_scale`) stream every stream through the
+working set pass after pass, each case in a fresh process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from gdn2ts.bench.common import environment
+from gdn2ts.bench.streaming_scale import scale_cases
 from gdn2ts.layers import RMSNorm
 from gdn2ts.models import EncoderConfig, EncoderState, StreamEncoder
 from gdn2ts.models.encoder import _SwiGLU
@@ -142,9 +145,14 @@ def _measure(model: nn.Module, n_streams: int, calls: int, channels: list[str], 
     }
 
 
+SCALE_CASES = ((10_000, 10_000, 11), (1_000_000, 4096, 2))
+"""``(streams, capacity, passes)``: all streams in memory, then a million streams through 4,096 slots."""
+
+
 def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, single_calls: int = 300,
                     hidden: int = 32, heads: int = 2, head_dim: int = 16, layers: int = 2, channels: int = 4,
                     models: tuple[str, ...] = ("gdn2", "gru"), threads: int | None = 1,
+                    scale: tuple[tuple[int, int, int], ...] = SCALE_CASES, batch: int = 4096,
                     json_path: str | None = None, quiet: bool = False) -> dict:
     """Observations per second, latency of one ``observe`` call and bytes of state per stream, durability on.
 
@@ -156,6 +164,9 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
         channels: observed channels per row.
         models: ``gdn2`` and/or ``gru``.
         threads: torch CPU threads during the run (None: leave torch's setting).
+        scale: ``(streams, capacity, passes)`` cases of streams through a working set (GDN-2; empty: none); each
+            case's reload rate is also given over the first case's (``ratio_to_first``).
+        batch: streams per ``observe`` call in the scale cases.
         json_path: where to write the record.
         quiet: print nothing.
     """
@@ -185,6 +196,8 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
                               f"{r['state_bytes_per_stream']} B/stream", flush=True)
     finally:
         torch.set_num_threads(before)
+    scaled = scale_cases(tuple(scale), batch=batch, hidden=hidden, heads=heads, head_dim=head_dim, layers=layers,
+                         channels=channels, threads=threads or before, quiet=quiet) if scale else []
     for n in streams:
         by = {r["model"]: r for r in rows if r["streams"] == n}
         if "gdn2" in by and "gru" in by:
@@ -195,12 +208,16 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
                          "channels": channels, "gru_state_per_layer": state_size,
                          "policy": {"snapshot_every": policy.snapshot_every, "snapshot_rows": policy.snapshot_rows,
                                     "snapshot_seconds": policy.snapshot_seconds}, "store": "SQLiteStore (WAL, NORMAL)"},
-              "results": rows, "median_p50_ms": statistics.median(r["p50_ms"] for r in rows)}
+              "results": rows, "median_p50_ms": statistics.median(r["p50_ms"] for r in rows) if rows else None,
+              "scale": scaled}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(record, indent=1))
     if not quiet:
-        _print_table(rows)
+        if rows:
+            _print_table(rows)
+        if scaled:
+            _print_scale(scaled)
     return record
 
 
@@ -218,3 +235,19 @@ def _print_table(rows: list[dict]) -> None:
                       f"{r['obs_per_s_with_snapshots']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                       f"{r['snapshot_ms']:.0f}", f"{r['state_bytes_per_stream']:,}", speedup)
     Console(width=130).print(table)
+
+
+def _print_scale(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="streams through the working set, durability on (reload: every later pass)")
+    for col in ("streams", "capacity", "first pass obs/s", "reload obs/s", "reload / first case", "p50 ms",
+                "p99 ms", "snapshot s", "peak RSS MB", "store MB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['streams']:,}", f"{r['capacity']:,}", f"{r['first_pass_obs_per_s']:,.0f}",
+                      f"{r.get('reload_obs_per_s', float('nan')):,.0f}", f"{r.get('ratio_to_first', float('nan')):.2f}",
+                      f"{r.get('reload_p50_ms', float('nan')):.0f}", f"{r.get('reload_p99_ms', float('nan')):.0f}",
+                      f"{r['snapshot_s']:.2f}", f"{r['rss_peak_mb']:,.0f}", f"{r['store_mb']:,.0f}")
+    Console(width=140).print(table)

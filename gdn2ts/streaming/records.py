@@ -105,6 +105,11 @@ class RecordLayout:
             self.offsets[n] = (off, size)
             off += -(-size // 8) * 8
         self.nbytes = max(8, off)
+        covered = sorted((o, o + size) for o, size in self.offsets.values())
+        ends = [0] + [e for _, e in covered]
+        starts = [o for o, _ in covered] + [self.nbytes]
+        self.gaps = [(a, b) for a, b in zip(ends, starts, strict=True) if b > a]
+        """Byte ranges of a row that no tensor covers (kept zero, so that equal records have equal bytes)."""
         self._index = {n: i for i, (n, _, _) in enumerate(self.fields)}
         self.spec = json.dumps([[n, str(d).removeprefix("torch."), list(shape)] for n, d, shape in self.fields])
         """The layout as JSON (what a store keeps)."""
@@ -148,7 +153,9 @@ class RecordLayout:
         """``[n, nbytes]`` uint8 rows of ``tensors`` (``{name: [n, *shape]}``, any device)."""
         n = self.check(tensors, what="pack")
         first = next(iter(tensors.values()))
-        rows = torch.zeros((n, self.nbytes), dtype=torch.uint8, device=first.device)
+        rows = torch.empty((n, self.nbytes), dtype=torch.uint8, device=first.device)
+        for a, b in self.gaps:
+            rows[:, a:b] = 0
         for name, _, _ in self.fields:
             columns = self.columns(rows, name)
             if columns.numel():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import sqlite3
 from pathlib import Path
 
@@ -39,10 +40,12 @@ __all__ = ["SQLiteStore"]
 # 4 moved the records into a slab of fixed-size slots and bound the store to one model; older files (records as
 # safetensors rows of the streams table) are converted on their first open for writing
 SCHEMA_VERSION = "4"
-_SQL_BATCH = 500  # stream ids per SELECT ... IN (...)
-# an index row of the streams table, as read: slot, steps, last timestamp, journal entry, checksum
-_META = np.dtype([("slot", np.int64), ("steps", np.int64), ("last", np.float64), ("seq", np.int64),
-                  ("checksum", np.int64)])
+_SQL_BATCH = 2000  # stream ids per statement (two parameters each)
+# an index row of the streams table, as read: the stream's position in the request, slot, steps, last timestamp,
+# journal entry, checksum
+_META = np.dtype([("pos", np.int64), ("slot", np.int64), ("steps", np.int64), ("last", np.float64),
+                  ("seq", np.int64), ("checksum", np.int64)])
+_SLOT_CACHE = 1 << 18  # streams whose slot the writer remembers (the streams it read or wrote last)
 
 
 class SQLiteStore(StagedStore):
@@ -88,6 +91,9 @@ class SQLiteStore(StagedStore):
         self.slab: Slab | None = None
         self._free = np.zeros(0, dtype=np.int64)
         self._top = 0
+        # the committed slot of streams read or written lately: the writer frees a stream's old slot without
+        # asking the index (only this writer changes it)
+        self._slot_of: dict[str, int] = {}
         try:
             is_dir, is_file = self.path.is_dir(), self.path.is_file()
         except OSError as e:
@@ -117,6 +123,8 @@ class SQLiteStore(StagedStore):
                 if mode.lower() != "wal":
                     raise StoreError(f"{self.what}: cannot use write-ahead logging (journal mode {mode})")
             self.conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            # the index of a million streams is about 100 MB: keep its hot pages (64 MB at most) in memory
+            self.conn.execute("PRAGMA cache_size=-65536")
             version = self._schema() if self.readonly else self._create()
         except sqlite3.Error as e:
             raise self._error("open", e) from None
@@ -213,24 +221,25 @@ class SQLiteStore(StagedStore):
         if self.slab is None:  # bound in memory only (a read-only view of an empty store)
             return out
         try:
-            index = self._index(ids)
-            at = np.array([i for i, sid in enumerate(ids) if sid in index], dtype=np.int64)
-            if at.size == 0:
+            meta = self._index(ids)
+            if meta.size == 0:
                 return out
-            meta = np.array([index[ids[i]] for i in at.tolist()], dtype=_META)
-            bad = at[self._fill(out, at, meta)]
+            bad = meta["pos"][self._fill(out, meta)]
             if bad.size:
                 # a writer may have moved these streams to other slots (and reused theirs) after this reader's
                 # index snapshot: read what the index says now; a row failing again is corrupt
+                before = {int(m["pos"]): m for m in meta[np.isin(meta["pos"], bad)]}
                 again = self._index([ids[i] for i in bad.tolist()])
-                moved = np.array([ids[i] in again and again[ids[i]] != index[ids[i]] for i in bad.tolist()],
-                                 dtype=bool)
-                if moved.any():
-                    meta2 = np.array([again[ids[i]] for i in bad[moved].tolist()], dtype=_META)
-                    bad = np.concatenate([bad[~moved], bad[moved][self._fill(out, bad[moved], meta2)]])
-                for i in bad.tolist():
-                    if ids[i] in again:
-                        out.failed[i] = "stored record fails its checksum"
+                again["pos"] = bad[again["pos"]]
+                moved = again[[tuple(m)[1:] != tuple(before[int(m["pos"])])[1:] for m in again]]
+                still = set(again["pos"].tolist())
+                retried = moved["pos"][self._fill(out, moved)] if moved.size else np.zeros(0, dtype=np.int64)
+                failing = set(retried.tolist()) | (still - set(moved["pos"].tolist()))
+                out.failed.update({i: "stored record fails its checksum" for i in sorted(failing)})
+            if not self.readonly:
+                self._slot_of.update(zip((ids[i] for i in meta["pos"].tolist()), meta["slot"].tolist(),
+                                         strict=True))
+                self._trim_slot_cache()
         except sqlite3.Error as e:
             raise self._error("read", e) from None
         except OSError as e:
@@ -250,19 +259,21 @@ class SQLiteStore(StagedStore):
             if self.conn is not None and self.conn.in_transaction:
                 self.conn.execute("COMMIT")
 
-    def _index(self, ids: list[str]) -> dict[str, tuple]:
-        rows = {}
+    def _index(self, ids: list[str]) -> np.ndarray:
+        """The index rows of the known streams among ``ids``, each with its position in ``ids`` (``_META``)."""
+        found = []
         for start in range(0, len(ids), _SQL_BATCH):
             part = ids[start:start + _SQL_BATCH]
-            marks = ",".join("?" * len(part))
-            rows.update({r[0]: r[1:] for r in self.conn.execute(
-                f"SELECT stream_id, slot, steps, last_timestamp, journal_seq, checksum FROM streams "
-                f"WHERE stream_id IN ({marks})", part)})
-        return rows
+            pairs = [x for i, sid in enumerate(part, start) for x in (i, sid)]
+            found += self.conn.execute(
+                f"WITH req(pos, id) AS (VALUES {','.join(['(?, ?)'] * len(part))}) SELECT req.pos, slot, steps, "
+                "last_timestamp, journal_seq, checksum FROM req JOIN streams ON stream_id = req.id", pairs).fetchall()
+        return np.array(found, dtype=_META)
 
-    def _fill(self, out: Rows, at: np.ndarray, meta: np.ndarray) -> np.ndarray:
-        """Read the slots of ``meta`` into rows ``at`` of ``out``; returns the positions (into ``at``) whose
-        checksum fails (left not found, zeroed)."""
+    def _fill(self, out: Rows, meta: np.ndarray) -> np.ndarray:
+        """Read the slots of ``meta`` into rows ``meta["pos"]`` of ``out``; returns the indices (into ``meta``)
+        whose checksum fails (left not found, zeroed)."""
+        at = meta["pos"]
         self.slab.read(meta["slot"], out.data, at)
         good = row_checksums(out.data, at) == meta["checksum"]
         ok = at[good]
@@ -313,7 +324,7 @@ class SQLiteStore(StagedStore):
             if self.synchronous == "FULL" and ids:
                 self.slab.sync()
             c.execute("BEGIN IMMEDIATE")
-            old = self._slots_of(ids + deletes)
+            old = self._old_slots(ids + deletes)
             c.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?, ?, ?, ?, ?)",
                           zip(ids, new.tolist(), rows.steps.tolist(), rows.last_timestamp.tolist(),
                               rows.journal_seq.tolist(), sums.tolist(), strict=True))
@@ -337,6 +348,10 @@ class SQLiteStore(StagedStore):
                 raise self._error("commit", e) from None
             raise
         self._free = np.concatenate([self._free, freed])
+        self._slot_of.update(zip(ids, new.tolist(), strict=True))
+        for sid in deletes:
+            self._slot_of.pop(sid, None)
+        self._trim_slot_cache()
         self.rollback()
 
     def _allocate(self, n: int) -> np.ndarray:
@@ -349,13 +364,21 @@ class SQLiteStore(StagedStore):
             take = np.concatenate([take, more])
         return take
 
-    def _slots_of(self, ids: list[str]) -> np.ndarray:
-        slots = []
-        for start in range(0, len(ids), _SQL_BATCH):
-            part = ids[start:start + _SQL_BATCH]
-            slots += [s for (s,) in self.conn.execute(
+    def _old_slots(self, ids: list[str]) -> np.ndarray:
+        """The committed slots of the known streams among ``ids`` (remembered, or read from the index)."""
+        known = [self._slot_of[sid] for sid in ids if sid in self._slot_of]
+        rest = [sid for sid in ids if sid not in self._slot_of]
+        for start in range(0, len(rest), _SQL_BATCH):
+            part = rest[start:start + _SQL_BATCH]
+            known += [s for (s,) in self.conn.execute(
                 f"SELECT slot FROM streams WHERE stream_id IN ({','.join('?' * len(part))})", part)]
-        return np.array(slots, dtype=np.int64)
+        return np.array(known, dtype=np.int64)
+
+    def _trim_slot_cache(self) -> None:
+        if len(self._slot_of) > _SLOT_CACHE:
+            # forget the older half (insertion order)
+            for sid in list(itertools.islice(self._slot_of, len(self._slot_of) - _SLOT_CACHE // 2)):
+                del self._slot_of[sid]
 
     def close(self):
         self.rollback()

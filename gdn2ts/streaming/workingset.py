@@ -118,9 +118,15 @@ class WorkingSet:
         self.record_layout = layout.record_layout()
         # the store belongs to one model: another model's store is refused here, before any stream is touched
         store.bind(self.record_layout, fingerprint)
-        self.pools = {name: t.new_empty((capacity, *t.shape[1:])) for name, t in layout.template.items()}
+        # the pools are columns of one [capacity, record bytes] tensor: a held stream is its store record, so that
+        # streams move between the pools and the store as whole rows
+        first = next(iter(layout.template.values()))
+        self.rows_pool = torch.zeros((capacity, self.record_layout.nbytes), dtype=torch.uint8, device=first.device)
+        self.pools = {name: self.record_layout.columns(self.rows_pool, name) for name in layout.template}
         for name, pool in self.pools.items():
             pool.copy_(layout.template[name].expand_as(pool))
+        self.template_row = self.rows_pool[:1].clone()
+        """A stream that has seen nothing, as a record row ``[1, nbytes]``."""
         self.last_time = np.full(capacity, -math.inf)
         self.steps = np.zeros(capacity, dtype=np.int64)
         self.seqs = np.zeros(capacity, dtype=np.int64)  # journal entry each held state reflects
@@ -208,8 +214,11 @@ class WorkingSet:
         self.dirty[slots] = dirty
 
     def rows(self, slots: np.ndarray, journal_seq: int) -> Rows:
-        """The held streams in ``slots`` as store rows."""
-        return self.pack(self.gather(slots), slots, self.steps[slots], journal_seq)
+        """The held streams in ``slots`` as store rows (a copy)."""
+        index = torch.from_numpy(slots).to(self.rows_pool.device)
+        n = len(slots)
+        return Rows(np.ones(n, dtype=bool), self.rows_pool.index_select(0, index).cpu().numpy(),
+                    self.steps[slots].copy(), self.last_time[slots].copy(), np.full(n, journal_seq, dtype=np.int64), {})
 
     def pack(self, flat: dict[str, torch.Tensor], slots: np.ndarray, steps: np.ndarray, journal_seq: int) -> Rows:
         """Store rows of ``flat`` (``{name: [n, *shape]}``) with ``steps`` ``[n]`` (``slots`` only sizes them)."""
@@ -263,18 +272,17 @@ class WorkingSet:
         return np.concatenate([free, victims])
 
     def _fill(self, slots: np.ndarray, ids: list[str], rows: Rows) -> None:
-        device = next(iter(self.pools.values())).device
+        device = self.rows_pool.device
         index = torch.from_numpy(slots).to(device)
         loaded = np.flatnonzero(rows.found)
-        tensors = self.record_layout.unpack(rows.data[loaded]) if loaded.size else {}
-        at = index[torch.from_numpy(loaded).to(device)]
         fresh = np.flatnonzero(~rows.found)
-        empty = index[torch.from_numpy(fresh).to(device)] if fresh.size else None
-        for name, pool in self.pools.items():
-            if empty is not None:
-                pool.index_copy_(0, empty, self.layout.template[name].expand(fresh.size, *pool.shape[1:]))
-            if loaded.size:
-                pool.index_copy_(0, at, tensors[name].to(device))
+        if fresh.size:
+            at = index[torch.from_numpy(fresh).to(device)]
+            self.rows_pool.index_copy_(0, at, self.template_row.expand(fresh.size, -1))
+        if loaded.size:
+            data = rows.data if loaded.size == len(ids) else rows.data[loaded]
+            at = index if loaded.size == len(ids) else index[torch.from_numpy(loaded).to(device)]
+            self.rows_pool.index_copy_(0, at, torch.from_numpy(data).to(device))
         self.last_time[slots] = np.where(rows.found, rows.last_timestamp, -math.inf)
         self.steps[slots] = np.where(rows.found, rows.steps, 0)
         self.seqs[slots] = np.where(rows.found, rows.journal_seq, 0)
