@@ -5,12 +5,14 @@ all at once; streams are ordered by descending row count, so that round r's stre
 the call. The plan is a journal :class:`~gdn2ts.streaming.journal.Entry`, so that a replay runs the very same
 steps on the very same batches.
 
-Prefill, then decode: a run of at least :data:`PREFILL_MIN_ROUNDS` rounds over nearly the same streams (a backfill,
-many rows per stream in one call) goes through the encoder's masked parallel forward, rows beyond a stream's last
-padded with NaN (steps the encoder skips exactly), instead of one ``encoder.step`` per round. Which rounds are
-prefilled, and in which pieces, is a function of the entry's ``sizes`` alone (:func:`schedule`), so a replay of
-the entry takes the very same path and repeats the call's arithmetic bit for bit. The two paths agree to float
-rounding (the chunked and the step form of the recurrence add in different orders).
+Prefill, then decode: a run of many rounds over nearly the same streams (a backfill, many rows per stream in one
+call) goes through the encoder's masked parallel forward, rows beyond a stream's last padded with NaN (steps the
+encoder skips exactly), instead of one ``encoder.step`` per round, where that is cheaper by a cost model measured
+on the CPU (:class:`PrefillRule`): a stepped round has a fixed cost that a prefill pays once per piece, while per
+stream and row the batched step is about as cheap as the chunked forward. Which rounds are prefilled, and in which
+pieces, is a function of the entry's ``sizes`` alone (:func:`schedule`), so a replay of the entry takes the very
+same path and repeats the call's arithmetic bit for bit. The two paths agree to float rounding (the chunked and
+the step form of the recurrence add in different orders).
 
 On CUDA the stepped rounds read nothing back from the device: the call's rows go to the device once (pinned,
 asynchronous), and the encoder reads no values for validation there (the frame was checked at the ``observe``
@@ -33,15 +35,39 @@ from gdn2ts.streaming.history import append_history
 from gdn2ts.streaming.journal import Entry
 from gdn2ts.streaming.workingset import STATS, StateLayout
 
-__all__ = ["Groups", "Plan", "group_streams", "plan_rounds", "schedule", "Stepper", "PREFILL_MIN_ROUNDS",
-           "PREFILL_CELLS"]
+__all__ = ["Groups", "Plan", "group_streams", "plan_rounds", "PrefillRule", "schedule", "stepped", "Stepper"]
 
-PREFILL_MIN_ROUNDS = 8
-"""A run of rounds is prefilled (one parallel forward) when it spans at least this many rounds; shorter runs are
-stepped one round at a time."""
-PREFILL_CELLS = 65_536
-"""Padded (stream, round) cells of one prefill forward: bounds its memory (a longer run is cut into pieces)."""
-_MIN_SPAN = 64  # rounds a prefill piece spans unless its run is shorter (a few chunks of the chunked op)
+_MIN_SPAN = 64  # rounds a prefill piece spans unless its run is shorter (whole chunks of the chunked op)
+
+
+@dataclass(frozen=True)
+class PrefillRule:
+    """When :func:`schedule` prefills: the costs (microseconds) it weighs, and the memory bound of one forward.
+
+    The costs were measured on the 2-core CPU with one thread for the encoder of the streaming benchmark (hidden
+    32, 2 layers of 2 heads of 16; each the best of 3 runs of ``Stepper.run``, 2026-12-07): a stepped round of n
+    streams costs about ``round_us + row_us * n``, a prefill piece of n streams and L rounds about
+    ``forward_us + cell_us * n * L'``, with L' rounded up to whole chunks of ``chunk`` rounds. So one stream with 8
+    rows or more prefills (5 ms against 3 ms a round: 4.9 times faster at 8 rows, 75 at 128), and 10,000 streams
+    with 100 rows each step (9.0 s against 10.3 s measured). Other models and devices (a GPU's launches make a
+    round dearer) move the balance; whatever the constants, the rule stays a function of the sizes alone.
+    """
+
+    round_us: float = 3000.0
+    """Fixed cost of one stepped round."""
+    row_us: float = 9.0
+    """Each stream stepped in a round."""
+    forward_us: float = 5000.0
+    """Fixed cost of one prefill forward."""
+    cell_us: float = 11.0
+    """Each padded (stream, round) cell of a prefill forward (7 to 11 measured, more with more streams)."""
+    chunk: int = 32
+    """Rounds of one chunk of the chunked op (the CPU's; padding to whole chunks is paid for)."""
+    cells: int = 65_536
+    """Padded cells of one forward at most: bounds its memory (a longer run is cut into pieces)."""
+    min_rounds: int = 8
+    """A run shorter than this is always stepped (below it the gain is small at best, and calls of a few rows per
+    stream, the common case, keep the step path)."""
 
 
 @dataclass(frozen=True)
@@ -117,23 +143,24 @@ def plan_rounds(frame: pl.DataFrame, groups: Groups, last_time: np.ndarray, sche
     return plan
 
 
-def schedule(sizes: np.ndarray, min_rounds: int = PREFILL_MIN_ROUNDS, cells: int = PREFILL_CELLS
-             ) -> list[tuple[int, int, int, int, bool]]:
+def schedule(sizes: np.ndarray, rule: PrefillRule = PrefillRule()) -> list[tuple[int, int, int, int, bool]]:
     """How an entry's rounds are applied: pieces ``(r0, r1, s0, s1, prefill)``, in order, each covering rounds
     ``[r0, r1)`` of streams ``[s0, s1)``; a stepped piece is one round of its first ``sizes[r0]`` streams.
 
     Rounds are cut into runs over which the stream count stays at or above half of the run's first (so padding
-    stays at most half of a prefill); a run of at least ``min_rounds`` rounds is prefilled, the others are stepped.
-    A run of more than ``cells`` padded (stream, round) cells is cut into pieces, in time (at least 64 rounds a
-    piece) and then over streams, of at most ``cells`` cells (or one stream).
+    stays at most half of a prefill). A run is cut into prefill pieces of at most ``rule.cells`` padded (stream,
+    round) cells (or one stream), in time (at least 64 rounds a piece) and then over streams, and prefilled when
+    that costs less than stepping its rounds by ``rule`` (and it has at least ``rule.min_rounds`` rounds).
 
     Example:
         >>> schedule(np.array([3, 1]))
         [(0, 1, 0, 3, False), (1, 2, 0, 1, False)]
         >>> schedule(np.array([4] * 3 + [1] * 9))
         [(0, 1, 0, 4, False), (1, 2, 0, 4, False), (2, 3, 0, 4, False), (3, 12, 0, 1, True)]
-        >>> schedule(np.array([2] * 100), cells=128)
+        >>> schedule(np.array([2] * 100), PrefillRule(cells=128))
         [(0, 64, 0, 2, True), (64, 100, 0, 2, True)]
+        >>> schedule(np.full(100, 10_000))[:2]
+        [(0, 1, 0, 10000, False), (1, 2, 0, 10000, False)]
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     # sizes never increase: the first round of a run with fewer than half the run's first streams ends it
@@ -143,17 +170,32 @@ def schedule(sizes: np.ndarray, min_rounds: int = PREFILL_MIN_ROUNDS, cells: int
     while r < R:
         n = int(sizes[r])
         end = int(np.searchsorted(neg, -n, side="right"))
-        if end - r < min_rounds:
-            out.extend((t, t + 1, 0, int(sizes[t]), False) for t in range(r, end))
+        pieces = []
+        # cut time first (pieces of at least _MIN_SPAN rounds), then streams
+        span = min(end - r, max(_MIN_SPAN, rule.cells // n))
+        for t0 in range(r, end, span):
+            t1 = min(t0 + span, end)
+            m, per = int(sizes[t0]), max(1, rule.cells // (t1 - t0))
+            pieces.extend((t0, t1, s0, min(s0 + per, m), True) for s0 in range(0, m, per))
+        stepping = (end - r) * rule.round_us + rule.row_us * float(sizes[r:end].sum())
+        prefill = sum(rule.forward_us + rule.cell_us * (s1 - s0) * -(-(t1 - t0) // rule.chunk) * rule.chunk
+                      for t0, t1, s0, s1, _ in pieces)
+        if end - r >= rule.min_rounds and prefill < stepping:
+            out.extend(pieces)
         else:
-            # cut time first (pieces of at least _MIN_SPAN rounds), then streams
-            span = min(end - r, max(_MIN_SPAN, cells // n))
-            for t0 in range(r, end, span):
-                t1 = min(t0 + span, end)
-                m, per = int(sizes[t0]), max(1, cells // (t1 - t0))
-                out.extend((t0, t1, s0, min(s0 + per, m), True) for s0 in range(0, m, per))
+            out.extend((t, t + 1, 0, int(sizes[t]), False) for t in range(r, end))
         r = end
     return out
+
+
+def stepped(sizes: np.ndarray) -> list[tuple[int, int, int, int, bool]]:
+    """Every round a step, as :func:`schedule` gives its pieces (the path without prefill).
+
+    Example:
+        >>> stepped(np.array([2, 1]))
+        [(0, 1, 0, 2, False), (1, 2, 0, 1, False)]
+    """
+    return [(r, r + 1, 0, int(n), False) for r, n in enumerate(np.asarray(sizes).tolist())]
 
 
 class Stepper:
@@ -169,6 +211,9 @@ class Stepper:
         self.encoder, self.layout, self.learning = encoder, layout, learning
         self.device, self.dtype = p.device, p.dtype
         self.native = isinstance(encoder, StreamEncoder)
+        self.plan = schedule if self.native else stepped
+        """The rule that cuts an entry's rounds into pieces (:func:`schedule`; :func:`stepped` never prefills). A
+        function of the entry's sizes alone: a replay must apply the same rule as the call it repeats."""
 
     @torch.no_grad()
     def run(self, flat: dict[str, torch.Tensor], entry: Entry, skip: np.ndarray | None = None
@@ -181,7 +226,7 @@ class Stepper:
         if skip is not None and skip.any():
             flat["last_time"] = torch.where(self._device(skip), -math.inf, flat["last_time"])
         sizes = entry.sizes
-        pieces = schedule(sizes) if self.native else [(r, r + 1, 0, int(n), False) for r, n in enumerate(sizes)]
+        pieces = self.plan(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)])
         stepped = [p for p in pieces if not p[4]]
         if stepped:

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from gdn2ts.models import EncoderConfig, StreamEncoder
-from gdn2ts.streaming import CommitPolicy, MemoryStore, OnlineRunner, SQLiteStore, rounds
+from gdn2ts.streaming import CommitPolicy, MemoryStore, OnlineRunner, SQLiteStore
 from gdn2ts.streaming.history import append_history, history_template
 from gdn2ts.streaming.learn import LearnConfig
 from gdn2ts.streaming.rounds import (
-    PREFILL_CELLS,
-    PREFILL_MIN_ROUNDS,
+    PrefillRule,
     append_history_rows,
     schedule,
+    stepped,
     welford,
     welford_rows,
 )
@@ -64,11 +64,6 @@ def backfill(rows: dict[str, int], seed=0, t0: dict[str, float] | None = None, c
     return frame.sample(fraction=1.0, shuffle=True, seed=seed)
 
 
-def stepping_only(monkeypatch):
-    """Make every round a step (the path before prefill), to compare with."""
-    monkeypatch.setattr(rounds, "schedule", lambda sizes: [(r, r + 1, 0, int(n), False) for r, n in enumerate(sizes)])
-
-
 def records(runner, ids):
     runner.flush()
     return {sid: (r.steps, r.tensors) for sid, r in runner.store.get(ids).items()}
@@ -102,11 +97,13 @@ def count_forwards(runner):
 
 def test_schedule_covers_every_row_once_and_bounds_padding():
     rng = np.random.default_rng(0)
+    rule = PrefillRule()
     cases = [np.array([5]), np.array([3, 3, 1]), np.array([1] * 200_000), np.full(100, 10_000),
-             np.array([10_000] + [1] * 99_999)]
+             np.array([10_000] + [1] * 99_999), np.full(300, 700)]
     for _ in range(30):
         counts = rng.integers(1, 400, size=int(rng.integers(1, 60)))
         cases.append(np.bincount(counts)[1:][::-1].cumsum()[::-1])  # sizes of streams with these row counts
+    prefilled = 0
     for sizes in cases:
         covered = np.zeros(int(sizes.sum()), dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -114,22 +111,30 @@ def test_schedule_covers_every_row_once_and_bounds_padding():
         for r0, r1, s0, s1, prefill in schedule(sizes):
             assert (r0, s0) >= last and r1 > r0 and s1 > s0
             last = (r0, s0)
-            block = sizes[r0:r1]
             if prefill:
-                assert (s1 - s0) * (r1 - r0) <= max(PREFILL_CELLS, r1 - r0)
+                prefilled += 1
+                assert (s1 - s0) * (r1 - r0) <= max(rule.cells, r1 - r0)
                 # padding at most half of the run a piece comes from
-                assert (2 * block >= sizes[r0]).all()
+                assert (2 * sizes[r0:r1] >= sizes[r0]).all()
             else:
                 assert r1 == r0 + 1 and s0 == 0 and s1 == sizes[r0]
             for r in range(r0, r1):
                 n = min(int(sizes[r]), s1) - s0
                 covered[starts[r] + s0:starts[r] + s0 + max(n, 0)] += 1
         assert (covered == 1).all()
-    # the two backfills of docs/streaming-durability.md are prefilled whole; a one-round call is stepped
-    assert all(p[4] for p in schedule(np.full(100, 10_000))) and all(p[4] for p in schedule(np.ones(100_000, int)))
+    assert prefilled > 30
+    # the cost rule: one stream's 100,000 rows are prefilled, and so is the long tail after one wide round; 10,000
+    # streams of 100 rows each step (their batched steps are as cheap per row); one round always steps
+    assert all(p[4] for p in schedule(np.ones(100_000, int)))
+    assert [p[4] for p in schedule(np.array([10_000] + [1] * 99_999))][:1] == [False]
+    assert all(p[4] for p in schedule(np.array([10_000] + [1] * 99_999))[1:])
+    assert not any(p[4] for p in schedule(np.full(100, 10_000)))
     assert schedule(np.array([4096])) == [(0, 1, 0, 4096, False)]
-    assert not any(p[4] for p in schedule(np.full(PREFILL_MIN_ROUNDS - 1, 7)))
-    assert all(p[4] for p in schedule(np.full(PREFILL_MIN_ROUNDS, 7)))
+    assert not any(p[4] for p in schedule(np.full(rule.min_rounds - 1, 7)))
+    assert all(p[4] for p in schedule(np.full(rule.min_rounds, 7)))
+    # with a free forward every run of enough rounds prefills; with a free round none does
+    assert all(p[4] for p in schedule(np.full(100, 10_000), PrefillRule(forward_us=0, cell_us=0)))
+    assert not any(p[4] for p in schedule(np.ones(500, int), PrefillRule(round_us=0)))
 
 
 def test_block_statistics_and_histories_equal_row_by_row():
@@ -163,7 +168,7 @@ def test_block_statistics_and_histories_equal_row_by_row():
 
 
 @pytest.mark.parametrize("n_cov", [0, 1])
-def test_prefill_equals_stepping(monkeypatch, n_cov):
+def test_prefill_equals_stepping(n_cov):
     rows = {"long": 150, "mid": 90, "short": 70, "one": 1, "few": 5}
     covariates = ["hour"] if n_cov else []
     first = backfill({"long": 3, "mid": 2}, seed=1, covariates=bool(n_cov))
@@ -171,17 +176,16 @@ def test_prefill_equals_stepping(monkeypatch, n_cov):
     batch = backfill(rows, seed=2, t0=t0, covariates=bool(n_cov))
     results = []
     for prefill in (True, False):
-        with monkeypatch.context() as m:
-            if not prefill:
-                stepping_only(m)
-            runner = OnlineRunner(encoder(n_cov), MemoryStore(), CHANNELS, covariates)
-            forwards = count_forwards(runner)
-            runner.observe(first)  # states that do not start empty
-            result = runner.observe(batch)
-            assert result.accepted == batch.height and not result.rejected
-            assert (len(forwards) > 0) == prefill
-            ids = list(rows)
-            results.append((records(runner, ids), runner.forecast(ids), runner.stats(ids), runner.info(ids)))
+        runner = OnlineRunner(encoder(n_cov), MemoryStore(), CHANNELS, covariates)
+        if not prefill:
+            runner.stepper.plan = stepped  # every round a step: the path before prefill
+        forwards = count_forwards(runner)
+        runner.observe(first)  # states that do not start empty
+        result = runner.observe(batch)
+        assert result.accepted == batch.height and not result.rejected
+        assert (len(forwards) > 0) == prefill
+        ids = list(rows)
+        results.append((records(runner, ids), runner.forecast(ids), runner.stats(ids), runner.info(ids)))
     (rec_p, fc_p, st_p, info_p), (rec_s, fc_s, st_s, info_s) = results
     assert info_p.equals(info_s)
     for sid in rows:
@@ -198,17 +202,16 @@ def test_prefill_equals_stepping(monkeypatch, n_cov):
     assert not torch.allclose(rec_p["long"][1]["layer0.recurrent"], torch.zeros(()))
 
 
-def test_prefill_with_learning_keeps_the_same_histories(monkeypatch):
+def test_prefill_with_learning_keeps_the_same_histories():
     learning = LearnConfig(history=64, context=8, min_context=2)
     batch = backfill({"x": 100, "y": 40, "z": 33}, seed=3)
     got = []
     for prefill in (True, False):
-        with monkeypatch.context() as m:
-            if not prefill:
-                stepping_only(m)
-            runner = OnlineRunner(encoder(), MemoryStore(), CHANNELS, learning=learning)
-            runner.observe(batch)
-            got.append(records(runner, ["x", "y", "z"]))
+        runner = OnlineRunner(encoder(), MemoryStore(), CHANNELS, learning=learning)
+        if not prefill:
+            runner.stepper.plan = stepped
+        runner.observe(batch)
+        got.append(records(runner, ["x", "y", "z"]))
     for sid in ("x", "y", "z"):
         for k, t in got[1][sid][1].items():
             if k.startswith("hist.") or k in ("learn.through", "last_time", "stats.count"):

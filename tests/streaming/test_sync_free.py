@@ -29,7 +29,7 @@ from gdn2ts.models import EncoderConfig, StreamEncoder
 from gdn2ts.ops import validate
 from gdn2ts.streaming import CommitPolicy, MemoryStore, OnlineRunner, SQLiteStore
 from gdn2ts.streaming.learn import LearnConfig
-from gdn2ts.streaming.rounds import Stepper
+from gdn2ts.streaming.rounds import Stepper, stepped
 
 from tolerances import assert_close
 
@@ -239,12 +239,9 @@ def test_cuda_prefill_equals_stepping(monkeypatch):
     part = batch(50, 120, 0.0, seed=3)
     out = []
     for prefill in (True, False):
-        with monkeypatch.context() as m:
-            if not prefill:
-                from gdn2ts.streaming import rounds as rounds_module
-                m.setattr(rounds_module, "schedule",
-                          lambda sizes: [(r, r + 1, 0, int(n), False) for r, n in enumerate(sizes)])
-            runner = OnlineRunner(encoder("cuda"), MemoryStore(), CHANNELS, COVARIATES, capacity=50)
-            runner.observe(part)
-            out.append(quantiles(runner.forecast([f"s{i}" for i in range(50)])))
+        runner = OnlineRunner(encoder("cuda"), MemoryStore(), CHANNELS, COVARIATES, capacity=50)
+        if not prefill:
+            runner.stepper.plan = stepped
+        runner.observe(part)
+        out.append(quantiles(runner.forecast([f"s{i}" for i in range(50)])))
     assert_close("forecast", out[0], out[1], torch.float32)
