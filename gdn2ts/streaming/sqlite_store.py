@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import itertools
 import sqlite3
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load as st_load
 
 from gdn2ts.streaming.errors import (
-    CorruptRecordError,
-    FingerprintMismatchError,
     ReadOnlyStoreError,
     StoreError,
 )
 from gdn2ts.streaming.lease import FileLease
-from gdn2ts.streaming.records import RecordLayout, Rows, payload_checksum, read_metadata, row_checksums
+from gdn2ts.streaming.records import RecordLayout, Rows, row_checksums
 from gdn2ts.streaming.slab import Slab
+from gdn2ts.streaming.sqlite_legacy import convert_legacy, has_table
 from gdn2ts.streaming.store import StagedStore, verified
 
 __all__ = ["SQLiteStore"]
@@ -153,10 +150,10 @@ class SQLiteStore(StagedStore):
             c.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             c.execute("INSERT OR IGNORE INTO meta VALUES ('journal_head', '0')")
             version = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-            if version in ("1", "2", "3") and _has_table(c, "streams") and not _has_table(c, "legacy_streams"):
+            if version in ("1", "2", "3") and has_table(c, "streams") and not has_table(c, "legacy_streams"):
                 c.execute("ALTER TABLE streams RENAME TO legacy_streams")
                 for table in ("journal", "blobs"):
-                    if _has_table(c, table):
+                    if has_table(c, table):
                         c.execute(f"ALTER TABLE {table} RENAME TO legacy_{table}")
             c.execute("CREATE TABLE IF NOT EXISTS streams (stream_id TEXT PRIMARY KEY, slot INTEGER NOT NULL, "
                       "steps INTEGER NOT NULL, last_timestamp REAL NOT NULL, journal_seq INTEGER NOT NULL, "
@@ -166,7 +163,7 @@ class SQLiteStore(StagedStore):
             c.execute("CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, payload BLOB NOT NULL, "
                       "checksum INTEGER NOT NULL)")
             if version in ("1", "2", "3"):
-                self._convert_legacy()
+                convert_legacy(self)
                 c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
                 version = SCHEMA_VERSION
             c.execute("COMMIT")
@@ -415,63 +412,8 @@ class SQLiteStore(StagedStore):
             cause = f"{type(e).__name__}: {text}"
         return StoreError(f"{self.what}: {op} failed: {cause}")
 
-    def _convert_legacy(self) -> None:
-        """Move the records of an older file (safetensors rows of ``legacy_streams``) into the slab, in the open
-        transaction; a file holding the states of two models is refused."""
-        c = self.conn
-        # journal entries and blobs: verified against their old SHA-256 checksums, stored with the new ones
-        for table, key in (("journal", "seq"), ("blobs", "name")):
-            if _has_table(c, f"legacy_{table}"):
-                for name, payload, digest in c.execute(f"SELECT {key}, payload, checksum FROM legacy_{table}"
-                                                       ).fetchall():
-                    if hashlib.sha256(payload).hexdigest() != digest:
-                        what = f"journal entry {name}" if table == "journal" else f"blob {name!r}"
-                        raise CorruptRecordError(f"{self.what}: {what} fails its checksum; the file is not converted")
-                    c.execute(f"INSERT INTO {table} VALUES (?, ?, ?)", (name, payload, payload_checksum(payload)))
-                c.execute(f"DROP TABLE legacy_{table}")
-        if not _has_table(c, "legacy_streams"):
-            return
-        cursor = c.execute("SELECT stream_id, payload FROM legacy_streams ORDER BY stream_id")
-        while batch := cursor.fetchmany(4096):
-            records = {sid: _decode_legacy(payload, sid) for sid, payload in batch}
-            models = {r.fingerprint for r in records.values()} | ({self.model} if self.model else set())
-            if len(models) > 1:
-                raise FingerprintMismatchError(f"{self.what} holds the states of several models {sorted(models)}; "
-                                               "it cannot be converted to one model's store")
-            if self.layout is None:
-                first = next(iter(records.values()))
-                self._bind_in_transaction(RecordLayout.of(first.tensors), first.fingerprint)
-            self.put(records)
-            ids, rows, _ = self._staged_rows()
-            new = self._allocate(len(ids))
-            self.slab.write(new, rows.data)
-            c.executemany("INSERT INTO streams VALUES (?, ?, ?, ?, ?, ?)",
-                          zip(ids, new.tolist(), rows.steps.tolist(), rows.last_timestamp.tolist(),
-                              rows.journal_seq.tolist(), row_checksums(rows.data).tolist(), strict=True))
-            self.rollback()
-        c.execute("DROP TABLE legacy_streams")
-
     def _bind_in_transaction(self, layout: RecordLayout, fingerprint: str) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                               [("model", fingerprint), ("layout", layout.spec)])
         self.model, self.layout = fingerprint, layout
         self._open_slab()
-
-
-def _has_table(c: sqlite3.Connection, name: str) -> bool:
-    return c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
-
-
-def _decode_legacy(payload: bytes, stream_id: str):
-    """A record of an older store (safetensors with the scalars in its metadata)."""
-    from gdn2ts.streaming.records import StreamRecord
-
-    try:
-        meta = read_metadata(payload)
-        if meta.get("format") != "gdn2ts.stream.v1":
-            raise ValueError(f"unknown format {meta.get('format')!r}")
-        return StreamRecord(dict(st_load(payload)), float(meta["last_timestamp"]), int(meta["steps"]),
-                            meta["fingerprint"], int(meta.get("journal_seq", "0")))
-    except Exception as e:  # any decoding failure is a corrupt record, named
-        raise CorruptRecordError(f"stream {stream_id!r}: stored record cannot be decoded ({e})") from None
-
