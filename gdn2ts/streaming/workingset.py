@@ -127,6 +127,9 @@ class WorkingSet:
             pool.copy_(layout.template[name].expand_as(pool))
         self.template_row = self.rows_pool[:1].clone()
         """A stream that has seen nothing, as a record row ``[1, nbytes]``."""
+        # rows move as int64 words (the record size is a multiple of 8): index copies of bytes are 4x slower
+        self._words = self.rows_pool.view(torch.int64)
+        self._spill: torch.Tensor | None = None  # reused by write_dirty for the rows it writes
         self.last_time = np.full(capacity, -math.inf)
         self.steps = np.zeros(capacity, dtype=np.int64)
         self.seqs = np.zeros(capacity, dtype=np.int64)  # journal entry each held state reflects
@@ -213,12 +216,14 @@ class WorkingSet:
         self.seqs[slots] = seq
         self.dirty[slots] = dirty
 
-    def rows(self, slots: np.ndarray, journal_seq: int) -> Rows:
-        """The held streams in ``slots`` as store rows (a copy)."""
+    def rows(self, slots: np.ndarray, journal_seq: int, out: torch.Tensor | None = None) -> Rows:
+        """The held streams in ``slots`` as store rows (a copy; into ``out``, ``[>= n, nbytes / 8]`` int64 on the
+        pools' device, when given)."""
         index = torch.from_numpy(slots).to(self.rows_pool.device)
         n = len(slots)
-        return Rows(np.ones(n, dtype=bool), self.rows_pool.index_select(0, index).cpu().numpy(),
-                    self.steps[slots].copy(), self.last_time[slots].copy(), np.full(n, journal_seq, dtype=np.int64), {})
+        words = torch.index_select(self._words, 0, index, out=None if out is None else out[:n])
+        return Rows(np.ones(n, dtype=bool), words.view(torch.uint8).cpu().numpy(), self.steps[slots].copy(),
+                    self.last_time[slots].copy(), np.full(n, journal_seq, dtype=np.int64), {})
 
     def pack(self, flat: dict[str, torch.Tensor], slots: np.ndarray, steps: np.ndarray, journal_seq: int) -> Rows:
         """Store rows of ``flat`` (``{name: [n, *shape]}``) with ``steps`` ``[n]`` (``slots`` only sizes them)."""
@@ -235,7 +240,10 @@ class WorkingSet:
         for start in range(0, dirty.size, _SPILL_CHUNK):
             part = dirty[start:start + _SPILL_CHUNK]
             try:
-                self.store.write_rows([self.id_of[i] for i in part.tolist()], self.rows(part, self.seq))
+                if self._spill is None:
+                    self._spill = self._words.new_empty((min(_SPILL_CHUNK, self.capacity), self._words.shape[1]))
+                # the buffer is free again once this commit returns: committed, or rolled back below
+                self.store.write_rows([self.id_of[i] for i in part.tolist()], self.rows(part, self.seq, self._spill))
                 self.store.commit()
             except BaseException:
                 self.store.rollback()
@@ -278,11 +286,11 @@ class WorkingSet:
         fresh = np.flatnonzero(~rows.found)
         if fresh.size:
             at = index[torch.from_numpy(fresh).to(device)]
-            self.rows_pool.index_copy_(0, at, self.template_row.expand(fresh.size, -1))
+            self._words.index_copy_(0, at, self.template_row.view(torch.int64).expand(fresh.size, -1))
         if loaded.size:
             data = rows.data if loaded.size == len(ids) else rows.data[loaded]
             at = index if loaded.size == len(ids) else index[torch.from_numpy(loaded).to(device)]
-            self.rows_pool.index_copy_(0, at, torch.from_numpy(data).to(device))
+            self._words.index_copy_(0, at, torch.from_numpy(np.ascontiguousarray(data)).view(torch.int64).to(device))
         self.last_time[slots] = np.where(rows.found, rows.last_timestamp, -math.inf)
         self.steps[slots] = np.where(rows.found, rows.steps, 0)
         self.seqs[slots] = np.where(rows.found, rows.journal_seq, 0)
