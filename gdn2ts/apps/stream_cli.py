@@ -59,12 +59,13 @@ __all__ = ["open_runner", "run_stream", "run_forecast", "run_forget", "read_obse
 
 def open_runner(ckpt: Checkpoint, store: str | Path, id_column: str = "stream", time_column: str = "time",
                 learning: LearnConfig | None = None, *, units: bool = False, capacity: int = 4096,
-                limits: Limits | None = None) -> OnlineRunner:
+                limits: Limits | None = None, readonly: bool = False) -> OnlineRunner:
     """An :class:`OnlineRunner` of the checkpoint's encoder over the SQLite store at ``store`` (closed again if the
     runner refuses it, e.g. a store written by another model). ``units``: the runner reads and answers in the
     user's units (:meth:`OnlineRunner.from_checkpoint`); otherwise it works in model units. A store that learns
-    loads its learned weights into the checkpoint's encoder (``learning`` None continues as the store does)."""
-    db = SQLiteStore(store)
+    loads its learned weights into the checkpoint's encoder (``learning`` None continues as the store does).
+    ``readonly``: a view beside the store's writer (no lease; forecast, stats, info and audit only)."""
+    db = SQLiteStore(store, readonly=readonly)
     try:
         if units:
             return OnlineRunner.from_checkpoint(ckpt, db, capacity=capacity, learning=learning, limits=limits,
@@ -250,9 +251,10 @@ def run_forecast(checkpoint: str, store: str, streams: list[str] | None = None, 
     if out is not None:
         format_of(out, None)
     ckpt = load_checkpoint(checkpoint)
-    runner = open_runner(ckpt, store, *ckpt.columns, units=True)
+    # a read-only view: it answers beside a writer that holds the store (gdn2ts stream apply, running)
+    runner = open_runner(ckpt, store, *ckpt.columns, units=True, readonly=True)
     try:
-        ids = list(streams) if streams is not None else list(runner.store.iterate())
+        ids = list(streams) if streams is not None else runner.stream_ids()
         if not ids:
             raise ValueError(f"the store {str(store)!r} holds no streams")
         known = runner.info(ids)

@@ -289,6 +289,11 @@ class OnlineRunner:
             "var": var, "std": np.sqrt(var)})
         return (table if self.units is None else self.units.stats_to_user(table)).fill_nan(None)
 
+    def stream_ids(self) -> list[str]:
+        """Every known stream, sorted: those in the store and those held with observations not yet written."""
+        held = [sid for sid, s in self.ws.slot_of.items() if self.ws.steps[s] > 0]
+        return sorted(set(self.store.iterate()).union(held))
+
     def info(self, stream_ids: Sequence[str]) -> pl.DataFrame:
         """One row per stream: ``steps`` (rows applied, 0 for an unknown stream) and ``last_time`` (the last
         observation's timestamp, null before the first), as of the last call, flushed or not."""

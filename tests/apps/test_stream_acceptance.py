@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from gdn2ts.apps.stream_cli import run_forecast
 from gdn2ts.cli import main
 from gdn2ts.models.checkpoint import load_checkpoint
 from gdn2ts.streaming import OnlineRunner, SQLiteStore
@@ -86,6 +87,9 @@ def test_train_on_your_file_then_stream_it_from_a_slow_producer(tmp_path):
         info = reader.info(tail["Sensor"].unique().to_list())
         reader.close()
         assert info["steps"].sum() == first
+        # so does gdn2ts stream forecast (a read-only view: the running command holds the store's lease)
+        now = run_forecast(str(checkpoint), str(db))
+        assert sorted(now["stream"].unique()) == sorted(tail.head(first)["Sensor"].unique())
         seen = tail.head(first).group_by("Sensor").agg(pl.col("Date_Time").max())
         for sensor, last in seen.rows():
             got = info.filter(pl.col("stream") == sensor)["last_time"][0]

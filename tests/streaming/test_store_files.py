@@ -126,6 +126,8 @@ def test_one_writer_per_store_across_processes(journal, tmp_path):
         view = OnlineRunner(encoder(), SQLiteStore(db, readonly=True), CHANNELS)
         assert view.info(["s0", "s4"])["steps"].to_list() == [3, 3]
         assert view.forecast(["s0", "s4"]).equals(want)
+        assert view.stream_ids() == [f"s{i}" for i in range(5)]
+        assert view.audit(batch(2, 10.0)).energy.height > 0  # read-only, as audits are
         with pytest.raises(ReadOnlyStoreError, match="observe is refused: the store is open read-only"):
             view.observe(batch(2, 10.0))
         view.close()
