@@ -35,7 +35,7 @@ import torch
 from gdn2ts.models import EncoderState, StreamEncoder
 from gdn2ts.streaming import lifecycle, single
 from gdn2ts.streaming.commit import Durability
-from gdn2ts.streaming.errors import ReadOnlyStoreError
+from gdn2ts.streaming.errors import CorruptRecordError, ReadOnlyStoreError
 from gdn2ts.streaming.frames import Limits, ObservationSchema, screen_gaps, screen_values
 from gdn2ts.streaming.history import THROUGH, history_template, plan_windows
 from gdn2ts.streaming.journal import CommitPolicy
@@ -48,6 +48,8 @@ from gdn2ts.streaming.units import Units, with_forecast_times
 from gdn2ts.streaming.workingset import STATS, StateLayout, WorkingSet
 
 __all__ = ["OnlineRunner", "ObserveResult", "UnknownStreamError", "model_fingerprint"]
+
+_VIEW_ATTEMPTS = 5  # fresh starts of a read-only view's replay before a failing record is reported
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -187,12 +189,24 @@ class OnlineRunner:
         self.readonly = bool(getattr(store, "readonly", False))
         self._closed = False
         if self.durability.has_journal:
-            # a read-only view replays the writer's journal in memory, from one consistent read of the store
-            with store.snapshot():
-                replayed = replay_journal(store, self.ws, self.stepper, self.schema, self._entry_fingerprint)
+            replayed = self._replay(capacity)
             self.ws.seq = self.seq
             if replayed and not self.readonly:
                 self.flush()
+
+    def _replay(self, capacity: int) -> int:
+        """Replay the journal (see :mod:`gdn2ts.streaming.recovery`). A read-only view replays the writer's journal
+        in memory from one consistent read of the store; a record the writer moved meanwhile (its old slot reused)
+        fails its checksum there, so the view reads again from a fresh start, a few times, before it reports it."""
+        for attempt in range(_VIEW_ATTEMPTS):
+            try:
+                with self.store.snapshot():
+                    return replay_journal(self.store, self.ws, self.stepper, self.schema, self._entry_fingerprint)
+            except CorruptRecordError:
+                if not self.readonly or attempt == _VIEW_ATTEMPTS - 1:
+                    raise
+                self.ws = WorkingSet(self.layout, capacity, self.store, self.fingerprint)
+        return 0
 
     @property
     def seq(self) -> int:

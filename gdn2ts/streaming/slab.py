@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Slab"]
+__all__ = ["Slab", "GROW_MIN"]
 
-_GROW_MIN = 1024  # slots added at least per growth
+GROW_MIN = 1024  # slots added at least per growth
 _IOV_MAX = 1024  # buffers per preadv (the operating system's limit)
 
 
@@ -59,7 +59,7 @@ class Slab:
         have = self.capacity
         if slots <= have:
             return
-        want = max(slots, have + max(_GROW_MIN, have // 4))
+        want = max(slots, have + max(GROW_MIN, have // 4))
         try:
             os.posix_fallocate(self.fd, have * self.slot_bytes, (want - have) * self.slot_bytes)
         except OSError:

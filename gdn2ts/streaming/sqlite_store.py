@@ -28,7 +28,7 @@ from gdn2ts.streaming.errors import (
 )
 from gdn2ts.streaming.lease import FileLease
 from gdn2ts.streaming.records import RecordLayout, Rows, row_checksums
-from gdn2ts.streaming.slab import Slab
+from gdn2ts.streaming.slab import GROW_MIN, Slab
 from gdn2ts.streaming.sqlite_legacy import convert_legacy, has_table
 from gdn2ts.streaming.store import StagedStore, verified
 
@@ -352,13 +352,17 @@ class SQLiteStore(StagedStore):
         self.rollback()
 
     def _allocate(self, n: int) -> np.ndarray:
-        """``n`` free slots, the lowest first (new ones past the top when too few are free)."""
+        """``n`` free slots (new ones past the top when too few are free). The longest free first: a slot freed now
+        is taken again only after the others, which gives a reader that looked up the old slot just before time to
+        read it."""
         take = self._free[:n]
         self._free = self._free[n:]
         if take.size < n:
-            more = np.arange(self._top, self._top + n - take.size, dtype=np.int64)
+            # grow by a margin, as the slab's file does, so that freed slots wait behind the new ones
+            more = np.arange(self._top, self._top + max(n - take.size, GROW_MIN, self._top // 4), dtype=np.int64)
             self._top += more.size
-            take = np.concatenate([take, more])
+            need = n - take.size
+            take, self._free = np.concatenate([take, more[:need]]), np.concatenate([self._free, more[need:]])
         return take
 
     def _old_slots(self, ids: list[str]) -> np.ndarray:

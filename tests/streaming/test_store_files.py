@@ -318,3 +318,32 @@ def test_a_damaged_older_store_is_not_converted(tmp_path):
     con.close()
     with pytest.raises(CorruptRecordError, match="journal entry 7 fails its checksum; the file is not converted"):
         SQLiteStore(db)
+
+
+def test_a_reader_sees_a_record_the_writer_moved_after_its_lookup(tmp_path):
+    """The writer frees a record's old slot once the new one is committed and may reuse it: a reader holding an
+    older snapshot then reads bytes that fail the checksum. Outside a snapshot the reader looks again and finds the
+    new slot; inside one it reports the record (a read-only runner starts its replay over, see OnlineRunner)."""
+    writer = SQLiteStore(tmp_path / "s.db")
+    writer.put({"a": record(1)})
+    writer.commit()
+    reader = SQLiteStore(tmp_path / "s.db", readonly=True)
+    first = reader.conn.execute("SELECT slot FROM streams").fetchone()[0]
+    with reader.snapshot():
+        assert reader.get(["a"])["a"].steps == 1  # the snapshot starts here
+        seed = 1
+        while True:  # rewrite until a's first slot is taken again (after the other free slots: a thousand or so)
+            seed += 1
+            writer.put({"a": record(seed)})
+            writer.commit()
+            if writer.conn.execute("SELECT slot FROM streams").fetchone()[0] == first:
+                break
+            assert seed < 5000
+        assert seed > 1000  # freed slots wait behind the rest
+        writer.put({"a": record(seed + 1)})  # and a's new bytes are now in its first slot... then moved on
+        writer.commit()
+        rows = reader.read_rows(["a"])
+        assert rows.failed == {0: "stored record fails its checksum"}
+    assert reader.get(["a"])["a"].steps == seed + 1
+    reader.close()
+    writer.close()
