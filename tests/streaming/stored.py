@@ -37,3 +37,20 @@ def dump(path: str | Path) -> dict:
 def digest(path: str | Path) -> str:
     """SHA-256 over :func:`dump`."""
     return hashlib.sha256(repr(sorted(dump(path).items())).encode()).hexdigest()
+
+
+def dump_postgres(dsn: str, name: str) -> dict:
+    """Every table of a PostgreSQL store (the schema ``name``), read on a connection of its own; the lease note
+    (who opened it last) is not part of what the store holds."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as con:
+        return {t: [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in con.execute(
+                    sql.SQL("SELECT * FROM {}.{} ORDER BY 1").format(sql.Identifier(name), sql.Identifier(t)))]
+                for t in TABLES}
+
+
+def digest_postgres(dsn: str, name: str) -> str:
+    """SHA-256 over :func:`dump_postgres`."""
+    return hashlib.sha256(repr(sorted(dump_postgres(dsn, name).items())).encode()).hexdigest()

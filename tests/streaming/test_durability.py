@@ -60,14 +60,13 @@ def parts(ids=("s0", "s1", "s2"), n_calls=6, seed=0, per_call=None):
 
 
 
-def test_replay_after_a_crash_equals_the_uninterrupted_run(tmp_path):
+def test_replay_after_a_crash_equals_the_uninterrupted_run(durable):
     ids = [f"s{i}" for i in range(6)]
     batches = parts(ids, n_calls=11, per_call=3)
     reference = OnlineRunner(encoder(), MemoryStore(), CHANNELS)
     for b in batches:
         reference.observe(b)
-    first = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS, capacity=3,
-                         policy=CommitPolicy(snapshot_every=5))
+    first = OnlineRunner(encoder(), durable.open(), CHANNELS, capacity=3, policy=CommitPolicy(snapshot_every=5))
     for b in batches[:10]:
         first.observe(b)
     # snapshots, spills (records newer than some journal entries) and two journal entries are in the file; the
@@ -75,7 +74,7 @@ def test_replay_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     entries = [s for s, _ in first.store.read_journal()]
     assert entries and max(r.journal_seq for r in first.store.get(ids).values() if r is not None) >= entries[0]
     first.store.close()  # dies (the lease goes with it)
-    second = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS, capacity=3)
+    second = OnlineRunner(encoder(), durable.open(), CHANNELS, capacity=3)
     assert list(second.store.read_journal()) == []  # replayed, then snapshotted
     second.observe(batches[10])
     assert reference.forecast(ids).equals(second.forecast(ids))
@@ -85,14 +84,14 @@ def test_replay_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[s].tensors[k], b[s].tensors[k]) for s in ids for k in a[s].tensors)
 
 
-def test_snapshot_policy_and_flush_truncate_the_journal(tmp_path):
-    runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS, policy=CommitPolicy(snapshot_every=3))
+def test_snapshot_policy_and_flush_truncate_the_journal(durable):
+    runner = OnlineRunner(encoder(), durable.open(), CHANNELS, policy=CommitPolicy(snapshot_every=3))
     seqs = [runner.observe(b).seq for b in parts(n_calls=5)]
     assert seqs == [1, 2, 3, 4, 5]
     assert [s for s, _ in runner.store.read_journal()] == [4, 5]  # the third call snapshotted
     assert runner.store.get(["s0"])["s0"].journal_seq == 3
     runner.close()
-    again = SQLiteStore(tmp_path / "s.db")
+    again = durable.open()
     assert list(again.read_journal()) == [] and again.journal_head() == 5
     assert all(r.journal_seq == 5 for r in again.get(["s0", "s1", "s2"]).values())
     again.close()
@@ -130,19 +129,19 @@ BAD = [
 
 
 @pytest.mark.parametrize("rows,error,pattern", BAD)
-def test_bad_batches_leave_the_database_as_it_was(rows, error, pattern, tmp_path):
-    runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
+def test_bad_batches_leave_the_database_as_it_was(rows, error, pattern, durable):
+    runner = OnlineRunner(encoder(), durable.open(), CHANNELS)
     runner.observe(parts()[0])
     runner.observe(parts()[1])
-    before, info, fc = dump(tmp_path / "s.db"), runner.info(["s0", "s1"]), runner.forecast(["s0"])
+    before, info, fc = durable.dump(), runner.info(["s0", "s1"]), runner.forecast(["s0"])
     with pytest.raises(error, match=pattern):
         runner.observe(rows)
-    assert dump(tmp_path / "s.db") == before
+    assert durable.dump() == before
     assert runner.info(["s0", "s1"]).equals(info) and runner.forecast(["s0"]).equals(fc)
 
 
-def test_stale_rows_are_rejected_by_stream_while_others_proceed(tmp_path):
-    runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
+def test_stale_rows_are_rejected_by_stream_while_others_proceed(durable):
+    runner = OnlineRunner(encoder(), durable.open(), CHANNELS)
     runner.observe([{"stream": "a", "time": 5.0, "a": 1.0}, {"stream": "b", "time": 5.0, "a": 1.0}])
     result = runner.observe([{"stream": "a", "time": 4.0, "a": 2.0}, {"stream": "b", "time": 6.0, "a": 2.0},
                              {"stream": "a", "time": 5.0, "a": 2.0}])
@@ -193,17 +192,17 @@ def test_a_corrupt_record_fails_only_its_own_stream(tmp_path):
     assert [r for r in after["streams"] if r[0] == "s1"] == [r for r in before["streams"] if r[0] == "s1"]
 
 
-def test_a_store_of_another_model_refuses_its_runner(tmp_path):
-    with OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS) as first:
+def test_a_store_of_another_model_refuses_its_runner(durable):
+    with OnlineRunner(encoder(), durable.open(), CHANNELS) as first:
         first.observe(parts()[0])
-    before = dump(tmp_path / "s.db")
+    before = durable.dump()
     with pytest.raises(FingerprintMismatchError, match="holds the states of model"):
-        OnlineRunner(encoder(seed=5), SQLiteStore(tmp_path / "s.db"), CHANNELS)
-    store = SQLiteStore(tmp_path / "s.db")  # the refused runner closed the store and released its lease
+        OnlineRunner(encoder(seed=5), durable.open(), CHANNELS)
+    store = durable.open()  # the refused runner closed the store and released its lease
     with pytest.raises(FingerprintMismatchError, match="stored state was written by model"):
         store.get(["s0"], fingerprint="another-model")
     store.close()
-    assert dump(tmp_path / "s.db") == before
+    assert durable.dump() == before
 
 
 def test_journal_entries_are_checked(tmp_path):
@@ -242,19 +241,21 @@ def test_journal_entry_round_trip_and_shapes():
         decode_entry(4, encode_entry(bad))
 
 
-def test_stream_ids_are_data(tmp_path):
+def test_stream_ids_are_data(durable):
     rows = [{"stream": sid, "time": float(t), "a": float(i + t), "b": None} for i, sid in enumerate(ODD_IDS)
             for t in (1, 2)]
     reference = OnlineRunner(encoder(), MemoryStore(), CHANNELS)
-    runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS, capacity=3)
+    runner = OnlineRunner(encoder(), durable.open(), CHANNELS, capacity=3)
     for r in (reference, runner):
         r.observe(rows[:6])
         r.observe(rows[6:])
     runner.store.close()  # dies (the lease goes with it)
-    again = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
+    again = OnlineRunner(encoder(), durable.open(), CHANNELS)
     assert again.forecast(ODD_IDS).equals(reference.forecast(ODD_IDS))
     assert sorted(again.store.iterate()) == sorted(ODD_IDS)
-    assert {p.name for p in tmp_path.iterdir()} <= {"s.db", "s.db-shm", "s.db-wal", "s.db-slab", "s.db-lock"}
+    if durable.backend == "sqlite":
+        assert {p.name for p in durable.path.parent.iterdir()} <= {"s.db", "s.db-shm", "s.db-wal", "s.db-slab",
+                                                                   "s.db-lock"}
 
 
 def test_a_failed_journal_commit_leaves_no_trace(tmp_path):
@@ -279,8 +280,8 @@ def test_a_failed_journal_commit_leaves_no_trace(tmp_path):
     assert runner.observe(parts()[1]).seq == 2
 
 
-def test_write_through_without_a_journal(tmp_path):
-    runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS, policy=CommitPolicy(journal=False))
+def test_write_through_without_a_journal(durable):
+    runner = OnlineRunner(encoder(), durable.open(), CHANNELS, policy=CommitPolicy(journal=False))
     runner.observe(parts()[0])
     assert list(runner.store.read_journal()) == [] and runner.store.get(["s0"])["s0"].steps > 0
     with pytest.raises(ValueError, match="a journal needs a JournaledStore"):

@@ -43,12 +43,16 @@ def same(a: StreamRecord, b: StreamRecord) -> bool:
                     for k in a.tensors))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def make_store(request, tmp_path):
     stores = []
+    # the PostgreSQL store of this test (a fresh schema of the test server; skipped without one, see conftest.py)
+    pg = request.getfixturevalue("postgres") if request.param == "postgres" else None
+    name = pg.name() if pg else None
 
     def make():
-        s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "state.db")
+        s = (MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "state.db")
+             if request.param == "sqlite" else pg.store(name))
         stores.append(s)
         return s
 
