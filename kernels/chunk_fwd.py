@@ -514,7 +514,7 @@ def chunk_fwd(
     keeps their gradients in the same dtype). ``chunk_lo`` / ``chunk_hi`` (int32 ``[N]``, on the device) make the
     call varlen: ``B == 1``, sequence ``n`` fills chunks ``chunk_lo[n] .. chunk_hi[n]`` (each sequence starts on a
     chunk boundary; padding between sequences must be identity steps, zero ``g``, ``b``, ``w``), the initial and
-    final states are ``[N, HV, K, V]`` (see ``gdn2ts.ops.chunk_triton``). No host synchronization.
+    final states are ``[N, HV, K, V]`` (see ``gdn2ts.ops.gdn2.chunk_triton``). No host synchronization.
     """
     half = q.dtype in (torch.bfloat16, torch.float16)
     if lowp is None:

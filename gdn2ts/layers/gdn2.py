@@ -18,7 +18,7 @@ from gdn2ts.layers.config import GDN2Config
 from gdn2ts.layers.conv import ShortConv
 from gdn2ts.layers.norm import GatedRMSNorm
 from gdn2ts.ops import chunk_gdn2, l2norm, recurrent_gdn2
-from gdn2ts.ops.reference import compute_dtype, state_dtype
+from gdn2ts.ops.gdn2.reference import compute_dtype, state_dtype
 from gdn2ts.ops.validate import check_cu_seqlens, check_values, fail
 
 __all__ = ["GatedDeltaNet2", "GDN2Inputs", "GDN2State"]

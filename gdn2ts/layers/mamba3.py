@@ -24,7 +24,7 @@ from torch import nn
 
 from gdn2ts.layers.mamba3_config import Mamba3Config
 from gdn2ts.layers.norm import RMSNorm, rms_norm
-from gdn2ts.ops.reference import compute_dtype, pad_packed, unpad_packed
+from gdn2ts.ops.gdn2.reference import compute_dtype, pad_packed, unpad_packed
 from gdn2ts.ops.validate import check_cu_seqlens, fail
 
 __all__ = ["Mamba3", "Mamba3State", "mamba3_chunk_scan"]

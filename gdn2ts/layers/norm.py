@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn2ts.ops.reference import compute_dtype
+from gdn2ts.ops.gdn2.reference import compute_dtype
 
 __all__ = ["RMSNorm", "GatedRMSNorm", "rms_norm", "gated_rms_norm", "NORM_BACKENDS"]
 

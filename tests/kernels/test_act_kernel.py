@@ -160,7 +160,7 @@ def test_gpu_op_with_raw_inputs_bf16(B, T, cu):
 
 def test_opcheck_activation_op():
     """The pre-pass as a torch.library custom op: schema, fake outputs, autograd registration."""
-    from gdn2ts.ops import act_triton
+    from gdn2ts.ops.gdn2 import act_triton
 
     q, k, g, b, w, A_log, dt_bias = raw_inputs(1, 9, 2, 8, 8, 2, 2, 2, torch.float32, seed=2)
     args = [t.requires_grad_() for t in (q, k, g, b, w, A_log, dt_bias)]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gdn2ts.ops import chunk_gdn2, chunk_reference
-from gdn2ts.ops import chunk_triton as ct
+from gdn2ts.ops.gdn2 import chunk_triton as ct
 
 from kernel_cases import DEVICE
 from tolerances import assert_close

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gdn2ts.ops import chunk_gdn2, chunk_reference, recurrent_reference
-from gdn2ts.ops.chunk_triton import chunk_layout
+from gdn2ts.ops.gdn2.chunk_triton import chunk_layout
 
 from inputs import make_inputs
 from kernel_cases import ARGS, DEVICE, GATES

@@ -9,7 +9,7 @@ import torch
 
 from gdn2ts.kernels.conv import conv_bwd, conv_fwd
 from gdn2ts.layers import ShortConv, causal_conv1d
-from gdn2ts.layers import conv as conv_module
+from gdn2ts.ops.conv import causal as conv_module
 
 from kernel_cases import DEVICE
 from tolerances import assert_close, errors

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gdn2ts.kernels.recurrent import recurrent_fwd
 from gdn2ts.ops import chunk_gdn2, recurrent_gdn2, recurrent_reference
-from gdn2ts.ops.gdn2 import GDN2Options, _activate
+from gdn2ts.ops.gdn2.options import GDN2Options, activate
 
 from kernel_cases import DEVICE
 from tolerances import assert_close
@@ -44,7 +44,7 @@ def truth(args, h0, cu=None, **opts):
                     use_bw_sigmoid=opts.get("use_bw_sigmoid_in_kernel", False),
                     erase_max=opts.get("erase_max", 1.0))
     A_log, dt_bias = opts.get("A_log"), opts.get("dt_bias")
-    q, k, g, b, w = _activate(x64[0], x64[1], x64[3], x64[4], x64[5], o,
+    q, k, g, b, w = activate(x64[0], x64[1], x64[3], x64[4], x64[5], o,
                               None if A_log is None else A_log.double().cpu(),
                               None if dt_bias is None else dt_bias.double().cpu())
     return recurrent_reference(q, k, x64[2], g, b, w, o.scale, None if h0 is None else h0.double().cpu(), True,

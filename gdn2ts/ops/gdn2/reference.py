@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gdn2ts.ops import decayed
+from gdn2ts.ops.gdn2 import decayed
 
 __all__ = ["recurrent_reference", "chunk_reference", "compute_dtype", "state_dtype", "pad_packed", "unpad_packed"]
 
