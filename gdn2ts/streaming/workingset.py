@@ -191,11 +191,13 @@ class WorkingSet:
                 self.occupied[s] = self.dirty[s] = False
 
     def gather(self, slots: np.ndarray, copy: bool = True) -> dict[str, torch.Tensor]:
-        """``{name: [len(slots), *shape]}`` of the slots' components: copies, or with ``copy=False`` views of the
-        pools when the slots are consecutive (the caller must then not write to them)."""
+        """``{name: [len(slots), *shape]}`` of the slots' components, contiguous: copies, or with ``copy=False``
+        views of the pools where the slots are consecutive and a view is contiguous (the caller must then not write
+        to them). The pools are columns of the record rows, so most components are copied either way: the encoder
+        runs several times faster on contiguous states than on columns strided by the record size."""
         run = _consecutive(slots)
         if run is not None and not copy:
-            return {name: pool[run] for name, pool in self.pools.items()}
+            return {name: pool[run].contiguous() for name, pool in self.pools.items()}
         index = torch.from_numpy(slots).to(next(iter(self.pools.values())).device)
         return {name: pool.index_select(0, index) for name, pool in self.pools.items()}
 
