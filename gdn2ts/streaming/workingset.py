@@ -193,8 +193,9 @@ class WorkingSet:
     def gather(self, slots: np.ndarray, copy: bool = True) -> dict[str, torch.Tensor]:
         """``{name: [len(slots), *shape]}`` of the slots' components, contiguous: copies, or with ``copy=False``
         views of the pools where the slots are consecutive and a view is contiguous (the caller must then not write
-        to them). The pools are columns of the record rows, so most components are copied either way: the encoder
-        runs several times faster on contiguous states than on columns strided by the record size."""
+        to them). The pools are columns of the record rows, strided by the record size, so most components are
+        copied either way: the encoder gets ordinary contiguous tensors (measured no slower than the strided views
+        on the CPU, by CPU time, 2026-12-07)."""
         run = _consecutive(slots)
         if run is not None and not copy:
             return {name: pool[run].contiguous() for name, pool in self.pools.items()}
