@@ -30,10 +30,14 @@ import re
 import socket
 
 import numpy as np
-import psycopg
 import xxhash
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+
+try:  # the optional extra: pip install -e ".[postgres]"
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError:
+    psycopg = None
 
 from gdn2ts.streaming.errors import ReadOnlyStoreError, StoreError, StoreLockedError
 from gdn2ts.streaming.records import RecordLayout, Rows, row_checksums
@@ -114,12 +118,15 @@ class PostgresStore(StagedStore):
         ...     reader = PostgresStore(dsn, name="doc_example", readonly=True)
         ...     assert reader.get(["turbine/7"])["turbine/7"].steps == 3
         ...     reader.close(); store.close()
+        ...     PostgresStore.drop(dsn, "doc_example")
     """
 
     durable = True
 
     def __init__(self, dsn: str, name: str = "gdn2ts", readonly: bool = False, connect_timeout: float = 10.0):
         super().__init__(readonly=readonly)
+        if psycopg is None:
+            raise ImportError("PostgresStore needs psycopg 3, the optional extra: pip install -e '.[postgres]'")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"PostgresStore: 'name' expected a schema name of lower-case letters, digits and '_' "
                              f"(at most 63, not starting with a digit), got {name!r}")
@@ -155,6 +162,23 @@ class PostgresStore(StagedStore):
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def drop(cls, dsn: str, name: str, connect_timeout: float = 10.0) -> None:
+        """Remove the store ``name`` and everything it holds (its schema), as its writer: a store another writer
+        holds raises :class:`~gdn2ts.streaming.errors.StoreLockedError`, a schema that is not a store
+        :class:`~gdn2ts.streaming.errors.StoreError`; both are left as they were."""
+        store = cls(dsn, name, connect_timeout=connect_timeout)
+        try:
+            def drop(c):
+                with c.transaction():
+                    # a reader in the middle of a snapshot holds the tables for as long as it reads
+                    c.execute("SET LOCAL lock_timeout = '30s'")
+                    c.execute(store._sql("DROP SCHEMA {s} CASCADE"))
+
+            store._run("drop", drop)
+        finally:
+            store.close()
 
     # -- opening ---------------------------------------------------------------------------------------------------
 

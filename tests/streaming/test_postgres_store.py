@@ -421,3 +421,28 @@ def test_many_streams_in_several_statements(postgres, monkeypatch):
     store.commit()
     assert len(store) == 200 and list(store.iterate()) == sorted(list(small)[250:])
     store.close()
+
+
+def test_drop_removes_a_store_only_as_its_writer(postgres):
+    from gdn2ts.streaming.postgres_store import PostgresStore
+
+    name, other = postgres.name(), postgres.name()
+    store = postgres.store(name)
+    store.put({"a": record(1)})
+    store.commit()
+    before = postgres.digest(name)
+    with pytest.raises(StoreLockedError, match="is held by another writer"):
+        PostgresStore.drop(postgres.dsn, name)
+    assert postgres.digest(name) == before
+    with postgres.connect() as con:
+        con.execute(f"CREATE SCHEMA {other}")
+        con.execute(f"CREATE TABLE {other}.invoices (id int)")
+    with pytest.raises(StoreError, match="holds tables but no state store"):
+        PostgresStore.drop(postgres.dsn, other)
+    store.close()
+    PostgresStore.drop(postgres.dsn, name)
+    with postgres.connect() as con:
+        assert con.execute("SELECT to_regnamespace(%s), to_regclass(%s)", (name, f"{other}.invoices")).fetchone() \
+            == (None, f"{other}.invoices")
+    with pytest.raises(StoreError, match="no store of this name to open read-only"):
+        postgres.store(name, readonly=True)
