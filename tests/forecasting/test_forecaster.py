@@ -97,7 +97,9 @@ def test_fitted_encoder_runs_in_the_online_runner():
     got = runner.forecast(["s"])
     with torch.no_grad():
         want = model.encoder(x, t)["forecast"][0, -1]  # [1, C, Q]: the encoder's one-step quantiles
-    assert got.height == 3 and got.columns[-3:] == ["q0.1", "q0.5", "q0.9"]
+    # the quantile columns, then the per-stream error column (null: the stream's record was read)
+    assert got.height == 3 and got.columns[-4:] == ["q0.1", "q0.5", "q0.9", "error"]
+    assert got["error"].null_count() == 3
     assert torch.allclose(torch.tensor(got.select(["q0.1", "q0.5", "q0.9"]).to_numpy()).float(), want[0], atol=1e-4)
 
 
