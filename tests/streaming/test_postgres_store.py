@@ -410,13 +410,15 @@ def test_many_streams_in_several_statements(postgres, monkeypatch):
     monkeypatch.setattr(postgres_store, "_BATCH", 100)
     name = postgres.name()
     store = postgres.store(name)
-    small = {f"stream-{i}": StreamRecord({"h": torch.full((1, 4), float(i))}, float(i), i, "m") for i in range(450)}
+    small = {f"stream-{i}": StreamRecord({"h": torch.full((1, 4), float(i))}, float(i) if i else float("-inf"), i,
+                                         "m") for i in range(450)}
     store.put(small)
     store.commit()
     ids = list(small)[::-1] + ["missing", "stream-7"]  # any order, unknown and repeated ids
     got = store.read_rows(ids)
     assert got.found.tolist() == [True] * 450 + [False, True]
     assert got.steps.tolist() == list(range(449, -1, -1)) + [0, 7]
+    assert got.last_timestamp.tolist() == [float(i) for i in range(449, 0, -1)] + [float("-inf")] * 2 + [7.0]
     store.delete(list(small)[:250])
     store.commit()
     assert len(store) == 200 and list(store.iterate()) == sorted(list(small)[250:])
