@@ -4,7 +4,7 @@ states of the streams a call touched written on every call (see ``docs/streaming
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from gdn2ts.streaming.journal import CommitPolicy, Entry, encode_entry
 from gdn2ts.streaming.records import Rows
@@ -39,14 +39,18 @@ class Durability:
         self.seq = store.journal_head() if journaling else 0
         self.reset()
 
-    def commit_call(self, entry: Entry, rows: Callable[[], tuple[list[str], Rows]]) -> None:
+    def commit_call(self, entry: Entry, rows: Callable[[], tuple[list[str], Rows]],
+                    blobs: Mapping[str, bytes] | None = None) -> None:
         """Make one call durable: its journal entry, or (write-through) the ``rows()`` (ids and rows) of the
-        streams it touched, in one transaction; nothing stays staged if that fails."""
+        streams it touched, with ``blobs`` (name -> payload), in one transaction; nothing stays staged if that
+        fails."""
         try:
             if self.journaled:
                 self.store.append_journal(entry.seq, encode_entry(entry))
             else:
                 self.store.write_rows(*rows())
+            for name, payload in (blobs or {}).items():
+                self.store.put_blob(name, payload)
             self.store.commit()
         except BaseException:
             # a call that did not commit must not linger as staged writes that later reads would see

@@ -215,9 +215,15 @@ class OnlineRunner:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def observe(self, batch: pl.DataFrame | Mapping | Iterable[Mapping]) -> ObserveResult:
+    def observe(self, batch: pl.DataFrame | Mapping | Iterable[Mapping], *,
+                blobs: Mapping[str, bytes] | None = None) -> ObserveResult:
         """Apply a batch of observations (long format: id, time, one column per channel, nulls for missing; a
-        polars DataFrame, a dict of columns or an iterable of row dicts). Returns once the call is durable."""
+        polars DataFrame, a dict of columns or an iterable of row dicts). Returns once the call is durable.
+
+        ``blobs`` (a :class:`~gdn2ts.streaming.store.BlobStore`'s named payloads) are staged with the call's own
+        commit, in the same transaction as its journal entry (or its rows): a caller that records which of its
+        calls were applied (``gdn2ts.distributed``) finds the record exactly when the call is there. A call that
+        accepts no row commits nothing, and leaves them to the caller."""
         self._check_open("observe")
         frame = self.schema.read(batch).sort([self.id_column, self.time_column], maintain_order=True)
         frame, rejected, counts = screen_values(frame, self.schema, self.limits.max_abs,
@@ -253,7 +259,7 @@ class OnlineRunner:
         stream_slots = slots[plan.order]
         # one round replaces every component by the step's new tensors, so it may read the pools in place
         flat, steps = self.stepper.run(self.ws.gather(stream_slots, copy=entry.sizes.size > 1), entry)
-        self.durability.commit_call(entry, lambda: (entry.stream_ids, self._rows(stream_slots, flat, steps)))
+        self.durability.commit_call(entry, lambda: (entry.stream_ids, self._rows(stream_slots, flat, steps)), blobs)
         self.ws.scatter(stream_slots, flat, steps, entry.seq if self.journaled else self.ws.seq,
                         dirty=self.journaled)
         result.accepted = plan.accepted
