@@ -431,13 +431,17 @@ class OnlineRunner:
         self.durability.snapshot(self.ws)
 
     def close(self) -> None:
-        """Flush (unless read-only) and close the store. Calling it again does nothing."""
+        """Flush (unless read-only) and close the store, releasing its lease, also when the flush fails (its error
+        is raised; what the flush could not write is in the journal, replayed by the next open). Calling it again
+        does nothing."""
         if self._closed:
             return
-        if not self.readonly:
-            self.flush()
-        self._closed = True
-        self.store.close()
+        try:
+            if not self.readonly:
+                self.flush()
+        finally:
+            self._closed = True
+            self.store.close()
 
     def __enter__(self) -> OnlineRunner:
         return self

@@ -337,8 +337,9 @@ class SQLiteStore(StagedStore):
             c.execute("COMMIT")
             freed = old
         except BaseException as e:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # a connection that is gone has nothing to roll back
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
             # the slots written for this commit were never referenced: free again
             self._free = np.concatenate([new, self._free])
             if isinstance(e, (sqlite3.Error, OSError)):

@@ -347,3 +347,14 @@ def test_a_reader_sees_a_record_the_writer_moved_after_its_lookup(tmp_path):
     assert reader.get(["a"])["a"].steps == seed + 1
     reader.close()
     writer.close()
+
+
+def test_a_runner_whose_last_flush_fails_still_releases_its_store(tmp_path):
+    runner = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
+    runner.observe(batch(3, 1.0))
+    runner.store.conn.close()  # the database goes away under the runner
+    with pytest.raises(StoreError):
+        runner.close()
+    again = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)  # the lease was released
+    assert again.info(["s0"])["steps"].to_list() == [1]  # the journaled call is replayed
+    again.close()
