@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd import BC, BT, SAFE_SPREAD, _chunk_range
+from .chunk_fwd import BC, BT, SAFE_SPREAD
+from .tiles import G_row, G_tile, chunk_range, put, tile_f32
 
 __all__ = ["chunk_bwd"]
 
@@ -37,41 +38,6 @@ def _empty(*shape, device, dtype) -> torch.Tensor:
     if POISON:
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(*shape, device=device, dtype=dtype)
-
-
-@triton.jit
-def _tile(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, c0, BR: tl.constexpr, BD: tl.constexpr):
-    """Rows ``row0 ..`` and columns ``c0 ..`` of a ``[B, T, heads, D]`` tensor, fp32, zeros outside."""
-    rows = row0 + tl.arange(0, BR)
-    cols = c0 + tl.arange(0, BD)
-    m = (rows < T)[:, None] & (cols < D)[None, :]
-    offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + cols[None, :]
-    return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _put(ptr, x, i_b, row0, T, heads, i_h, D: tl.constexpr, c0, BR: tl.constexpr, BD: tl.constexpr):
-    rows = row0 + tl.arange(0, BR)
-    cols = c0 + tl.arange(0, BD)
-    m = (rows < T)[:, None] & (cols < D)[None, :]
-    offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + cols[None, :]
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _G_tile(G, i_b, row0, T, heads, i_h, D: tl.constexpr, c0, BR: tl.constexpr, BD: tl.constexpr):
-    """Rows of the cumulative decay, rows past T repeating row T - 1 (as in the forward)."""
-    rows = tl.minimum(row0 + tl.arange(0, BR), T - 1)
-    cols = c0 + tl.arange(0, BD)
-    offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + cols[None, :]
-    return tl.load(G + offs, mask=(cols < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, c0, BD: tl.constexpr):
-    cols = c0 + tl.arange(0, BD)
-    row = tl.minimum(row, T - 1)
-    return tl.load(G + ((i_b * T + row.to(tl.int64)) * heads + i_h) * D + cols, mask=cols < D, other=0.0)
 
 
 @triton.jit
@@ -95,7 +61,7 @@ def _dstate_kernel(
     ``chunk_lo[n] .. chunk_hi[n]`` (as the forward's state pass)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_hv = i_bh % HV
-    i_b, lo, hi = _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
+    i_b, lo, hi = chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
     i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
     v0 = i_v * BV
     o_k = tl.arange(0, BK)
@@ -112,23 +78,23 @@ def _dstate_kernel(
         p_n, m_n = _state_tile(dSn, i_b, i_t, NT, i_hv, HV, K, V, 0, v0, BK, BV)
         tl.store(dSn + p_n, dS, mask=m_n)
         if not DECAYED_QK:
-            Gt = _G_tile(G, i_b, t0, T, HG, i_hg, K, 0, BT, BK)
-        G_last = _G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, 0, BK)
-        dOt = _tile(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
+            Gt = G_tile(G, i_b, t0, T, HG, i_hg, K, 0, BT, BK)
+        G_last = G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, 0, BK)
+        dOt = tile_f32(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
         rows = t0 + o_t
         At = tl.load(Aqk + ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * BT + o_t[None, :],
                      mask=(rows < T)[:, None], other=0.0).to(tl.float32)
         if DECAYED_QK:
-            kt = _tile(KT, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
+            kt = tile_f32(KT, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
         else:
-            kt = _tile(k, i_b, t0, T, H, i_h, K, 0, BT, BK) * tl.exp(G_last[None, :] - Gt)
+            kt = tile_f32(k, i_b, t0, T, H, i_h, K, 0, BT, BK) * tl.exp(G_last[None, :] - Gt)
         dRt = tl.dot(kt, dS, input_precision=PRECISION) + tl.dot(tl.trans(At), dOt, input_precision=PRECISION)
-        _put(dR, dRt, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
+        put(dR, dRt, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
         if DECAYED_QK:
-            qt = _tile(QG, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
+            qt = tile_f32(QG, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
         else:
-            qt = _tile(q, i_b, t0, T, H, i_h, K, 0, BT, BK) * (scale * tl.exp(Gt))
-        Yt = _tile(Y, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
+            qt = tile_f32(q, i_b, t0, T, H, i_h, K, 0, BT, BK) * (scale * tl.exp(Gt))
+        Yt = tile_f32(Y, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
         dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(qt), dOt, input_precision=PRECISION) \
             - tl.dot(tl.trans(Yt), dRt, input_precision=PRECISION)
     if STORE_DH0:
@@ -144,20 +110,20 @@ def _dv_kernel(
     i_b, i_hv = i_bh // HV, i_bh % HV
     t0 = i_t * BT
     o_t = tl.arange(0, BT)
-    L = _tile(Linv, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+    L = tile_f32(Linv, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
     A_o = tl.zeros([BT, BT], tl.float32)
     A_v = tl.zeros([BT, BT], tl.float32)
     for v0 in range(0, V, BV):
-        dRb = _tile(dR, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
+        dRb = tile_f32(dR, i_b, t0, T, HV, i_hv, V, v0, BT, BV)
         dZ = tl.dot(tl.trans(L), dRb, input_precision=PRECISION)
-        _put(dv, dZ * _tile(w, i_b, t0, T, HV, i_hv, V, v0, BT, BV), i_b, t0, T, HV, i_hv, V, v0, BT, BV)
-        _put(dw, dZ * _tile(v, i_b, t0, T, HV, i_hv, V, v0, BT, BV), i_b, t0, T, HV, i_hv, V, v0, BT, BV)
-        A_o += tl.dot(_tile(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV),
-                      tl.trans(_tile(R, i_b, t0, T, HV, i_hv, V, v0, BT, BV)), input_precision=PRECISION)
-        A_v += tl.dot(dZ, tl.trans(_tile(U, i_b, t0, T, HV, i_hv, V, v0, BT, BV)), input_precision=PRECISION)
+        put(dv, dZ * tile_f32(w, i_b, t0, T, HV, i_hv, V, v0, BT, BV), i_b, t0, T, HV, i_hv, V, v0, BT, BV)
+        put(dw, dZ * tile_f32(v, i_b, t0, T, HV, i_hv, V, v0, BT, BV), i_b, t0, T, HV, i_hv, V, v0, BT, BV)
+        A_o += tl.dot(tile_f32(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV),
+                      tl.trans(tile_f32(R, i_b, t0, T, HV, i_hv, V, v0, BT, BV)), input_precision=PRECISION)
+        A_v += tl.dot(dZ, tl.trans(tile_f32(U, i_b, t0, T, HV, i_hv, V, v0, BT, BV)), input_precision=PRECISION)
     # the read-out Gram is lower triangular (diagonal included), the erase Gram strictly lower
-    _put(dAqk, tl.where(o_t[:, None] >= o_t[None, :], A_o, 0.0), i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
-    _put(dAkv, A_v, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+    put(dAqk, tl.where(o_t[:, None] >= o_t[None, :], A_o, 0.0), i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+    put(dAkv, A_v, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
 
 
 @triton.jit
@@ -179,33 +145,33 @@ def _dk_kernel(
         p_s, m_s = _state_tile(h, i_b, i_t, NT, i_hv, HV, K, V, k0, v0, BKB, BV)
         S0 = tl.load(h + p_s, mask=m_s, other=0.0).to(tl.float32)
         dS = tl.load(dSn + p_s, mask=m_s, other=0.0).to(tl.float32)
-        dgq += tl.dot(_tile(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(S0), input_precision=PRECISION)
-        dkt += tl.dot(_tile(R, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(dS), input_precision=PRECISION)
-        dRS += tl.dot(_tile(dR, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(S0), input_precision=PRECISION)
+        dgq += tl.dot(tile_f32(do, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(S0), input_precision=PRECISION)
+        dkt += tl.dot(tile_f32(R, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(dS), input_precision=PRECISION)
+        dRS += tl.dot(tile_f32(dR, i_b, t0, T, HV, i_hv, V, v0, BT, BV), tl.trans(S0), input_precision=PRECISION)
         dd += tl.sum(dS * S0, axis=1)
-    L = _tile(Linv, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+    L = tile_f32(Linv, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
     dE = -tl.dot(tl.trans(L), dRS, input_precision=PRECISION)
     # this key block's share of the erase-Gram gradient; _dgram_kernel sums the shares
-    Yb = _tile(Y, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+    Yb = tile_f32(Y, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
     share = tl.dot(dE, tl.trans(Yb), input_precision=PRECISION)
-    _put(P + i_kb.to(tl.int64) * stride_p, share, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
-    Gt = _G_tile(G, i_b, t0, T, HG, i_hg, K, k0, BT, BKB)
-    G_last = _G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, k0, BKB)
+    put(P + i_kb.to(tl.int64) * stride_p, share, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+    Gt = G_tile(G, i_b, t0, T, HG, i_hg, K, k0, BT, BKB)
+    G_last = G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, k0, BKB)
     gamma = tl.exp(Gt)
     tail = tl.exp(G_last[None, :] - Gt)
-    kk = _tile(k, i_b, t0, T, H, i_h, K, k0, BT, BKB)
-    qs = _tile(q, i_b, t0, T, H, i_h, K, k0, BT, BKB) * scale
-    bk = _tile(b, i_b, t0, T, HB, i_hb, K, k0, BT, BKB) * kk
-    _put(dq_part, gamma * dgq, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
-    _put(dbk_part, gamma * dE, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
-    _put(dk_part, tail * dkt, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+    kk = tile_f32(k, i_b, t0, T, H, i_h, K, k0, BT, BKB)
+    qs = tile_f32(q, i_b, t0, T, H, i_h, K, k0, BT, BKB) * scale
+    bk = tile_f32(b, i_b, t0, T, HB, i_hb, K, k0, BT, BKB) * kk
+    put(dq_part, gamma * dgq, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+    put(dbk_part, gamma * dE, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+    put(dk_part, tail * dkt, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
     # dg: the terms through exp(G_r) summed over r >= j; the tail factors exp(G_C - G_r) over r < j; the chunk
     # decay exp(G_C) for every j
     dGa = gamma * (bk * dE + qs * dgq)
     # (the sum over r < j as inclusive sum minus own term, in fp64 so that no cancellation is visible in fp32)
     tails = (kk * tail * dkt).to(tl.float64)
     dg = tl.cumsum(dGa, axis=0, reverse=True) + (tl.cumsum(tails, axis=0) - tails).to(tl.float32)
-    _put(dg_part, dg + (tl.exp(G_last) * dd)[None, :], i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+    put(dg_part, dg + (tl.exp(G_last) * dd)[None, :], i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
 
 
 @triton.jit
@@ -213,10 +179,10 @@ def _dA_block(P, dAkv, dAqk, i_b, r0, c0, T, HV: tl.constexpr, i_hv, NKB: tl.con
               BT: tl.constexpr, BC: tl.constexpr, DIAG: tl.constexpr):
     """Block (rows r0.., in-chunk columns c0..) of the erase-Gram gradient ``-strict_lower(dE Y^T + dZ U^T)`` and
     of the read-out-Gram gradient (strictly lower on the diagonal block: its diagonal is handled apart)."""
-    a_kk = _tile(dAkv, i_b, r0, T, HV, i_hv, BT, c0, BC, BC)
+    a_kk = tile_f32(dAkv, i_b, r0, T, HV, i_hv, BT, c0, BC, BC)
     for i in range(NKB):
-        a_kk += _tile(P + i * stride_p.to(tl.int64), i_b, r0, T, HV, i_hv, BT, c0, BC, BC)
-    a_qk = _tile(dAqk, i_b, r0, T, HV, i_hv, BT, c0, BC, BC)
+        a_kk += tile_f32(P + i * stride_p.to(tl.int64), i_b, r0, T, HV, i_hv, BT, c0, BC, BC)
+    a_qk = tile_f32(dAqk, i_b, r0, T, HV, i_hv, BT, c0, BC, BC)
     if DIAG:
         o = tl.arange(0, BC)
         lower = o[:, None] > o[None, :]
@@ -229,8 +195,8 @@ def _dA_block(P, dAkv, dAqk, i_b, r0, c0, T, HV: tl.constexpr, i_hv, NKB: tl.con
 def _chunk_is_tame(G, i_b, t0, T, HG: tl.constexpr, i_hg, K: tl.constexpr, k0, BKB: tl.constexpr, BT: tl.constexpr,
                    SAFE_SPREAD: tl.constexpr):
     """Whether the decay of a chunk (this key block) spreads little enough for one product about its mid-point."""
-    top = _G_row(G, i_b, t0, T, HG, i_hg, K, k0, BKB)
-    bot = _G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, k0, BKB)
+    top = G_row(G, i_b, t0, T, HG, i_hg, K, k0, BKB)
+    bot = G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, k0, BKB)
     return tl.max(tl.abs(top - bot), axis=0) < SAFE_SPREAD
 
 
@@ -250,21 +216,21 @@ def _dgram_chunk_kernel(
     k0 = i_kb * BKB
     if _chunk_is_tame(G, i_b, t0, T, HG, i_hg, K, k0, BKB, BT, SAFE_SPREAD):
         o_t = tl.arange(0, BT)
-        mid = 0.5 * (_G_row(G, i_b, t0, T, HG, i_hg, K, k0, BKB) + _G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, k0,
+        mid = 0.5 * (G_row(G, i_b, t0, T, HG, i_hg, K, k0, BKB) + G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, k0,
                                                                           BKB))
-        Gt = _G_tile(G, i_b, t0, T, HG, i_hg, K, k0, BT, BKB)
+        Gt = G_tile(G, i_b, t0, T, HG, i_hg, K, k0, BT, BKB)
         up = tl.exp(Gt - mid[None, :])
         dn = tl.exp(mid[None, :] - Gt)
-        kk = _tile(k, i_b, t0, T, H, i_h, K, k0, BT, BKB)
-        qs = _tile(q, i_b, t0, T, H, i_h, K, k0, BT, BKB) * scale
-        bb = _tile(b, i_b, t0, T, HB, i_hb, K, k0, BT, BKB)
+        kk = tile_f32(k, i_b, t0, T, H, i_h, K, k0, BT, BKB)
+        qs = tile_f32(q, i_b, t0, T, H, i_h, K, k0, BT, BKB) * scale
+        bb = tile_f32(b, i_b, t0, T, HB, i_hb, K, k0, BT, BKB)
         bk = bb * kk
-        a_kk = _tile(dAkv, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+        a_kk = tile_f32(dAkv, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
         for i in range(NKB):
-            a_kk += _tile(P + i * stride_p.to(tl.int64), i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+            a_kk += tile_f32(P + i * stride_p.to(tl.int64), i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
         lower = o_t[:, None] > o_t[None, :]
         a_kk = tl.where(lower, -a_kk, 0.0)
-        a_qk = _tile(dAqk, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
+        a_qk = tile_f32(dAqk, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
         diag = tl.sum(tl.where(o_t[:, None] == o_t[None, :], a_qk, 0.0), axis=1)
         a_qk = tl.where(lower, a_qk, 0.0)
         kd = kk * dn
@@ -272,15 +238,15 @@ def _dgram_chunk_kernel(
         d_q = up * tl.dot(a_qk, kd, input_precision=PRECISION)
         d_k = dn * (tl.dot(tl.trans(a_kk), bk * up, input_precision=PRECISION)
                     + tl.dot(tl.trans(a_qk), qs * up, input_precision=PRECISION))
-        dq_s = d_q + diag[:, None] * kk + _tile(dq_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
-        dbk = d_bk + _tile(dbk_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
-        dk_ = d_k + diag[:, None] * qs + _tile(dk_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB) + dbk * bb
-        _put(dq, dq_s * scale, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
-        _put(dk, dk_, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
-        _put(db, dbk * kk, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        dq_s = d_q + diag[:, None] * kk + tile_f32(dq_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        dbk = d_bk + tile_f32(dbk_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        dk_ = d_k + diag[:, None] * qs + tile_f32(dk_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB) + dbk * bb
+        put(dq, dq_s * scale, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        put(dk, dk_, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        put(db, dbk * kk, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
         dGg = bk * d_bk + qs * d_q - kk * d_k
-        dg_ = tl.cumsum(dGg, axis=0, reverse=True) + _tile(dg_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
-        _put(dg, dg_, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        dg_ = tl.cumsum(dGg, axis=0, reverse=True) + tile_f32(dg_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        put(dg, dg_, i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
 
 
 @triton.jit
@@ -302,40 +268,40 @@ def _dgram_kernel(
     k0 = i_kb * BKB
     if not _chunk_is_tame(G, i_b, t0, T, HG, i_hg, K, k0, BKB, BT, SAFE_SPREAD):
         o_c = tl.arange(0, BC)
-        Gi = _G_tile(G, i_b, r0, T, HG, i_hg, K, k0, BC, BKB)
-        ki = _tile(k, i_b, r0, T, H, i_h, K, k0, BC, BKB)
-        qi = _tile(q, i_b, r0, T, H, i_h, K, k0, BC, BKB) * scale
-        bki = _tile(b, i_b, r0, T, HB, i_hb, K, k0, BC, BKB) * ki
+        Gi = G_tile(G, i_b, r0, T, HG, i_hg, K, k0, BC, BKB)
+        ki = tile_f32(k, i_b, r0, T, H, i_h, K, k0, BC, BKB)
+        qi = tile_f32(q, i_b, r0, T, H, i_h, K, k0, BC, BKB) * scale
+        bki = tile_f32(b, i_b, r0, T, HB, i_hb, K, k0, BC, BKB) * ki
         d_bk = tl.zeros([BC, BKB], tl.float32)
         d_q = tl.zeros([BC, BKB], tl.float32)
         # rows of block i against column blocks j < i: decay about the last row of block j (every factor <= 1)
         for j in range(0, i):
             rj = t0 + j * BC
-            ref = _G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, k0, BKB)
-            kj = _tile(k, i_b, rj, T, H, i_h, K, k0, BC, BKB) * tl.exp(ref[None, :] - _G_tile(G, i_b, rj, T, HG, i_hg,
+            ref = G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, k0, BKB)
+            kj = tile_f32(k, i_b, rj, T, H, i_h, K, k0, BC, BKB) * tl.exp(ref[None, :] - G_tile(G, i_b, rj, T, HG, i_hg,
                                                                                                 K, k0, BC, BKB))
             a_kk, a_qk = _dA_block(P, dAkv, dAqk, i_b, r0, j * BC, T, HV, i_hv, NKB, stride_p, BT, BC, False)
             into = tl.exp(Gi - ref[None, :])
             d_bk += into * tl.dot(a_kk, kj, input_precision=PRECISION)
             d_q += into * tl.dot(a_qk, kj, input_precision=PRECISION)
         # column block i against the row blocks l > i: decay about the last row of block i
-        ref_i = _G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, k0, BKB)
+        ref_i = G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, k0, BKB)
         d_k = tl.zeros([BC, BKB], tl.float32)
         for l in range(i + 1, BT // BC):
             rl = t0 + l * BC
-            a_l = tl.exp(_G_tile(G, i_b, rl, T, HG, i_hg, K, k0, BC, BKB) - ref_i[None, :])
-            kl = _tile(k, i_b, rl, T, H, i_h, K, k0, BC, BKB)
-            bkl = _tile(b, i_b, rl, T, HB, i_hb, K, k0, BC, BKB) * kl * a_l
-            ql = _tile(q, i_b, rl, T, H, i_h, K, k0, BC, BKB) * (scale * a_l)
+            a_l = tl.exp(G_tile(G, i_b, rl, T, HG, i_hg, K, k0, BC, BKB) - ref_i[None, :])
+            kl = tile_f32(k, i_b, rl, T, H, i_h, K, k0, BC, BKB)
+            bkl = tile_f32(b, i_b, rl, T, HB, i_hb, K, k0, BC, BKB) * kl * a_l
+            ql = tile_f32(q, i_b, rl, T, H, i_h, K, k0, BC, BKB) * (scale * a_l)
             a_kk, a_qk = _dA_block(P, dAkv, dAqk, i_b, rl, i * BC, T, HV, i_hv, NKB, stride_p, BT, BC, False)
             d_k += tl.dot(tl.trans(a_kk), bkl, input_precision=PRECISION) + \
                 tl.dot(tl.trans(a_qk), ql, input_precision=PRECISION)
         d_k = d_k * tl.exp(ref_i[None, :] - Gi)
         # the diagonal block: about its mid-point when the decay spread allows, pairwise otherwise
         a_kk, a_qk = _dA_block(P, dAkv, dAqk, i_b, r0, i * BC, T, HV, i_hv, NKB, stride_p, BT, BC, True)
-        diag = tl.sum(tl.where(o_c[:, None] == o_c[None, :], _tile(dAqk, i_b, r0, T, HV, i_hv, BT, i * BC, BC, BC),
+        diag = tl.sum(tl.where(o_c[:, None] == o_c[None, :], tile_f32(dAqk, i_b, r0, T, HV, i_hv, BT, i * BC, BC, BC),
                                0.0), axis=1)
-        G_top = _G_row(G, i_b, r0, T, HG, i_hg, K, k0, BKB)
+        G_top = G_row(G, i_b, r0, T, HG, i_hg, K, k0, BKB)
         if tl.max(tl.abs(ref_i - G_top), axis=0) < SAFE_SPREAD:
             mid = 0.5 * (G_top + ref_i)
             up = tl.exp(Gi - mid[None, :])
@@ -346,7 +312,7 @@ def _dgram_kernel(
                          + tl.dot(tl.trans(a_qk), qi * up, input_precision=PRECISION))
         else:
             for c in range(BC):
-                Gc = _G_row(G, i_b, r0 + c, T, HG, i_hg, K, k0, BKB)
+                Gc = G_row(G, i_b, r0 + c, T, HG, i_hg, K, k0, BKB)
                 kc = tl.sum(tl.where(o_c[:, None] == c, ki, 0.0), axis=0)
                 d = tl.exp(tl.where((o_c > c)[:, None], Gi - Gc[None, :], float("-inf")))
                 col_kk = tl.sum(tl.where(o_c[None, :] == c, a_kk, 0.0), axis=1)
@@ -355,14 +321,14 @@ def _dgram_kernel(
                 d_q += col_qk[:, None] * kc[None, :] * d
                 row = tl.sum((col_kk[:, None] * bki + col_qk[:, None] * qi) * d, axis=0)
                 d_k = tl.where(o_c[:, None] == c, d_k + row[None, :], d_k)
-        bi = _tile(b, i_b, r0, T, HB, i_hb, K, k0, BC, BKB)
-        dq_s = d_q + diag[:, None] * ki + _tile(dq_part, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
-        dbk = d_bk + _tile(dbk_part, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
-        dk_ = d_k + diag[:, None] * qi + _tile(dk_part, i_b, r0, T, HV, i_hv, K, k0, BC, BKB) + dbk * bi
-        _put(dq, dq_s * scale, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
-        _put(dk, dk_, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
-        _put(db, dbk * ki, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
-        _put(dGg, bki * d_bk + qi * d_q - ki * d_k, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
+        bi = tile_f32(b, i_b, r0, T, HB, i_hb, K, k0, BC, BKB)
+        dq_s = d_q + diag[:, None] * ki + tile_f32(dq_part, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
+        dbk = d_bk + tile_f32(dbk_part, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
+        dk_ = d_k + diag[:, None] * qi + tile_f32(dk_part, i_b, r0, T, HV, i_hv, K, k0, BC, BKB) + dbk * bi
+        put(dq, dq_s * scale, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
+        put(dk, dk_, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
+        put(db, dbk * ki, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
+        put(dGg, bki * d_bk + qi * d_q - ki * d_k, i_b, r0, T, HV, i_hv, K, k0, BC, BKB)
 
 
 @triton.jit
@@ -376,8 +342,8 @@ def _dg_kernel(G, dGg, dg_part, dg, T, HV: tl.constexpr, HG: tl.constexpr, K: tl
     t0 = i_t * BT
     k0 = i_kb * BKB
     if not _chunk_is_tame(G, i_b, t0, T, HG, i_hg, K, k0, BKB, BT, SAFE_SPREAD):
-        x = tl.cumsum(_tile(dGg, i_b, t0, T, HV, i_hv, K, k0, BT, BKB), axis=0, reverse=True)
-        _put(dg, x + _tile(dg_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB), i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
+        x = tl.cumsum(tile_f32(dGg, i_b, t0, T, HV, i_hv, K, k0, BT, BKB), axis=0, reverse=True)
+        put(dg, x + tile_f32(dg_part, i_b, t0, T, HV, i_hv, K, k0, BT, BKB), i_b, t0, T, HV, i_hv, K, k0, BT, BKB)
 
 
 def _group_sum(x: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:

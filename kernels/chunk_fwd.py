@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import G_row, G_tile, block, chunk_range, put, put_block, row_f32, tile, tile_f32
+
 __all__ = ["chunk_fwd"]
 
 BT = 64  # chunk
@@ -46,47 +48,6 @@ def _cumsum_kernel(g, G, T, HG: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
 
 
 @triton.jit
-def _load_rows_native(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """Rows ``row0 .. row0 + BR`` of a ``[B, T, heads, D]`` tensor for head ``i_h``, in its own dtype (zeros past
-    T)."""
-    rows = row0 + tl.arange(0, BR)
-    o_d = tl.arange(0, BD)
-    m = (rows < T)[:, None] & (o_d < D)[None, :]
-    offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + o_d[None, :]
-    return tl.load(ptr + offs, mask=m, other=0.0)
-
-
-@triton.jit
-def _load_rows(ptr, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """As ``_load_rows_native``, as fp32."""
-    return _load_rows_native(ptr, i_b, row0, T, heads, i_h, D, BR, BD).to(tl.float32)
-
-
-@triton.jit
-def _load_G_rows(G, i_b, row0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """Rows of the cumulative decay; rows past T repeat row T - 1 (padding is g = 0, an identity step), so
-    every decay ratio stays <= 1 in the last, partial chunk."""
-    rows = tl.minimum(row0 + tl.arange(0, BR), T - 1)
-    o_d = tl.arange(0, BD)
-    offs = ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + o_d[None, :]
-    return tl.load(G + offs, mask=(o_d < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _load_row(ptr, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
-    o_d = tl.arange(0, BD)
-    m = (o_d < D) & (row < T)
-    return tl.load(ptr + ((i_b * T + row.to(tl.int64)) * heads + i_h) * D + o_d, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_G_row(G, i_b, row, T, heads, i_h, D: tl.constexpr, BD: tl.constexpr):
-    o_d = tl.arange(0, BD)
-    row = tl.minimum(row, T - 1)
-    return tl.load(G + ((i_b * T + row.to(tl.int64)) * heads + i_h) * D + o_d, mask=o_d < D, other=0.0)
-
-
-@triton.jit
 def _gram_diag(
     q, k, G, b, Akk, Aqk, QG, KT, E, scale, T, i_b, i_hv, t0, i,
     H: tl.constexpr, HV: tl.constexpr, HG: tl.constexpr, HB: tl.constexpr, K: tl.constexpr,
@@ -100,21 +61,21 @@ def _gram_diag(
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
     r0 = t0 + i * BC
     o_c = tl.arange(0, BC)
-    Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
-    ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
-    qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
-    bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
-    _store_rows(E, (tl.exp(Gi) * bki).to(E.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
+    Gi = G_tile(G, i_b, r0, T, HG, i_hg, K, 0, BC, BK)
+    ki = tile_f32(k, i_b, r0, T, H, i_h, K, 0, BC, BK)
+    qi = tile_f32(q, i_b, r0, T, H, i_h, K, 0, BC, BK) * scale
+    bki = tile_f32(b, i_b, r0, T, HB, i_hb, K, 0, BC, BK) * ki
+    put(E, (tl.exp(Gi) * bki).to(E.dtype.element_ty), i_b, r0, T, HV, i_hv, K, 0, BC, BK)
     if DECAYED_QK:
         # the last row of the chunk (or of the sequence) holds the chunk's total decay
-        G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
-        _store_rows(QG, (qi * tl.exp(Gi)).to(QG.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC, BK)
-        _store_rows(KT, (ki * tl.exp(G_last[None, :] - Gi)).to(KT.dtype.element_ty), i_b, r0, T, HV, i_hv, K, BC,
+        G_last = G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, 0, BK)
+        put(QG, (qi * tl.exp(Gi)).to(QG.dtype.element_ty), i_b, r0, T, HV, i_hv, K, 0, BC, BK)
+        put(KT, (ki * tl.exp(G_last[None, :] - Gi)).to(KT.dtype.element_ty), i_b, r0, T, HV, i_hv, K, 0, BC,
                     BK)
     # diagonal block: one matrix product about the block's mid-point decay (every factor <= exp(spread / 2)). A
     # block whose decay spreads further is left to the inverse launch, which forms it pairwise (_diag_fixup).
-    G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
-    G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+    G_top = G_row(G, i_b, r0, T, HG, i_hg, K, 0, BK)
+    G_bot = G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, 0, BK)
     safe = tl.max(tl.abs(G_top - G_bot), axis=0) < SAFE_SPREAD
     mid = tl.where(safe, 0.5 * (G_top + G_bot), 0.0)
     Gs = tl.where(safe, Gi, 0.0)
@@ -122,8 +83,8 @@ def _gram_diag(
     kd = ki * tl.exp(mid[None, :] - Gs)
     Td = tl.where(o_c[:, None] > o_c[None, :], tl.dot(bki * up, tl.trans(kd), input_precision=PRECISION), 0.0)
     Qd = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(qi * up, tl.trans(kd), input_precision=PRECISION), 0.0)
-    _store_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
-    _store_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+    put_block(Akk, Td, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
+    put_block(Aqk, Qd, i_b, r0, i * BC, T, HV, i_hv, BT, BC)
     return Gi, qi, bki, ki * tl.exp(G_bot[None, :] - Gi), G_bot
 
 
@@ -133,8 +94,8 @@ def _gram_left(Akk, Aqk, Gi, qi, bki, kj, ref, T, i_b, i_hv, r0, c0, HV: tl.cons
     """A block left of the diagonal (rows ``r0 ..``, in-chunk columns ``c0 ..``): decay about the last row ``ref``
     of the column block, whose keys ``kj`` are decayed to that row."""
     into = tl.exp(Gi - ref[None, :])
-    _store_block(Akk, tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
-    _store_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
+    put_block(Akk, tl.dot(bki * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
+    put_block(Aqk, tl.dot(qi * into, tl.trans(kj), input_precision=PRECISION), i_b, r0, c0, T, HV, i_hv, BT, BC)
 
 
 @triton.jit
@@ -161,14 +122,14 @@ def _gram_kernel(
     # blocks left of the diagonal: decay about the last row of the column block
     for j in range(0, i):
         rj = t0 + j * BC
-        ref = _load_G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, BK)
-        kj = _load_rows(k, i_b, rj, T, H, i_h, K, BC, BK) * tl.exp(ref[None, :] - _load_G_rows(G, i_b, rj, T, HG,
-                                                                                             i_hg, K, BC, BK))
+        ref = G_row(G, i_b, rj + BC - 1, T, HG, i_hg, K, 0, BK)
+        kj = tile_f32(k, i_b, rj, T, H, i_h, K, 0, BC, BK) * tl.exp(ref[None, :] - G_tile(G, i_b, rj, T, HG,
+                                                                                             i_hg, K, 0, BC, BK))
         _gram_left(Akk, Aqk, Gi, qi, bki, kj, ref, T, i_b, i_hv, r0, j * BC, HV, BT, BC, PRECISION)
     # above the diagonal: zeros in A_qk, which the sequential passes read whole (the inverse never reads the
     # erase Gram's upper blocks)
     for j in range(i + 1, BT // BC):
-        _store_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
+        put_block(Aqk, tl.zeros([BC, BC], tl.float32), i_b, r0, j * BC, T, HV, i_hv, BT, BC)
 
 
 @triton.jit
@@ -181,27 +142,27 @@ def _diag_fixup(
     launch's one-product form: formed pairwise, column by column, every exponent <= 0. Most blocks only read two
     rows of G and return."""
     i_h, i_hg, i_hb = i_hv // (HV // H), i_hv // (HV // HG), i_hv // (HV // HB)
-    G_top = _load_G_row(G, i_b, r0, T, HG, i_hg, K, BK)
-    G_bot = _load_G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, BK)
+    G_top = G_row(G, i_b, r0, T, HG, i_hg, K, 0, BK)
+    G_bot = G_row(G, i_b, r0 + BC - 1, T, HG, i_hg, K, 0, BK)
     if tl.max(tl.abs(G_top - G_bot), axis=0) >= SAFE_SPREAD:
         o_c = tl.arange(0, BC)
-        Gi = _load_G_rows(G, i_b, r0, T, HG, i_hg, K, BC, BK)
-        ki = _load_rows(k, i_b, r0, T, H, i_h, K, BC, BK)
-        qi = _load_rows(q, i_b, r0, T, H, i_h, K, BC, BK) * scale
-        bki = _load_rows(b, i_b, r0, T, HB, i_hb, K, BC, BK) * ki
+        Gi = G_tile(G, i_b, r0, T, HG, i_hg, K, 0, BC, BK)
+        ki = tile_f32(k, i_b, r0, T, H, i_h, K, 0, BC, BK)
+        qi = tile_f32(q, i_b, r0, T, H, i_h, K, 0, BC, BK) * scale
+        bki = tile_f32(b, i_b, r0, T, HB, i_hb, K, 0, BC, BK) * ki
         Td = tl.zeros([BC, BC], tl.float32)
         Qd = tl.zeros([BC, BC], tl.float32)
         for c in range(BC):
-            kc = _load_row(k, i_b, r0 + c, T, H, i_h, K, BK)
-            Gc = _load_G_row(G, i_b, r0 + c, T, HG, i_hg, K, BK)
+            kc = row_f32(k, i_b, r0 + c, T, H, i_h, K, BK)
+            Gc = G_row(G, i_b, r0 + c, T, HG, i_hg, K, 0, BK)
             d = tl.exp(tl.where((o_c >= c)[:, None], Gi - Gc[None, :], float("-inf")))
             kd = kc[None, :] * d
             col_t = tl.where(o_c > c, tl.sum(bki * kd, axis=1), 0.0)
             col_q = tl.sum(qi * kd, axis=1)
             Td = tl.where(o_c[None, :] == c, col_t[:, None], Td)
             Qd = tl.where(o_c[None, :] == c, col_q[:, None], Qd)
-        _store_block(Akk, Td, i_b, r0, c0, T, HV, i_hv, BT, BC)
-        _store_block(Aqk, Qd, i_b, r0, c0, T, HV, i_hv, BT, BC)
+        put_block(Akk, Td, i_b, r0, c0, T, HV, i_hv, BT, BC)
+        put_block(Aqk, Qd, i_b, r0, c0, T, HV, i_hv, BT, BC)
 
 
 @triton.jit
@@ -226,15 +187,15 @@ def _inverse_kernel(
         I00, I11, I22, I33 = _unit_lower_inverse4_rows(Akk, i_b, t0, T, HV, i_hv, BT, BC)
     else:
         I00, I11, I22, I33 = _unit_lower_inverse4(
-            _load_block(Akk, i_b, t0, 0, T, HV, i_hv, BT, BC), _load_block(Akk, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC),
-            _load_block(Akk, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC),
-            _load_block(Akk, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC), BC)
-    T10 = _load_block(Akk, i_b, t0 + BC, 0, T, HV, i_hv, BT, BC)
-    T20 = _load_block(Akk, i_b, t0 + 2 * BC, 0, T, HV, i_hv, BT, BC)
-    T21 = _load_block(Akk, i_b, t0 + 2 * BC, BC, T, HV, i_hv, BT, BC)
-    T30 = _load_block(Akk, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
-    T31 = _load_block(Akk, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
-    T32 = _load_block(Akk, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
+            block(Akk, i_b, t0, 0, T, HV, i_hv, BT, BC), block(Akk, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC),
+            block(Akk, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC),
+            block(Akk, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC), BC)
+    T10 = block(Akk, i_b, t0 + BC, 0, T, HV, i_hv, BT, BC)
+    T20 = block(Akk, i_b, t0 + 2 * BC, 0, T, HV, i_hv, BT, BC)
+    T21 = block(Akk, i_b, t0 + 2 * BC, BC, T, HV, i_hv, BT, BC)
+    T30 = block(Akk, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
+    T31 = block(Akk, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
+    T32 = block(Akk, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
     I10 = -_dot(I11, _dot(T10, I00))
     I21 = -_dot(I22, _dot(T21, I11))
     I20 = -_dot(I22, _dot(T20, I00) + _dot(T21, I10))
@@ -242,31 +203,22 @@ def _inverse_kernel(
     I31 = -_dot(I33, _dot(T31, I11) + _dot(T32, I21))
     I30 = -_dot(I33, _dot(T30, I00) + _dot(T31, I10) + _dot(T32, I20))
     zero = tl.zeros([BC, BC], tl.float32)
-    _store_block(Linv, I00, i_b, t0, 0, T, HV, i_hv, BT, BC)
-    _store_block(Linv, zero, i_b, t0, BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, zero, i_b, t0, 2 * BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, zero, i_b, t0, 3 * BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I10, i_b, t0 + BC, 0, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I11, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, zero, i_b, t0 + BC, 2 * BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, zero, i_b, t0 + BC, 3 * BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I20, i_b, t0 + 2 * BC, 0, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I21, i_b, t0 + 2 * BC, BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I22, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, zero, i_b, t0 + 2 * BC, 3 * BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I30, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I31, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I32, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
-    _store_block(Linv, I33, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC)
-
-
-@triton.jit
-def _load_block(ptr, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.constexpr):
-    """Block [BC, BC] at rows ``r0..`` and in-chunk columns ``c0..`` of a ``[B, T, heads, BT]`` buffer, as fp32."""
-    o = tl.arange(0, BC)
-    rows = r0 + o
-    return tl.load(ptr + ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * BT + (c0 + o)[None, :],
-                   mask=(rows < T)[:, None], other=0.0).to(tl.float32)
+    put_block(Linv, I00, i_b, t0, 0, T, HV, i_hv, BT, BC)
+    put_block(Linv, zero, i_b, t0, BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, zero, i_b, t0, 2 * BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, zero, i_b, t0, 3 * BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, I10, i_b, t0 + BC, 0, T, HV, i_hv, BT, BC)
+    put_block(Linv, I11, i_b, t0 + BC, BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, zero, i_b, t0 + BC, 2 * BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, zero, i_b, t0 + BC, 3 * BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, I20, i_b, t0 + 2 * BC, 0, T, HV, i_hv, BT, BC)
+    put_block(Linv, I21, i_b, t0 + 2 * BC, BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, I22, i_b, t0 + 2 * BC, 2 * BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, zero, i_b, t0 + 2 * BC, 3 * BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, I30, i_b, t0 + 3 * BC, 0, T, HV, i_hv, BT, BC)
+    put_block(Linv, I31, i_b, t0 + 3 * BC, BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, I32, i_b, t0 + 3 * BC, 2 * BC, T, HV, i_hv, BT, BC)
+    put_block(Linv, I33, i_b, t0 + 3 * BC, 3 * BC, T, HV, i_hv, BT, BC)
 
 
 @triton.jit
@@ -320,15 +272,6 @@ def _unit_lower_inverse4_rows(Akk, i_b, t0, T, heads, i_h, BT: tl.constexpr, BC:
 
 
 @triton.jit
-def _store_block(ptr, x, i_b, r0, c0, T, heads, i_h, BT: tl.constexpr, BC: tl.constexpr):
-    """Block ``x`` [BC, BC] at rows ``r0..`` and in-chunk columns ``c0..`` of a ``[B, T, heads, BT]`` buffer."""
-    o = tl.arange(0, BC)
-    rows = r0 + o
-    tl.store(ptr + ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * BT + (c0 + o)[None, :], x,
-             mask=(rows < T)[:, None])
-
-
-@triton.jit
 def _wy_kernel(
     E, v, w, Linv, Y, U, T,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
@@ -340,10 +283,10 @@ def _wy_kernel(
     i_t, i_bh, i_v = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     i_b, i_hv = i_bh // HV, i_bh % HV
     t0 = i_t * BT
-    L = _load_rows(Linv, i_b, t0, T, HV, i_hv, BT, BT, BT)
+    L = tile_f32(Linv, i_b, t0, T, HV, i_hv, BT, 0, BT, BT)
     if i_v == 0:
-        Et = _load_rows(E, i_b, t0, T, HV, i_hv, K, BT, BK)
-        _store_rows(Y, tl.dot(L, Et, input_precision=PRECISION).to(Y.dtype.element_ty), i_b, t0, T, HV, i_hv, K,
+        Et = tile_f32(E, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
+        put(Y, tl.dot(L, Et, input_precision=PRECISION).to(Y.dtype.element_ty), i_b, t0, T, HV, i_hv, K, 0,
                     BT, BK)
     else:
         rows = t0 + tl.arange(0, BT)
@@ -352,30 +295,6 @@ def _wy_kernel(
         offs = ((i_b * T + rows.to(tl.int64)) * HV + i_hv)[:, None] * V + o_v[None, :]
         Z = tl.load(v + offs, mask=m, other=0.0).to(tl.float32) * tl.load(w + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(U + offs, tl.dot(L, Z, input_precision=PRECISION).to(U.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _store_rows(ptr, x, i_b, r0, T, heads, i_h, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    rows = r0 + tl.arange(0, BR)
-    o_d = tl.arange(0, BD)
-    m = (rows < T)[:, None] & (o_d < D)[None, :]
-    tl.store(ptr + ((i_b * T + rows.to(tl.int64)) * heads + i_h)[:, None] * D + o_d[None, :], x, mask=m)
-
-
-@triton.jit
-def _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV: tl.constexpr, BT: tl.constexpr, VARLEN: tl.constexpr):
-    """``(batch row, first chunk, end chunk)`` that the sequential passes' program ``i_bh`` (a sequence or batch row
-    times ``HV`` plus its value head) runs over: its sequence's chunks ``chunk_lo[n] .. chunk_hi[n]`` of the one
-    packed row with ``VARLEN``, else every chunk of batch row ``i_bh // HV``."""
-    if VARLEN:
-        i_b = i_bh * 0
-        lo = tl.load(chunk_lo + i_bh // HV)
-        hi = tl.load(chunk_hi + i_bh // HV)
-    else:
-        i_b = i_bh // HV
-        lo = 0
-        hi = tl.cdiv(T, BT)
-    return i_b, lo, hi
 
 
 @triton.jit
@@ -397,7 +316,7 @@ def _state_kernel(
     ``L^-1`` directly, ``R = L^-1 (w v - E S)`` (one more product per chunk, and no WY launch)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_hv = i_bh % HV
-    i_b, lo, hi = _chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
+    i_b, lo, hi = chunk_range(chunk_lo, chunk_hi, i_bh, T, HV, BT, VARLEN)
     i_h, i_hg = i_hv // (HV // H), i_hv // (HV // HG)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -417,7 +336,7 @@ def _state_kernel(
         if FUSED_WY:
             Z = tl.load(v + p_o, mask=m_o, other=0.0).to(tl.float32) * tl.load(w + p_o, mask=m_o,
                                                                                 other=0.0).to(tl.float32)
-            Et = _load_rows_native(E, i_b, t0, T, HV, i_hv, K, BT, BK)
+            Et = tile(E, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
             if LOWP:
                 S_lp = S.to(Et.dtype)
                 Z = Z - tl.dot(Et, S_lp)
@@ -430,42 +349,42 @@ def _state_kernel(
                 R = tl.dot(Lt, Z, input_precision=PRECISION)
         elif LOWP:
             Ut = tl.load(U + p_o, mask=m_o, other=0.0).to(tl.float32)
-            Yt = _load_rows_native(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
+            Yt = tile(Y, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
             S_lp = S.to(Yt.dtype)
             R = Ut - tl.dot(Yt, S_lp)
         else:
             Ut = tl.load(U + p_o, mask=m_o, other=0.0).to(tl.float32)
-            Yt = _load_rows(Y, i_b, t0, T, HV, i_hv, K, BT, BK)
+            Yt = tile_f32(Y, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
             R = Ut - tl.dot(Yt, S, input_precision=PRECISION)
         if not DECAYED_QK:
-            Gt = _load_G_rows(G, i_b, t0, T, HG, i_hg, K, BT, BK)
+            Gt = G_tile(G, i_b, t0, T, HG, i_hg, K, 0, BT, BK)
         if SAVE:
             NT = tl.cdiv(T, BT)
             tl.store(h + ((i_b * NT + i_t) * HV + i_hv) * K * V + p_s, S, mask=m_s)
             tl.store(Rs + p_o, R, mask=m_o)
         if LOWP:
-            qg = _load_rows_native(QG, i_b, t0, T, HV, i_hv, K, BT, BK)
+            qg = tile(QG, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
             At = tl.load(Aqk + p_a, mask=m_r[:, None], other=0.0)
             R_lp = R.to(S_lp.dtype)
             ot = tl.dot(qg, S_lp) + tl.dot(At, R_lp)
         else:
             if DECAYED_QK:
-                qg = _load_rows(QG, i_b, t0, T, HV, i_hv, K, BT, BK)
+                qg = tile_f32(QG, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
             else:
-                qg = _load_rows(q, i_b, t0, T, H, i_h, K, BT, BK) * scale * tl.exp(Gt)
+                qg = tile_f32(q, i_b, t0, T, H, i_h, K, 0, BT, BK) * scale * tl.exp(Gt)
             At = tl.load(Aqk + p_a, mask=m_r[:, None], other=0.0).to(tl.float32)
             ot = tl.dot(qg, S, input_precision=PRECISION) + tl.dot(At, R, input_precision=PRECISION)
         tl.store(o + p_o, ot.to(o.dtype.element_ty), mask=m_o)
         # the last row of the chunk (or of the sequence) holds the chunk's total decay
-        G_last = _load_G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, BK)
+        G_last = G_row(G, i_b, t0 + BT - 1, T, HG, i_hg, K, 0, BK)
         if LOWP:
-            kt = _load_rows_native(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
+            kt = tile(KT, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
             S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R_lp)
         else:
             if DECAYED_QK:
-                kt = _load_rows(KT, i_b, t0, T, HV, i_hv, K, BT, BK)
+                kt = tile_f32(KT, i_b, t0, T, HV, i_hv, K, 0, BT, BK)
             else:
-                kt = _load_rows(k, i_b, t0, T, H, i_h, K, BT, BK) * tl.exp(G_last[None, :] - Gt)
+                kt = tile_f32(k, i_b, t0, T, H, i_h, K, 0, BT, BK) * tl.exp(G_last[None, :] - Gt)
             S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kt), R, input_precision=PRECISION)
     if STORE_HT:
         tl.store(ht + i_bh * K * V + p_s, S, mask=m_s)
