@@ -25,6 +25,7 @@ import polars as pl
 import torch
 
 from gdn2ts.bench.common import environment, write_json
+from gdn2ts.streaming.rounds import PrefillRule, schedule, stepped
 
 CASES = ((1, 100_000), (10_000, 100))
 """(streams, rows per stream) of each backfill."""
@@ -45,7 +46,6 @@ def _one(streams: int, rows: int, path: str, queue) -> None:
     """One measurement (in its own process): ``path`` is ``prefill`` or ``step``."""
     from gdn2ts.models import EncoderConfig, StreamEncoder
     from gdn2ts.streaming import MemoryStore, OnlineRunner, SQLiteStore
-    from gdn2ts.streaming.rounds import PrefillRule, schedule, stepped
 
     def always(sizes):
         return schedule(sizes, PrefillRule(round_us=float("inf")))
@@ -108,8 +108,6 @@ def bench_backfill(cases=CASES, json_path: str | None = "docs/results/bench_back
                       f"({r['seconds']:.2f} s; stepping alone {r['stepping_obs_per_s']:,.0f} obs/s), "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         a, b = got["prefill"].pop("forecast"), got["step"].pop("forecast")
-        from gdn2ts.streaming.rounds import schedule
-
         pieces = schedule(np.full(per, streams))
         rule = "prefill" if all(p[4] for p in pieces) else "step" if not any(p[4] for p in pieces) else "mixed"
         for r in got.values():
