@@ -216,7 +216,7 @@ def _meaning(summary: pl.DataFrame, unit: str, horizon: float | None) -> str:
                  f"{100 * left:.2g}% of it: "
                  + ("forecasts that far ahead rest on the weights and on what recent observations keep writing, "
                     "not on the memory of single events" if left < 0.05 else
-                    "single events still shape forecasts that far ahead"))
+                    "a single event's own write still reaches forecasts that far ahead, fading over the horizon"))
     return text + "."
 
 
