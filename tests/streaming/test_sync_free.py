@@ -223,12 +223,17 @@ def test_cuda_observe_syncs_per_call_not_per_round(monkeypatch):
     a prefill of 256 rounds as for one of 16."""
     monkeypatch.delenv("GDN2TS_CHECK_VALUES", raising=False)
     runner = OnlineRunner(encoder("cuda"), MemoryStore(), CHANNELS, COVARIATES, capacity=64)
-    runner.observe(batch(64, 1, 0.0, seed=0))  # every stream resident, kernels compiled
-    runner.observe(batch(64, 20, 1.0, seed=1))  # the prefill kernels too
-    stepped = [syncs_of(lambda r=r, i=i: runner.observe(batch(64, r, 100.0 * (i + 1), seed=i)))
-               for i, r in enumerate((2, 7))]
-    prefilled = [syncs_of(lambda r=r, i=i: runner.observe(batch(64, r, 1000.0 * (i + 1), seed=i)))
-                 for i, r in enumerate((16, 256))]
+    calls = iter(range(1, 100))
+
+    def observe(rows: int) -> None:
+        k = next(calls)
+        assert runner.observe(batch(64, rows, 1000.0 * k, seed=k)).accepted == 64 * rows
+
+    # every shape once first (streams resident, kernels compiled for each), then the counted calls
+    for rows in (1, 2, 7, 16, 256):
+        observe(rows)
+    stepped = [syncs_of(lambda r=r: observe(r)) for r in (2, 7)]
+    prefilled = [syncs_of(lambda r=r: observe(r)) for r in (16, 256)]
     assert stepped[0] == stepped[1], stepped
     assert prefilled[0] == prefilled[1], prefilled
 
