@@ -230,8 +230,14 @@ def test_audit_changes_neither_model_nor_state():
     saved = [t.clone() for s in state.layers for t in s] + [state.last_time.clone(), state.last_output.clone()]
     before = enc(values, times, state=state)["forecast"]
     audit_encoder(enc, values, times, state=state, tags={"t": (0, 5)})
-    with pytest.raises(ValueError):
-        audit_encoder(enc, values, times.flip(1), state=state)  # fails inside the forward, after hooks are set
+    with pytest.raises(ValueError, match="is not after"):
+        audit_encoder(enc, values, times.flip(1), state=state)  # refused before the forward
+    # a failure inside the forward, after the hooks are set, removes them too
+    broken = enc.mixers[1]
+    broken.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("mixer failed"))
+    with pytest.raises(RuntimeError, match="mixer failed"):
+        audit_encoder(enc, values, times, state=state)
+    del broken.forward
     assert all(torch.equal(v, enc.state_dict()[k]) for k, v in params.items())
     now = [t for s in state.layers for t in s] + [state.last_time, state.last_output]
     assert all(torch.equal(a, b) for a, b in zip(saved, now, strict=True))
