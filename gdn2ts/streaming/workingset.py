@@ -271,9 +271,9 @@ class WorkingSet:
             np.arange(candidates.size)
         victims = candidates[order]
         if self.store.readonly and self.dirty[victims].any():
-            raise StoreError(f"a read-only view holds {int(self.dirty.sum())} streams changed since the writer's "
-                             f"last snapshot, and its capacity {self.capacity} is too small to hold them and "
-                             "more: raise 'capacity'")
+            raise StoreError(f"a read-only view cannot hold every stream changed since the writer's last "
+                             f"snapshot in its capacity of {self.capacity} (its replay would have to drop one it "
+                             "cannot read back): raise 'capacity'")
         # a dirty victim is committed to the store before its slot is reused: nothing is lost if that fails
         self.write_dirty(victims)
         for s in victims.tolist():
