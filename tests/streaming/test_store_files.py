@@ -364,7 +364,8 @@ def test_a_read_only_view_too_small_for_the_unwritten_streams_says_so(tmp_path):
     writer = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db"), CHANNELS)
     for part in range(3):  # journaled, not yet snapshotted: the nine states exist only in the writer
         writer.observe(batch(3, 1.0, seed=part).with_columns(pl.col("stream") + f"-{part}"))
-    with pytest.raises(StoreError, match="view cannot hold every stream changed since the writer's last snapshot in its capacity of 4"):
+    with pytest.raises(StoreError, match="cannot hold every stream changed since the writer's last snapshot in its "
+                                         "capacity of 4"):
         OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db", readonly=True), CHANNELS, capacity=4)
     view = OnlineRunner(encoder(), SQLiteStore(tmp_path / "s.db", readonly=True), CHANNELS, capacity=9)
     assert view.info([f"s{i}-{p}" for i in range(3) for p in range(3)])["steps"].to_list() == [1] * 9
