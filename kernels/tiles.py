@@ -11,7 +11,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["tile", "tile_f32", "G_tile", "row_f32", "G_row", "put", "block", "put_block", "chunk_range"]
+BT = 64  # chunk
+BC = 16  # sub-block of the in-chunk products
+SAFE_SPREAD = 40.0  # largest in-block decay spread for the one-product form of a diagonal block
+
+__all__ = ["BT", "BC", "SAFE_SPREAD", "tile", "tile_f32", "G_tile", "row_f32", "G_row", "put", "block", "put_block",
+           "chunk_range"]
 
 
 @triton.jit

@@ -194,6 +194,7 @@ def check_chunk_bwd(fla) -> dict:
 def tune_chunk_fwd(shapes=((8, 2048), (1, 16384))) -> list[dict]:
     """Sweep the state kernel's tiling for the Triton chunked forward (each variant checked against the default)."""
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
+    from gdn2ts.kernels.tiling import FwdTiling
 
     rows = []
     for B, T in shapes:
@@ -201,7 +202,8 @@ def tune_chunk_fwd(shapes=((8, 2048), (1, 16384))) -> list[dict]:
         ref, _ = chunk_fwd(*xs, K**-0.5, None, False)
         for bv, warps, stages in ((32, 4, 2), (32, 4, 1), (64, 4, 2), (64, 8, 2), (32, 8, 2), (16, 4, 2)):
             def run(bv=bv, warps=warps, stages=stages, xs=xs):
-                return chunk_fwd(*xs, K**-0.5, None, False, block_v=bv, num_warps=warps, num_stages=stages)[0]
+                tiling = FwdTiling(block_v=bv, num_warps=warps, num_stages=stages)
+                return chunk_fwd(*xs, K**-0.5, None, False, tiling=tiling)[0]
             try:
                 err = rel(run().float(), ref.float())
             except Exception as e:  # a tiling that does not fit this GPU

@@ -7,6 +7,7 @@ from triton.testing import do_bench
 
 from gdn2ts.bench.kernels import K, make_inputs, rel
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
+from gdn2ts.kernels.tiling import BwdTiling, FwdTiling
 
 _BF, _FP = torch.bfloat16, torch.float16
 # the sequential pass on 16-bit key-side operands (``lowp``), U in 16 bits too
@@ -38,7 +39,7 @@ def profile(B: int, T: int, which: list[int] | None = None) -> list[dict]:
             continue
 
         def run(opts=opts):
-            return chunk_fwd(*xs, K**-0.5, h0, True, **opts)
+            return chunk_fwd(*xs, K**-0.5, h0, True, tiling=FwdTiling(**opts))
         try:
             o, s = run()
             err, err_o, err_s = rel(o.float(), ref.float()), rel(o.float(), o64), rel(s, s64)
@@ -84,26 +85,26 @@ def profile_bwd(B: int, T: int) -> list[dict]:
     xs = make_inputs(B, T, seed=3)
     h0 = torch.randn(B, xs[2].shape[2], K, xs[2].shape[3], device="cuda")
     o, ht, saved = chunk_fwd(*xs, K**-0.5, h0, True, save=True)
-    saved_decayed = chunk_fwd(*xs, K**-0.5, h0, True, save=True, decayed_qk=True)[2]
+    saved_decayed = chunk_fwd(*xs, K**-0.5, h0, True, save=True, tiling=FwdTiling(decayed_qk=True))[2]
     # the training forward's sequential pass on bf16 operands (its time is in the "train fwd" row); the gradients
     # of the backward that reads its kept intermediates are compared with the default's like every variant here
     lowp_fwd = dict(decayed_qk=True, lowp=True, key_dtype=torch.bfloat16, u_dtype=torch.bfloat16,
                     saved_state_dtype=torch.bfloat16)
-    saved_lowp = chunk_fwd(*xs, K**-0.5, h0, True, save=True, **lowp_fwd)[2]
+    saved_lowp = chunk_fwd(*xs, K**-0.5, h0, True, save=True, tiling=FwdTiling(**lowp_fwd))[2]
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     ref = chunk_bwd(*xs, K**-0.5, saved, do, dht, True)
     rows = []
     for name, fwd_opts in (("train fwd", dict(decayed_qk=True, saved_state_dtype=torch.bfloat16)),
                            ("train fwd lowp", lowp_fwd)):
-        t = do_bench(lambda o=fwd_opts: chunk_fwd(*xs, K**-0.5, h0, True, save=True, **o), warmup=10, rep=60,
-                     return_mode="median")
+        t = do_bench(lambda o=fwd_opts: chunk_fwd(*xs, K**-0.5, h0, True, save=True, tiling=FwdTiling(**o)),
+                     warmup=10, rep=60, return_mode="median")
         rows.append({"B": B, "T": T, "pass": name, "ms": t})
         print(f"{name} {T}x{B}: {t:.3f} ms", flush=True)
     for opts in BWD_VARIANTS:
         def run(opts=opts):
             kept = saved_lowp if opts.get("lowp") else saved_decayed if opts.get("decayed_qk") else saved
             tiling = {k_: v_ for k_, v_ in opts.items() if k_ not in ("decayed_qk", "lowp")}
-            return chunk_bwd(*xs, K**-0.5, kept, do, dht, True, **tiling)
+            return chunk_bwd(*xs, K**-0.5, kept, do, dht, True, tiling=BwdTiling(**tiling))
         try:
             err = max(rel(a.float(), r.float()) for a, r in zip(run(), ref, strict=True))
         except Exception as e:  # a tiling that does not fit this GPU
@@ -161,7 +162,7 @@ def kernel_times(B: int, T: int, backward: bool = False, fla: bool = False, opts
         elif backward:
             torch.autograd.grad(chunk_gdn2(*xs)[0], xs, do)
         else:
-            chunk_fwd(*xs, K**-0.5, None, False, **(opts or {}))
+            chunk_fwd(*xs, K**-0.5, None, False, tiling=FwdTiling(**(opts or {})))
 
     for _ in range(3):
         call()

@@ -153,12 +153,13 @@ def test_decayed_qk_variant_matches_the_token_loop(gates, key_dtype, lowp):
     then reads."""
     from gdn2ts.kernels.chunk_bwd import chunk_bwd
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
+    from gdn2ts.kernels.tiling import FwdTiling
 
     x = make_inputs(B=1, T=100, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=11)
     on = {n: t.to(DEVICE) for n, t in x.items()}
     scale = 0.3
-    o, s, saved = chunk_fwd(*(on[n] for n in ARGS), scale, on["h0"], True, save=True, decayed_qk=True,
-                            key_dtype=key_dtype, lowp=lowp, u_dtype=key_dtype if lowp else torch.float32)
+    tiling = FwdTiling(decayed_qk=True, key_dtype=key_dtype, lowp=lowp, u_dtype=key_dtype if lowp else torch.float32)
+    o, s, saved = chunk_fwd(*(on[n] for n in ARGS), scale, on["h0"], True, save=True, tiling=tiling)
     assert "qg" in saved and "kt" in saved
     assert saved["Y"].dtype == saved["Aqk"].dtype == key_dtype
     gen = torch.Generator().manual_seed(2)
@@ -182,6 +183,7 @@ def test_gpu_decayed_qk_variant_bf16(key_dtype, lowp):
     key-side intermediates and ``U`` in bf16), whose kept intermediates the backward then reads."""
     from gdn2ts.kernels.chunk_bwd import chunk_bwd
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
+    from gdn2ts.kernels.tiling import FwdTiling
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     B, T, H, K, V = 2, 1000, 16, 128, 128
@@ -194,9 +196,9 @@ def test_gpu_decayed_qk_variant_bf16(key_dtype, lowp):
              w=torch.sigmoid(r(B, T, H, V)).bfloat16())
     h0 = r(B, H, K, V)
     do, dht = r(B, T, H, V).bfloat16(), r(B, H, K, V)
-    o, s, saved = chunk_fwd(*(x[n] for n in ARGS), K**-0.5, h0, True, save=True, decayed_qk=True,
-                            key_dtype=key_dtype, lowp=lowp, u_dtype=key_dtype if lowp else torch.float32,
-                            saved_state_dtype=torch.bfloat16 if lowp else torch.float32)
+    tiling = FwdTiling(decayed_qk=True, key_dtype=key_dtype, lowp=lowp, u_dtype=key_dtype if lowp else torch.float32,
+                       saved_state_dtype=torch.bfloat16 if lowp else torch.float32)
+    o, s, saved = chunk_fwd(*(x[n] for n in ARGS), K**-0.5, h0, True, save=True, tiling=tiling)
     got = chunk_bwd(*(x[n] for n in ARGS), K**-0.5, saved, do, dht, True)
     o_ref, s_ref, want = grads_of(chunk_reference, {n: t.double() for n, t in x.items()}, h0.double(), do.double(),
                                   dht.double())

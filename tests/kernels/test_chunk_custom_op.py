@@ -97,3 +97,16 @@ def test_strided_final_state_gradient():
     want = run(reference)
     for name, a, c in zip(("dq", "dk", "dv", "dg", "db", "dw", "dh0"), got, want, strict=True):
         assert_close(name, a, c, torch.float32, factor=2.0 if name in ("dg", "db", "dw") else 1.0)
+
+
+def test_saved_table_describes_what_the_training_forward_keeps():
+    """The fake function's one table of kept tensors: its names in the order the op returns them, and the real
+    tensors' shapes and dtypes, for fp32 and fp16 inputs."""
+    for dtype in (torch.float32, torch.float16):
+        q, k, v, g, b, w, h0 = inputs(T=70)
+        args = [t.detach().to(dtype) for t in (q, k, v, g, b, w)]
+        out = ct._fwd_train(*args, h0.detach(), 0.25, True, None, None)
+        table = ct._saved_table(args[0], args[2], args[3])
+        assert tuple(table) == ct._SAVED
+        for name, t, (shape, dt) in zip(ct._SAVED, out[2:], table.values(), strict=True):
+            assert (tuple(t.shape), t.dtype) == (shape, dt), name

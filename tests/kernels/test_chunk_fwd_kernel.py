@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gdn2ts.kernels.chunk_fwd import chunk_fwd
+from gdn2ts.kernels.tiling import FwdTiling
 from gdn2ts.ops import chunk_gdn2, recurrent_reference
 
 from inputs import make_inputs
@@ -39,8 +40,8 @@ def test_tiling_options_match_reference(gates, decayed_qk):
     """The inverse's row-from-memory substitution and the launch overrides give the token loop's outputs."""
     x = on(make_inputs(B=1, T=130, H=1, K=16, V=16, dtype=torch.float32, gates=gates, seed=5))
     out = torch.full_like(x["v"], float("nan"))
-    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, inverse_rows_from_memory=True,
-                     inverse_warps=2, gram_warps=2, decayed_qk=decayed_qk, wy_warps=2)
+    tiling = FwdTiling(inverse_rows_from_memory=True, inverse_warps=2, gram_warps=2, decayed_qk=decayed_qk, wy_warps=2)
+    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, tiling=tiling)
     o_ref, s_ref = truth(x, x["h0"])
     assert_close("o", o.cpu(), o_ref, torch.float32)
     assert_close("state", s.cpu(), s_ref, torch.float32)
@@ -70,8 +71,8 @@ def test_low_precision_state_pass_matches_reference(gates, fused_wy):
     key_dtype = torch.float16
     x = on(make_inputs(B=2, T=200, H=1, K=16, V=16, dtype=torch.float32, gates=gates, seed=11))
     out = torch.full_like(x["v"], float("nan"))
-    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, decayed_qk=True,
-                     key_dtype=key_dtype, lowp=True, u_dtype=key_dtype, fused_wy=fused_wy)
+    tiling = FwdTiling(decayed_qk=True, key_dtype=key_dtype, lowp=True, u_dtype=key_dtype, fused_wy=fused_wy)
+    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, tiling=tiling)
     o_ref, s_ref = truth(x, x["h0"])
     assert_close("o", o.cpu(), o_ref, torch.bfloat16)
     assert_close("state", s.cpu(), s_ref, torch.bfloat16)
@@ -87,8 +88,8 @@ def test_corrections_formed_in_the_state_pass_match_reference(gates, lowp, linv_
     x = on(make_inputs(B=2, T=150, H=1, HV=2, K=16, V=16, dtype=torch.float32, gates=gates, seed=13))
     out = torch.full_like(x["v"], float("nan"))
     opts = dict(decayed_qk=True, lowp=True, key_dtype=torch.float16, u_dtype=torch.float16) if lowp else {}
-    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, fused_wy=True, linv_dtype=linv_dtype,
-                     akk_dtype=akk_dtype, **opts)
+    tiling = FwdTiling(fused_wy=True, linv_dtype=linv_dtype, akk_dtype=akk_dtype, **opts)
+    o, s = chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, x["h0"], True, out=out, tiling=tiling)
     o_ref, s_ref = truth(x, x["h0"])
     assert_close("o", o.cpu(), o_ref, torch.bfloat16 if lowp else torch.float32)
     assert_close("state", s.cpu(), s_ref, torch.bfloat16 if lowp else torch.float32)
@@ -97,26 +98,27 @@ def test_corrections_formed_in_the_state_pass_match_reference(gates, lowp, linv_
 def test_corrections_in_the_state_pass_are_inference_only():
     x = on(make_inputs(B=1, T=8, H=1, K=16, V=16, dtype=torch.float32, seed=1))
     with pytest.raises(ValueError, match="fused_wy=True is an inference form"):
-        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True, fused_wy=True)
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True, tiling=FwdTiling(fused_wy=True))
     with pytest.raises(ValueError, match="linv_dtype torch.bfloat16 is not float32"):  # the backward reads L^-1
-        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True, linv_dtype=torch.bfloat16)
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, save=True,
+                  tiling=FwdTiling(linv_dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="linv_dtype torch.int8"):
-        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, linv_dtype=torch.int8)
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, tiling=FwdTiling(linv_dtype=torch.int8))
     with pytest.raises(ValueError, match="fp32 L\\^-1 in the 16-bit state pass needs block_v >= 64, got 32"):
         wide = on(make_inputs(B=1, T=8, H=1, K=16, V=64, dtype=torch.float16, seed=1))
-        chunk_fwd(*(wide[n] for n in ARGS), 16**-0.5, None, False, fused_wy=True, linv_dtype=torch.float32,
-                  block_v=32)
+        chunk_fwd(*(wide[n] for n in ARGS), 16**-0.5, None, False,
+                  tiling=FwdTiling(fused_wy=True, linv_dtype=torch.float32, block_v=32))
     with pytest.raises(ValueError, match="akk_dtype torch.bfloat16 is not float32 or float16"):
-        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, akk_dtype=torch.bfloat16)
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, tiling=FwdTiling(akk_dtype=torch.bfloat16))
 
 
 def test_low_precision_state_pass_needs_decayed_16_bit_keys():
     x = on(make_inputs(B=1, T=8, H=1, K=16, V=16, dtype=torch.float32, seed=1))
     with pytest.raises(ValueError, match="lowp=True needs decayed_qk"):
-        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, lowp=True, decayed_qk=False,
-                  key_dtype=torch.bfloat16)
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False,
+                  tiling=FwdTiling(lowp=True, decayed_qk=False, key_dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="key_dtype bfloat16 or float16"):  # fp32 inputs: key_dtype fp32
-        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, lowp=True, decayed_qk=True)
+        chunk_fwd(*(x[n] for n in ARGS), 16**-0.5, None, False, tiling=FwdTiling(lowp=True, decayed_qk=True))
 
 
 @pytest.mark.parametrize("HV,g_heads", [(2, 1), (2, 2)])
@@ -152,7 +154,7 @@ def test_gpu_benchmark_shapes(B, T, variant):
             "linv_fp32": dict(linv_dtype=torch.float32, block_v=64, num_stages=1)}.get(variant) or dict(
         decayed_qk=True, lowp=True, key_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16,
         u_dtype=torch.bfloat16 if variant == "lowp_bf16" else torch.float16)
-    o, s = chunk_fwd(q, k, v, g, b, w, K**-0.5, h0, True, out=out, **opts)
+    o, s = chunk_fwd(q, k, v, g, b, w, K**-0.5, h0, True, out=out, tiling=FwdTiling(**opts))
     o_ref, s_ref = recurrent_reference(*(t.double() for t in (q, k, v, g, b, w)), initial_state=h0.double(),
                                        output_final_state=True)
     assert_close("o", o.float(), o_ref, torch.bfloat16)

@@ -11,11 +11,6 @@ __all__ = ["chunk_layout", "triton_chunk"]
 
 BT = 64  # the kernels' chunk
 
-# the training forward also keeps the decayed queries and tail keys (fp16 for 16-bit inputs), so that the
-# backward's sequential passes load them instead of q, k and G: 8-13 % less backward time on an H100
-_SAVED = ("G", "Y", "U", "Aqk", "Linv", "h", "R", "qg", "kt")
-
-
 _F32 = torch.float32
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor b, Tensor w, Tensor? h0, float scale, "
                "bool output_final_state, Tensor? chunk_lo, Tensor? chunk_hi) -> Tensor[]")
@@ -26,32 +21,43 @@ _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor g, Tensor b, Tensor w, Ten
 # shapes. The ops return lists; a final state that was not asked for is an empty fp32 tensor.
 def _fwd_train_impl(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
     from gdn2ts.kernels.chunk_fwd import chunk_fwd
+    from gdn2ts.kernels.tiling import FwdTiling
 
-    # 16-bit inputs: the chunk states (and, in the backward, their gradients) are kept in bf16, as the inputs' own
-    # precision; this keeps forward + backward memory under FLA's
+    # the storage forms of _saved_table
     half = q.dtype in (torch.bfloat16, torch.float16)
-    o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True, decayed_qk=True,
-                             wy_warps=8, saved_state_dtype=torch.bfloat16 if half else _F32,
-                             chunk_lo=chunk_lo, chunk_hi=chunk_hi)
+    tiling = FwdTiling(decayed_qk=True, wy_warps=8, saved_state_dtype=torch.bfloat16 if half else _F32)
+    o, ht, saved = chunk_fwd(q, k, v, g, b, w, scale, h0, output_final_state, save=True, chunk_lo=chunk_lo,
+                             chunk_hi=chunk_hi, tiling=tiling)
     ht = q.new_empty(0, dtype=_F32) if ht is None else ht
     return [o, ht, *(saved[n] for n in _SAVED)]
 
 
-def _fwd_train_fake(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
+def _saved_table(q, v, g) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What the training forward keeps for the backward, by name: ``(shape, dtype)``, the one description that the
+    fake (meta) function builds from. 16-bit inputs keep the chunk states in bf16 (as the inputs' own precision:
+    it keeps forward + backward memory under FLA's) and the decayed queries and tail keys in fp16, which the
+    backward's sequential passes load instead of q, k and G (8-13 % less backward time on an H100)."""
     B, T, _, K = q.shape
     HG, HV, V = g.shape[2], v.shape[2], v.shape[3]
     NT = (T + BT - 1) // BT
-    N = B if chunk_lo is None else chunk_lo.shape[0]
     half = q.dtype in (torch.bfloat16, torch.float16)
-    qk_dtype = torch.float16 if half else _F32
+    keys = torch.float16 if half else _F32
+    return {"G": ((B, T, HG, K), _F32), "Y": ((B, T, HV, K), _F32), "U": ((B, T, HV, V), _F32),
+            "Aqk": ((B, T, HV, BT), _F32), "Linv": ((B, T, HV, BT), _F32),
+            "h": ((B, NT, HV, K, V), torch.bfloat16 if half else _F32), "R": ((B, T, HV, V), _F32),
+            "qg": ((B, T, HV, K), keys), "kt": ((B, T, HV, K), keys)}
 
-    def new(*shape, dtype=_F32):
-        return q.new_empty(shape, dtype=dtype)
 
-    ht = new(N, HV, K, V) if output_final_state else new(0)
-    return [v.new_empty(B, T, HV, V), ht, new(B, T, HG, K), new(B, T, HV, K), new(B, T, HV, V), new(B, T, HV, BT),
-            new(B, T, HV, BT), new(B, NT, HV, K, V, dtype=torch.bfloat16 if half else _F32), new(B, T, HV, V),
-            new(B, T, HV, K, dtype=qk_dtype), new(B, T, HV, K, dtype=qk_dtype)]
+_SAVED = ("G", "Y", "U", "Aqk", "Linv", "h", "R", "qg", "kt")
+
+
+def _fwd_train_fake(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
+    B, _, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if chunk_lo is None else chunk_lo.shape[0]
+    ht = q.new_empty((N, HV, K, V) if output_final_state else (0,), dtype=_F32)
+    saved = [q.new_empty(shape, dtype=dtype) for shape, dtype in _saved_table(q, v, g).values()]
+    return [torch.empty_like(v, memory_format=torch.contiguous_format), ht, *saved]
 
 
 def _fwd_infer_impl(q, k, v, g, b, w, h0, scale, output_final_state, chunk_lo, chunk_hi):
