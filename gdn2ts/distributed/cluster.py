@@ -91,6 +91,8 @@ class RayShard:
                 time.sleep(0.05)
 
     def pid(self) -> int:
+        """The process id of the actor (once it answers)."""
+        self.wait()
         return self.ray.get(self.actor.ping.remote())
 
     def stop(self) -> None:

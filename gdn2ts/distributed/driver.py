@@ -30,10 +30,12 @@ import numpy as np
 import polars as pl
 import torch
 
+from gdn2ts.distributed import learning
 from gdn2ts.distributed.cluster import LocalShard, RayShard, ShardLost
 from gdn2ts.distributed.partition import assign, partition_column, partition_of
 from gdn2ts.distributed.spec import Manifest, RunnerSpec, StoreSpec
 from gdn2ts.streaming.frames import as_table, screen_values
+from gdn2ts.streaming.learn import LearnResult
 from gdn2ts.streaming.records import check_ids
 from gdn2ts.streaming.runner import ObserveResult, UnknownStreamError
 
@@ -110,6 +112,7 @@ class ShardedRunner:
                 self._move(manifest.target)  # a rebalance the last driver did not finish
             last = self._gather("acquire", {s: (ps,) for s, ps in self._by_shard().items()})
             self.call = max((c for calls in last.values() for c in calls.values()), default=0)
+            self._catch_up()
             if shards is not None and shards != self.shards:
                 self.rebalance(shards)
         except BaseException:
@@ -269,6 +272,37 @@ class ShardedRunner:
                 raise UnknownStreamError(f"delete: unknown stream {sid!r}")
         _, by = self._split(ids)
         self._gather("forget", {s: (m, True) for s, m in by.items()})
+
+    def learn(self, stream_ids: Sequence[str]) -> LearnResult:
+        """One learn round over the matured windows of ``stream_ids``, whatever their shards: one AdamW step from
+        all of them, then every partition serves the new weight version (the protocol:
+        :mod:`gdn2ts.distributed.learning`). Durable when it returns; streams with nothing matured are left alone.
+        Unknown streams raise :class:`UnknownStreamError`."""
+        ids = check_ids(stream_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"learn: stream ids expected distinct, got {ids}")
+        self._catch_up()
+        _, by = self._split(ids)
+        asked = {s: {p: by.get(s, {}).get(p, []) for p in ps} for s, ps in self._by_shard().items()}
+        parts = {p: c for got in self._gather("gradients", {s: (m,) for s, m in asked.items()}).values()
+                 for p, c in got.items()}
+        versions = {p: c["version"] for p, c in parts.items()}
+        if len(set(versions.values())) != 1:
+            raise RuntimeError(f"learn: the partitions serve different weight versions {versions}")
+        blob = self._gather("blob", {self.manifest.owners[0]: (0,)})[self.manifest.owners[0]]
+        new, result = learning.step(self.spec.model(), blob, [parts[p] for p in range(self.partitions)])
+        if new is not None:
+            self._gather("install", {s: (m, new) for s, m in asked.items()})
+        return result
+
+    def _catch_up(self) -> None:
+        """Install the newest weights on partitions a cut-short learn round left behind."""
+        versions = dict(enumerate(self.versions()))
+        if len(set(versions.values())) <= 1:
+            return
+        p, _ = learning.newest(versions)
+        blob = self._gather("blob", {self.manifest.owners[p]: (p,)})[self.manifest.owners[p]]
+        self._gather("install", {s: ({q: [] for q in ps}, blob) for s, ps in self._by_shard().items()})
 
     def versions(self) -> list[int]:
         """The weight version each partition serves."""

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 import polars as pl
 import torch
 
+from gdn2ts.distributed import learning
 from gdn2ts.distributed.spec import RunnerSpec, StoreSpec
 from gdn2ts.streaming import OnlineRunner, StoreLockedError
 
@@ -153,6 +154,20 @@ class Shard:
             else:
                 done += runner.reset(ids[p])
         return done
+
+    def gradients(self, ids: Mapping[int, list[str]]) -> dict[int, dict]:
+        """Step 1 of a learn round for every partition of ``{partition: stream ids}`` (see
+        :mod:`gdn2ts.distributed.learning`)."""
+        return {p: learning.gradients(self._open(p), ids[p]) for p in sorted(ids)}
+
+    def install(self, ids: Mapping[int, list[str]], blob: bytes) -> dict[int, int]:
+        """Step 3 of a learn round: every partition of ``{partition: learned stream ids}`` commits and serves the
+        new weights ``blob``; returns the version each serves."""
+        return {p: learning.install(self._open(p), ids[p], blob) for p in sorted(ids)}
+
+    def blob(self, partition: int) -> bytes:
+        """The partition's learned-weights blob."""
+        return learning.blob_of(self._open(partition))
 
     def versions(self, partitions: Iterable[int]) -> dict[int, int]:
         """The weight version each partition's runner serves."""

@@ -96,6 +96,12 @@ class RunnerSpec:
         model = self.encoder if self.encoder is not None else self._checkpoint().encoder
         return next(model.parameters()).dtype
 
+    def model(self) -> StreamEncoder:
+        """A fresh copy of the model (as given: learned weights are loaded from a store's blob)."""
+        if self.checkpoint is not None:
+            return load_checkpoint(self.checkpoint).encoder
+        return copy.deepcopy(self.encoder)
+
     def open(self, store) -> OnlineRunner:
         """A runner over ``store`` with a fresh copy of the model (the runner owns the store: closed if it
         refuses to open)."""
