@@ -155,7 +155,7 @@ def stream_apply(checkpoint: str, store: str, input: str = "-", format: str | No
                  batch_ms: float = 200.0, follow: bool = False, idle_exit: float | None = None, capacity: int = 4096,
                  forecast_out: str | None = None, id_column: str | None = None, time_column: str | None = None,
                  max_gap: str | None = None, max_abs: float | None = None, acks: bool = False,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, workers: int = 0, partitions: int | None = None, local: bool = False) -> None:
     """Apply observations from a file or standard input to per-stream states in a store; forecasts out.
 
     Long format (stream id, timestamp, one column per channel, in the data's units) as CSV, Parquet or JSON lines,
@@ -182,6 +182,10 @@ def stream_apply(checkpoint: str, store: str, input: str = "-", format: str | No
         max_abs: reject a value beyond this many standard deviations; 0 for no bound (default: the checkpoint's).
         acks: print one JSON line per applied batch on standard output.
         quiet: print nothing but rejections.
+        workers: N >= 1: the store is a sharded store (a folder) served by N shards on Ray (a store served by
+            another number is rebalanced first); the same results for every N (docs/streaming-distributed.md).
+        partitions: partitions of a new sharded store (default 16; the most shards it can have).
+        local: run the shards in this process instead of on Ray.
     """
     from gdn2ts.apps.stream_cli import run_stream
     from gdn2ts.apps.stream_commands import STREAM_EXIT_REJECTED
@@ -191,7 +195,7 @@ def stream_apply(checkpoint: str, store: str, input: str = "-", format: str | No
         summary = run_stream(checkpoint, store, input=input, format=format, batch_rows=batch_rows, batch_ms=batch_ms,
                              follow=follow, idle_exit=idle_exit, capacity=capacity, forecast_out=forecast_out,
                              id_column=id_column, time_column=time_column, max_gap=max_gap, max_abs=max_abs,
-                             acks=acks, quiet=quiet)
+                             acks=acks, quiet=quiet, workers=workers, partitions=partitions, local=local)
     except (ValueError, StoreError) as e:
         raise SystemExit(f"gdn2ts stream: {e}") from None
     if summary["rejected"]:

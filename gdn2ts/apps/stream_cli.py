@@ -143,7 +143,8 @@ def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None
                batch_ms: float = 200.0, follow: bool = False, idle_exit: float | None = None, capacity: int = 4096,
                forecast_out: str | None = None, id_column: str | None = None, time_column: str | None = None,
                max_gap: str | float | None = None, max_abs: float | None = None, acks: bool = False,
-               quiet: bool = False, threads: int | None = 1) -> dict:
+               quiet: bool = False, threads: int | None = 1, workers: int = 0, partitions: int | None = None,
+               local: bool = False) -> dict:
     """Apply the observations of ``input`` to the states in ``store`` (see the module docstring) and optionally
     write forecasts.
 
@@ -153,6 +154,11 @@ def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None
     ``acks``: print one JSON line per applied batch on standard output. ``threads``: torch CPU threads while
     applying (None: torch's choice); one by default, since a call steps small matrices and a second intra-op
     thread made each step several times slower on a busy 2-core machine (measured).
+
+    ``workers`` N >= 1: ``store`` is a sharded store (a folder: a store per partition and a manifest, see
+    :class:`~gdn2ts.distributed.ShardedRunner`) served by N shards on Ray (in this process with ``local``); a store
+    served by another number of shards is rebalanced first. ``partitions``: of a new sharded store (default 16).
+    Every N gives the same states and forecasts, bit for bit.
     """
     for name, value in (("batch_rows", batch_rows), ("capacity", capacity)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -171,9 +177,16 @@ def run_stream(checkpoint: str, store: str, input: str = "-", format: str | None
     limits = limits_of(ckpt, max_gap, max_abs)
     whole = None if streaming else read_observations(input, fmt)
     started = time.perf_counter()
-    runner = open_runner(ckpt, store, ckpt.columns[0] if id_column is None else id_column,
-                         ckpt.columns[1] if time_column is None else time_column, units=True, capacity=capacity,
-                         limits=limits)
+    if workers:
+        from gdn2ts.distributed import RunnerSpec, ShardedRunner
+
+        spec = RunnerSpec(checkpoint=checkpoint, id_column=id_column, time_column=time_column, capacity=capacity,
+                          limits=limits, threads=threads)
+        runner = ShardedRunner(spec, store, shards=workers, partitions=partitions, local=local)
+    else:
+        runner = open_runner(ckpt, store, ckpt.columns[0] if id_column is None else id_column,
+                             ckpt.columns[1] if time_column is None else time_column, units=True,
+                             capacity=capacity, limits=limits)
     tally, interrupted = _Tally(acks), False
     try:
         with _interruptible(threads):

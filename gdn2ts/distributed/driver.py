@@ -131,6 +131,11 @@ class ShardedRunner:
         """Shards serving the partitions."""
         return max(self.manifest.owners) + 1
 
+    @property
+    def id_column(self) -> str:
+        """The stream id column of a batch."""
+        return self.schema.id_column
+
     def owners(self) -> list[int]:
         """The owner shard of each partition."""
         return list(self.manifest.owners)
