@@ -15,3 +15,25 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def postgres_stores(tmp_path):
+    """A StoreSpec of partitions in the test PostgreSQL server (GDN2TS_POSTGRES_DSN, as for the store's own tests:
+    .ci/postgres starts one), its schemas dropped afterwards; skipped without a server, failed instead under
+    GDN2TS_REQUIRE_POSTGRES=1 (CI)."""
+    from gdn2ts.distributed import StoreSpec
+
+    dsn = os.environ.get("GDN2TS_POSTGRES_DSN")
+    if not dsn:
+        why = ("no PostgreSQL server: GDN2TS_POSTGRES_DSN is not set; start one with eval \"$(bash .ci/postgres "
+               "start)\"")
+        if os.environ.get("GDN2TS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    from gdn2ts.streaming.postgres_store import PostgresStore
+
+    stores = StoreSpec(str(tmp_path / "manifest"), dsn=dsn, prefix=f"fleet_{os.getpid()}")
+    yield stores
+    for p in range(16):
+        PostgresStore.drop(dsn, stores.describe(p))
