@@ -25,18 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers
+
 __all__ = ["act_fwd", "act_bwd", "L2_EPS"]
 
 L2_EPS = 1e-6
 BLOCK_T = 64
-# tests set this to fill every buffer these launches allocate with NaN, so an element no program wrote shows up
-POISON = False
-
-
-def _empty(*shape, device, dtype) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    return torch.empty(*shape, device=device, dtype=dtype)
 
 
 @triton.jit
@@ -80,6 +74,24 @@ def _l2_bwd(y, rstd, dy, dx, n, m_n, m, heads: tl.constexpr, h, D: tl.constexpr,
 
 
 @triton.jit
+def _tokens(i_t, NTOK, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Block ``i_t``'s tokens (flattened ``b * T + t``, int64), the key and value channels and their masks."""
+    n = i_t * BT + tl.arange(0, BT).to(tl.int64)
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    return n, o_k, o_v, (n < NTOK)[:, None] & (o_k < K)[None, :], (n < NTOK)[:, None] & (o_v < V)[None, :]
+
+
+@triton.jit
+def _gate_input(g, A_log, dt_bias, n, m, T, s_b, s_t, s_h, s_d, s_ah, s_dh, s_dd, h, K: tl.constexpr, o_k,
+                HAS_DT: tl.constexpr):
+    """The decay pre-activation ``g + dt_bias`` (fp32 ``[BT, BK]``) of head ``h`` and its rate ``exp(A_log[h])``."""
+    x = tl.load(g + _offsets(n, T, s_b, s_t, s_h, s_d, h, o_k), mask=m, other=0.0).to(tl.float32)
+    if HAS_DT:
+        x += tl.load(dt_bias + h * s_dh + o_k * s_dd, mask=o_k < K, other=0.0).to(tl.float32)[None, :]
+    return x, tl.exp(tl.load(A_log + h * s_ah).to(tl.float32))
+
+
+@triton.jit
 def _act_fwd_kernel(
     q, k, g, b, w, qo, ko, go, bo, wo, rq, rk, A_log, dt_bias,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sg_b, sg_t, sg_h, sg_d, sb_b, sb_t, sb_h, sb_d,
@@ -88,12 +100,8 @@ def _act_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     L2: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr, BW: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_x = tl.program_id(1)
-    n = i_t * BT + tl.arange(0, BT).to(tl.int64)
-    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
-    m_k = (n < NTOK)[:, None] & (o_k < K)[None, :]
-    m_v = (n < NTOK)[:, None] & (o_v < V)[None, :]
+    i_t, i_x = tl.program_id(0), tl.program_id(1)
+    n, o_k, o_v, m_k, m_v = _tokens(i_t, NTOK, K, V, BT, BK, BV)
     if L2:
         if i_x < H:
             _l2_fwd(q, qo, rq, n, n < NTOK, m_k, T, sq_b, sq_t, sq_h, sq_d, i_x, H, K, o_k, eps)
@@ -102,10 +110,8 @@ def _act_fwd_kernel(
         i_x -= 2 * H
     if GATE:
         if (i_x >= 0) & (i_x < HG):
-            x = tl.load(g + _offsets(n, T, sg_b, sg_t, sg_h, sg_d, i_x, o_k), mask=m_k, other=0.0).to(tl.float32)
-            if HAS_DT:
-                x += tl.load(dt_bias + i_x * s_dh + o_k * s_dd, mask=o_k < K, other=0.0).to(tl.float32)[None, :]
-            a = tl.exp(tl.load(A_log + i_x * s_ah).to(tl.float32))
+            x, a = _gate_input(g, A_log, dt_bias, n, m_k, T, sg_b, sg_t, sg_h, sg_d, s_ah, s_dh, s_dd, i_x, K, o_k,
+                               HAS_DT)
             tl.store(go + _dense(n, HG, i_x, K, o_k), -a * _softplus(x), mask=m_k)
         i_x -= HG
     if BW:
@@ -126,12 +132,8 @@ def _act_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     L2: tl.constexpr, GATE: tl.constexpr, HAS_DT: tl.constexpr, BW: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_x = tl.program_id(1)
-    n = i_t * BT + tl.arange(0, BT).to(tl.int64)
-    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
-    m_k = (n < NTOK)[:, None] & (o_k < K)[None, :]
-    m_v = (n < NTOK)[:, None] & (o_v < V)[None, :]
+    i_t, i_x = tl.program_id(0), tl.program_id(1)
+    n, o_k, o_v, m_k, m_v = _tokens(i_t, NTOK, K, V, BT, BK, BV)
     if L2:
         if i_x < H:
             _l2_bwd(qn, rq, dqn, dq, n, n < NTOK, m_k, H, i_x, K, o_k)
@@ -140,10 +142,8 @@ def _act_bwd_kernel(
         i_x -= 2 * H
     if GATE:
         if (i_x >= 0) & (i_x < HG):
-            x = tl.load(g + _offsets(n, T, sg_b, sg_t, sg_h, sg_d, i_x, o_k), mask=m_k, other=0.0).to(tl.float32)
-            if HAS_DT:
-                x += tl.load(dt_bias + i_x * s_dh + o_k * s_dd, mask=o_k < K, other=0.0).to(tl.float32)[None, :]
-            a = tl.exp(tl.load(A_log + i_x * s_ah).to(tl.float32))
+            x, a = _gate_input(g, A_log, dt_bias, n, m_k, T, sg_b, sg_t, sg_h, sg_d, s_ah, s_dh, s_dd, i_x, K, o_k,
+                               HAS_DT)
             off = _dense(n, HG, i_x, K, o_k)
             d = tl.load(dga + off, mask=m_k, other=0.0).to(tl.float32)
             gx = tl.where(m_k, -a * d * tl.sigmoid(x), 0.0)
@@ -195,13 +195,13 @@ def act_fwd(
     B, T, H, K = q.shape
     HG, HB, HV, V = g.shape[2], b.shape[2], w.shape[2], w.shape[3]
     NTOK, dev = B * T, q.device
-    qo = _empty(B, T, H, K, device=dev, dtype=q.dtype) if l2 else None
-    ko = _empty(B, T, H, K, device=dev, dtype=k.dtype) if l2 else None
-    rq = _empty(B, T, H, device=dev, dtype=torch.float32) if l2 else None
-    rk = _empty(B, T, H, device=dev, dtype=torch.float32) if l2 else None
-    go = _empty(B, T, HG, K, device=dev, dtype=torch.float32) if gate else None
-    bo = _empty(B, T, HB, K, device=dev, dtype=b.dtype) if bw else None
-    wo = _empty(B, T, HV, V, device=dev, dtype=w.dtype) if bw else None
+    qo = buffers.empty(B, T, H, K, device=dev, dtype=q.dtype) if l2 else None
+    ko = buffers.empty(B, T, H, K, device=dev, dtype=k.dtype) if l2 else None
+    rq = buffers.empty(B, T, H, device=dev, dtype=torch.float32) if l2 else None
+    rk = buffers.empty(B, T, H, device=dev, dtype=torch.float32) if l2 else None
+    go = buffers.empty(B, T, HG, K, device=dev, dtype=torch.float32) if gate else None
+    bo = buffers.empty(B, T, HB, K, device=dev, dtype=b.dtype) if bw else None
+    wo = buffers.empty(B, T, HV, V, device=dev, dtype=w.dtype) if bw else None
     grid = _grid(NTOK, H, HG, HB, HV, l2, gate, bw)
     if NTOK == 0 or grid[1] == 0:
         return qo, ko, rq, rk, go, bo, wo
@@ -233,14 +233,14 @@ def act_bwd(
     HG = g.shape[2] if gate else 1
     HB, HV, V = (b.shape[2], w.shape[2], w.shape[3]) if bw else (1, 1, 1)
     NTOK, dev = B * T, ref.device
-    dq = _empty(*qn.shape, device=dev, dtype=qn.dtype) if l2 else None
-    dk = _empty(*kn.shape, device=dev, dtype=kn.dtype) if l2 else None
-    dg = _empty(*g.shape, device=dev, dtype=g.dtype) if gate else None
-    db = _empty(*b.shape, device=dev, dtype=b.dtype) if bw else None
-    dw = _empty(*w.shape, device=dev, dtype=w.dtype) if bw else None
+    dq = buffers.empty(*qn.shape, device=dev, dtype=qn.dtype) if l2 else None
+    dk = buffers.empty(*kn.shape, device=dev, dtype=kn.dtype) if l2 else None
+    dg = buffers.empty(*g.shape, device=dev, dtype=g.dtype) if gate else None
+    db = buffers.empty(*b.shape, device=dev, dtype=b.dtype) if bw else None
+    dw = buffers.empty(*w.shape, device=dev, dtype=w.dtype) if bw else None
     grid = _grid(NTOK, H, HG, HB, HV, l2, gate, bw)
-    dA_part = _empty(grid[0], HG, device=dev, dtype=torch.float32) if gate else None
-    ddt_part = _empty(grid[0], HG, K, device=dev, dtype=torch.float32) if gate else None
+    dA_part = buffers.empty(grid[0], HG, device=dev, dtype=torch.float32) if gate else None
+    ddt_part = buffers.empty(grid[0], HG, K, device=dev, dtype=torch.float32) if gate else None
     if NTOK > 0 and grid[1] > 0:
         dqn, dkn = (None if t is None else t.contiguous() for t in (dqn, dkn))
         dga, dba, dwa = (None if t is None else t.contiguous() for t in (dga, dba, dwa))

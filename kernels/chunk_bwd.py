@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import buffers
 from .bwd_intra import _dg_kernel, _dgram_chunk_kernel, _dgram_kernel, _dk_kernel
 from .bwd_state import _dstate_kernel, _dv_kernel
 from .tiles import BC, BT, SAFE_SPREAD
@@ -31,14 +32,6 @@ from .tiling import BwdTiling
 
 __all__ = ["chunk_bwd"]
 
-# tests set this to fill every buffer the backward allocates with NaN, so an element no kernel wrote shows up
-POISON = False
-
-
-def _empty(*shape, device, dtype) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    return torch.empty(*shape, device=device, dtype=dtype)
 
 def _group_sum(x: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
     """Per-value-head gradients ``[B, T, HV, D]`` summed over the value heads that share an input head."""
@@ -74,14 +67,14 @@ def chunk_bwd(
     varlen = chunk_lo is not None
     # varlen: chunks past the last sequence are never run by the sequential pass; zeros there (not stale memory)
     # keep every gradient the per-chunk kernels derive from them deterministic
-    alloc = (lambda *shape, device, dtype: torch.zeros(shape, device=device, dtype=dtype)) if varlen else _empty
+    alloc = (lambda *shape, device, dtype: torch.zeros(shape, device=device, dtype=dtype)) if varlen else buffers.empty
     # the per-chunk state gradients are kept in the dtype the forward kept the chunk states in
     dSn = alloc(B, NT, HV, K, V, device=dev, dtype=h.dtype)
     dR = alloc(B, T, HV, V, device=dev, dtype=f32)
     N = chunk_lo.numel() if varlen else B
     # (varlen: sequences with no token pass their final-state gradient straight to their initial state)
     dh0 = (dht.clone() if dht is not None else torch.zeros(N, HV, K, V, device=dev)) if need_dh0 and varlen else \
-        _empty(B, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
+        buffers.empty(B, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
     # value blocks of 32 at least: with 16, triton 3.6 on Hopper computed wrong state gradients (measured on an
     # H100; the interpreter agrees with the reference for both)
     BV = min(max(block_v, 32), BVfull)
@@ -93,18 +86,19 @@ def chunk_bwd(
 
     def grad_buffer(heads_in: int, dtype: torch.dtype, D: int) -> torch.Tensor:
         # written in the input's dtype directly when no value heads need summing
-        return _empty(B, T, HV, D, device=dev, dtype=dtype if heads_in == HV else f32)
+        return buffers.empty(B, T, HV, D, device=dev, dtype=dtype if heads_in == HV else f32)
 
-    dv, dw = _empty(*v.shape, device=dev, dtype=v.dtype), _empty(*w.shape, device=dev, dtype=w.dtype)
-    dAqk = _empty(B, T, HV, BT, device=dev, dtype=f32)
-    dAkv = _empty(B, T, HV, BT, device=dev, dtype=f32)
+    dv = buffers.empty(*v.shape, device=dev, dtype=v.dtype)
+    dw = buffers.empty(*w.shape, device=dev, dtype=w.dtype)
+    dAqk = buffers.empty(B, T, HV, BT, device=dev, dtype=f32)
+    dAkv = buffers.empty(B, T, HV, BT, device=dev, dtype=f32)
     _dv_kernel[(NT, B * HV)](v, w, U, R, dR, do, Linv, dv, dw, dAqk, dAkv, T, HV=HV, V=V, BV=min(64, BVfull), BT=BT,
                              PRECISION=precision, num_warps=intra_warps)
 
     BKB = min(64, BK)
     NKB = triton.cdiv(K, BKB)
-    P = _empty(NKB, B, T, HV, BT, device=dev, dtype=f32)
-    dq_part, dbk_part, dk_part, dg_part = (_empty(B, T, HV, K, device=dev, dtype=f32) for _ in range(4))
+    P = buffers.empty(NKB, B, T, HV, BT, device=dev, dtype=f32)
+    dq_part, dbk_part, dk_part, dg_part = (buffers.empty(B, T, HV, K, device=dev, dtype=f32) for _ in range(4))
     stride_p = B * T * HV * BT
     _dk_kernel[(NT, B * HV, NKB)](q, k, b, G, Y, Linv, h, dSn, R, dR, do, P, dq_part, dbk_part, dk_part, dg_part,
                                   scale, T, NT, stride_p, H=H, HV=HV, HG=HG, HB=HB, K=K, V=V, BKB=BKB,

@@ -18,18 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers
+
 __all__ = ["gated_norm_fwd", "gated_norm_bwd", "ACTIVATIONS"]
 
 ACTIVATIONS = ("silu", "sigmoid")
 BLOCK_R = 64
-# tests set this to fill every buffer these launches allocate with NaN, so an element no program wrote shows up
-POISON = False
-
-
-def _empty(*shape, device, dtype) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    return torch.empty(*shape, device=device, dtype=dtype)
 
 
 @triton.jit
@@ -84,8 +78,8 @@ def gated_norm_fwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     D = x.shape[-1]
     x, gate = x.contiguous(), gate.contiguous()
     R = x.numel() // D if D else 0
-    y = _empty(*x.shape, device=x.device, dtype=x.dtype)
-    rstd = _empty(R, device=x.device, dtype=torch.float32)
+    y = buffers.empty(*x.shape, device=x.device, dtype=x.dtype)
+    rstd = buffers.empty(R, device=x.device, dtype=torch.float32)
     if R:
         _gated_norm_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
             x, gate, weight, y, rstd, R, float(eps), D=D, BR=BLOCK_R, BD=triton.next_power_of_2(D),
@@ -99,10 +93,10 @@ def gated_norm_bwd(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, rs
     D = x.shape[-1]
     x, gate, dy = x.contiguous(), gate.contiguous(), dy.contiguous()
     R = x.numel() // D if D else 0
-    dx = _empty(*x.shape, device=x.device, dtype=x.dtype)
-    dgate = _empty(*gate.shape, device=x.device, dtype=gate.dtype)
+    dx = buffers.empty(*x.shape, device=x.device, dtype=x.dtype)
+    dgate = buffers.empty(*gate.shape, device=x.device, dtype=gate.dtype)
     nprog = triton.cdiv(R, BLOCK_R)
-    dw_part = _empty(nprog, D, device=x.device, dtype=torch.float32)
+    dw_part = buffers.empty(nprog, D, device=x.device, dtype=torch.float32)
     if R:
         _gated_norm_bwd_kernel[(nprog,)](
             x, gate, weight, rstd, dy, dx, dgate, dw_part, R, D=D, BR=BLOCK_R, BD=triton.next_power_of_2(D),
