@@ -118,7 +118,12 @@ def test_rebalance_two_to_three_moves_partitions_with_their_states(tmp_path, ray
     assert len(states(root)) == len(ids())
 
 
-def test_a_rebalance_cut_short_leaves_every_stream_in_one_store_and_is_completed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("step", range(4))
+def test_a_rebalance_cut_short_leaves_every_stream_in_one_store_and_is_completed(tmp_path, monkeypatch, step,
+                                                                                 when):
+    """The driver dies before or after each step of the two moves of 2 -> 3 shards (0: partition 4 released by
+    its old owner, 1: opened by the new one, 2 and 3: partition 5 likewise)."""
     parts = batches()
     root = tmp_path / "fleet"
     fleet = ShardedRunner(spec(), root, shards=2, partitions=6, local=True)
@@ -128,19 +133,25 @@ def test_a_rebalance_cut_short_leaves_every_stream_in_one_store_and_is_completed
     before = states(root)
     real, calls = ShardedRunner._gather, []
 
-    def dies_after_one_move(self, method, args):
-        calls.append(method)
-        if method == "release" and calls.count("release") == 2:
+    def dies(self, method, args):
+        if method in ("release", "acquire"):
+            calls.append(method)
+            if len(calls) - 1 == step and when == "before":
+                raise RuntimeError("driver died")
+        out = real(self, method, args)
+        if method in ("release", "acquire") and len(calls) - 1 == step:
             raise RuntimeError("driver died")
-        return real(self, method, args)
+        return out
 
-    monkeypatch.setattr(ShardedRunner, "_gather", dies_after_one_move)
+    monkeypatch.setattr(ShardedRunner, "_gather", dies)
     with pytest.raises(RuntimeError, match="driver died"):
         fleet.rebalance(3)
     monkeypatch.setattr(ShardedRunner, "_gather", real)
     fleet.close()
     manifest = Manifest.load(root)
-    assert manifest.target == [0, 1, 0, 1, 2, 2] and manifest.owners == [0, 1, 0, 1, 2, 1]
+    # the plan was recorded first; a partition's new owner is recorded once its old owner has let it go
+    assert manifest.target == [0, 1, 0, 1, 2, 2]
+    assert manifest.owners == [0, 1, 0, 1, 2 if step >= 1 else 0, 2 if step >= 3 else 1]
     assert states(root) == before  # every stream in exactly one store, with its state
     # the next driver finishes the move, then continues as if nothing happened
     with ShardedRunner(spec(), root, local=True) as again:
