@@ -151,8 +151,11 @@ class ShardedRunner:
             if self.local:
                 self.handles.append(LocalShard(self.spec, self.stores, self.lease_wait, self.pause))
             else:
-                import ray
-
+                try:
+                    import ray
+                except ImportError:
+                    raise ImportError("ShardedRunner: shards on Ray need the optional extra: pip install -e "
+                                      "'.[distributed]' (or local=True, for shards in this process)") from None
                 if not ray.is_initialized():
                     ray.init()
                 self.handles.append(RayShard(self.spec, self.stores, self.lease_wait, self.pause,

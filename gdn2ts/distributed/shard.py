@@ -129,14 +129,17 @@ class Shard:
         return pl.concat(parts) if parts else None
 
     def info(self, ids: Mapping[int, list[str]]) -> pl.DataFrame | None:
+        """Steps and last timestamps of ``{partition: stream ids}``."""
         parts = [self._open(p).info(ids[p]) for p in sorted(ids) if ids[p]]
         return pl.concat(parts) if parts else None
 
     def stats(self, ids: Mapping[int, list[str]]) -> pl.DataFrame | None:
+        """Per-channel statistics of ``{partition: stream ids}``."""
         parts = [self._open(p).stats(ids[p]) for p in sorted(ids) if ids[p]]
         return pl.concat(parts) if parts else None
 
     def stream_ids(self, partitions: Iterable[int]) -> list[str]:
+        """The known streams of ``partitions``, sorted."""
         return sorted(sid for p in partitions for sid in self._open(p).stream_ids())
 
     def forget(self, ids: Mapping[int, list[str]], delete: bool = False) -> list[str]:
@@ -174,6 +177,7 @@ class Shard:
         return {p: self._open(p).version for p in partitions}
 
     def flush(self) -> None:
+        """Snapshot every partition held here."""
         for runner in self.runners.values():
             runner.flush()
 
