@@ -34,7 +34,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_a_new_driver_continues_after_the_driver_is_killed(tmp_path, ray_cluster):
-    calls = 10
+    calls = 16
     parts = batches(calls=calls)
     root, acks = tmp_path / "fleet", tmp_path / "acks"
     code = CHILD.format(here=str(Path(__file__).parent), address=ray_cluster.get_runtime_context().gcs_address,
