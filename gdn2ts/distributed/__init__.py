@@ -6,7 +6,8 @@ from gdn2ts.distributed.driver import ShardedResult, ShardedRunner
 from gdn2ts.distributed.partition import assign, partition_of
 from gdn2ts.distributed.shard import Shard
 from gdn2ts.distributed.spec import Manifest, RunnerSpec, StoreSpec
+from gdn2ts.distributed.view import ShardedView
 
-__all__ = ["Manifest", "RunnerSpec", "Shard", "ShardedResult", "ShardedRunner", "StoreSpec", "assign",
-           "partition_of"]
+__all__ = ["Manifest", "RunnerSpec", "Shard", "ShardedResult", "ShardedRunner", "ShardedView", "StoreSpec",
+           "assign", "partition_of"]
 

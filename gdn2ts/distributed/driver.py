@@ -199,13 +199,7 @@ class ShardedRunner:
         """A per-stream table gathered from the shards, its streams in the order asked."""
         ids = check_ids(stream_ids)
         _, by = self._split(ids)
-        tables = [t for t in self._gather(method, {s: (m,) for s, m in by.items()}).values() if t is not None]
-        if not tables:
-            return pl.DataFrame()
-        table = pl.concat(tables)
-        order = {sid: i for i, sid in reversed(list(enumerate(ids)))}
-        pos = table["stream"].replace_strict(list(order), list(order.values()), return_dtype=pl.Int64)
-        return table.with_columns(pos.alias("_pos")).sort("_pos", maintain_order=True).drop("_pos")
+        return in_order(self._gather(method, {s: (m,) for s, m in by.items()}).values(), ids)
 
     # -- verbs -----------------------------------------------------------------------------------------------------
 
@@ -376,6 +370,23 @@ class ShardedRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def in_order(tables: Iterable[pl.DataFrame | None], ids: list[str]) -> pl.DataFrame:
+    """Per-stream tables (one per partition or shard) as one, its streams in the order of ``ids``.
+
+    Example:
+        >>> in_order([pl.DataFrame({"stream": ["b", "c"], "x": [2, 3]}), pl.DataFrame({"stream": ["a"], "x": [1]})],
+        ...          ["c", "a", "b"])["x"].to_list()
+        [3, 1, 2]
+    """
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return pl.DataFrame()
+    table = pl.concat(tables)
+    order = {sid: i for i, sid in reversed(list(enumerate(ids)))}
+    pos = table["stream"].replace_strict(list(order), list(order.values()), return_dtype=pl.Int64)
+    return table.with_columns(pos.alias("_pos")).sort("_pos", maintain_order=True).drop("_pos")
 
 
 def _fields(spec: RunnerSpec) -> dict:

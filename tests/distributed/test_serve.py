@@ -11,7 +11,7 @@ import urllib.request
 import polars as pl
 import pytest
 
-from gdn2ts.distributed import ShardedRunner
+from gdn2ts.distributed import ShardedRunner, ShardedView
 from gdn2ts.distributed.serve import ForecastServer
 
 from fleet_data import batches, spec
@@ -66,6 +66,21 @@ def test_errors_have_a_status_a_code_and_a_message(fleet, body, query, method, s
         got, doc = request(server.url + (query or "/forecast"), body, method)
     assert got == status
     assert doc["error"]["code"] == code and says in doc["error"]["message"]
+
+
+def test_a_read_only_view_serves_beside_the_writers(tmp_path):
+    """Forecasts served from read-only views of the partitions while their shards hold them and keep writing."""
+    parts = batches()
+    with ShardedRunner(spec(), tmp_path, shards=2, partitions=4, local=True) as fleet:
+        view = ShardedView(spec(), tmp_path)
+        with ForecastServer(view) as server:
+            for b in parts[:3]:
+                fleet.observe(b)
+                status, doc = request(f"{server.url}/forecast?stream=s7&stream=s2")
+                assert status == 200
+                expected = fleet.forecast(["s7", "s2"])
+                assert pl.DataFrame(doc["forecasts"])["q0.5"].to_list() == expected["q0.5"].to_list()
+            assert request(f"{server.url}/health") == (200, {"status": "ok", "shards": 2, "partitions": 4})
 
 
 def test_a_fleet_that_does_not_answer_in_time_is_unavailable(fleet):
