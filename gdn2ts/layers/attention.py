@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gdn2ts.layers.flex import flex_attend, packed_block_mask, window_block_mask
 from gdn2ts.ops.validate import check_cu_seqlens, fail
 
 __all__ = ["Attention", "AttentionConfig", "AttentionState", "apply_rope"]
+
+
+_BACKENDS = ("auto", "flex", "sdpa")
+# the shortest call that "auto" sends to FlexAttention (its block size: below it there is no block to skip)
+_FLEX_MIN_TOKENS = 128
 
 
 def _cfail(field: str, expected: str, got: object) -> None:
@@ -47,6 +53,13 @@ class AttentionConfig:
     ``window`` tokens. None: full causal attention, the cache grows with the sequence."""
     rope_theta: float = 10000.0
     """Base of the rotary position frequencies ``theta ** (-2i / head_dim)``."""
+    backend: str = "auto"
+    """Kernel of the masked calls that start from an empty cache (a window shorter than the call, packed
+    documents): ``"flex"``, FlexAttention with block masks (``gdn2ts.layers.flex``: blocks outside the window are
+    skipped, ``O(T * window)``); ``"sdpa"``, scaled-dot-product attention with a dense ``[T, L]`` mask
+    (``O(T * L)``); ``"auto"``, FlexAttention on CUDA for such calls of at least 128 tokens, SDPA otherwise. Calls
+    from a cache (one-token steps, chunked prefill: shapes that change call by call) always run SDPA with a mask,
+    and plain causal calls SDPA's causal kernel."""
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "head_dim"):
@@ -66,6 +79,8 @@ class AttentionConfig:
         th = self.rope_theta
         if isinstance(th, bool) or not isinstance(th, (int, float)) or not math.isfinite(th) or th <= 1:
             _cfail("rope_theta", "a finite float > 1", th)
+        if self.backend not in _BACKENDS:
+            _cfail("backend", f"one of {_BACKENDS}", self.backend)
 
 
 class AttentionState(NamedTuple):
@@ -180,16 +195,19 @@ class Attention(nn.Module):
         else:
             k_all, v_all = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         L = k_all.shape[2]
-        kpos = torch.arange(start + T - L, start + T, device=x.device)
         if L == T and (cfg.window is None or cfg.window >= T):
             # nothing cached and no window cut inside this call: the plain causal kernel path
-            mask, causal = None, True
+            y = self._attend(q, k_all, v_all, None, True)
+        elif L == T and self._use_flex(T, x.device):
+            # a window cut, no cache: blocks outside the window are skipped
+            o = flex_attend(q, k_all, v_all, window_block_mask(T, L, cfg.window, x.device))
+            y = self.o_proj(o.transpose(1, 2).flatten(-2))
         else:
+            kpos = torch.arange(start + T - L, start + T, device=x.device)
             see = kpos[None, :] <= qpos[:, None]
             if cfg.window is not None:
                 see &= kpos[None, :] > qpos[:, None] - cfg.window
-            mask, causal = see, False
-        y = self._attend(q, k_all, v_all, mask, causal)
+            y = self._attend(q, k_all, v_all, see, False)
         if cfg.window is not None and L > cfg.window:
             k_all, v_all = k_all[:, :, L - cfg.window:], v_all[:, :, L - cfg.window:]
         new = AttentionState(k_all, v_all, torch.tensor(start + T, dtype=torch.long))
@@ -202,11 +220,20 @@ class Attention(nn.Module):
         doc = torch.searchsorted(cu_seqlens[1:].to(index.dtype), index, right=True)
         pos = index - cu_seqlens.to(index.dtype)[doc]
         q, k = apply_rope(q, pos, cfg.rope_theta), apply_rope(k, pos, cfg.rope_theta)
+        if self._use_flex(T, q.device):
+            o = flex_attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            packed_block_mask(cu_seqlens, T, cfg.window))
+            return self.o_proj(o.transpose(1, 2).flatten(-2))
         # within a document, index distance is position distance: one causal (and window) test on indices
         see = (doc[:, None] == doc[None, :]) & (index[None, :] <= index[:, None])
         if cfg.window is not None:
             see &= index[None, :] > index[:, None] - cfg.window
         return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), see, False)
+
+    def _use_flex(self, T: int, device: torch.device) -> bool:
+        """Whether a masked call of ``T`` tokens with no cache runs FlexAttention (``AttentionConfig.backend``)."""
+        backend = self.config.backend
+        return backend == "flex" or (backend == "auto" and device.type == "cuda" and T >= _FLEX_MIN_TOKENS)
 
     def _attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         """``q`` ``[B, H, T, Dh]``, ``k``, ``v`` ``[B, HKV, L, Dh]``, bool ``mask`` ``[T, L]`` (True: attend) or
