@@ -6,6 +6,8 @@
 #   profile  python -m gdn2ts.bench.profile_layer (our layer's kernels ranked by CUDA time)
 #   kernels  python -m gdn2ts.bench.kernels --no-decode (the op, raw-input and fixed/packed rows, against FLA)
 #   raw      python -m gdn2ts.bench.kernels --raw-only
+#   lm16k    training tokens/s of swa_gdn2_1.3B at 16K context (compiled; with and without activation checkpointing)
+#   lm2k     the same at 2K context (compiled, 8,192-token micro-batches)
 # Each step runs in its own process under a time limit; its log goes to $OUT/<step>.log (JSON records beside it)
 # and its last lines to stdout. The package is copied to /tmp/w with kernels/ as gdn2ts/kernels (no install
 # needed); FLA 0.6.0 comes as wheels in .whl/.
@@ -36,13 +38,16 @@ step() {
 for s in "$@"; do
     case $s in
         new) step new 360 python3 -m pytest -q -m gpu tests/kernels/test_act_kernel.py tests/kernels/test_norm_kernel.py \
-                 tests/kernels/test_conv_kernel.py tests/layers/test_gdn2_kernels.py ;;
+                 tests/kernels/test_conv_kernel.py tests/layers/test_gdn2_kernels.py tests/layers/test_attention_flex.py ;;
         suite) step suite 480 python3 -m pytest -q -m gpu tests/kernels tests/layers tests/ops
                step streaming 120 python3 -m pytest -q -m gpu tests/streaming ;;
         layer) step layer 360 python3 -m gdn2ts.bench.layer --json "$OUT/bench_layer.json" ;;
         profile) step profile 240 python3 -m gdn2ts.bench.profile_layer --json "$OUT/profile_layer.json" ;;
         kernels) step kernels 540 python3 -m gdn2ts.bench.kernels --no-decode --json "$OUT/bench_kernels.json" ;;
         raw) step raw 300 python3 -m gdn2ts.bench.kernels --raw-only --json "$OUT/bench_raw.json" ;;
+        lm16k) step lm16k_ckpt 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, activation_checkpointing=True, json_path='$OUT/lm16k_ckpt.json')"
+               step lm16k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, json_path='$OUT/lm16k.json')" ;;
+        lm2k) step lm2k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(2048,), tokens_per_step=32768, micro_tokens=8192, steps=6, warmup=3, compile=True, json_path='$OUT/lm2k.json')" ;;
         *) echo "unknown step $s" ;;
     esac
 done
