@@ -16,7 +16,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 W=/tmp/w
 rm -rf "$W" && mkdir -p "$W"
-cp -r gdn2ts tests pyproject.toml "$W"/ && rm -rf "$W/gdn2ts/kernels" && cp -r kernels "$W/gdn2ts/kernels"
+cp -r gdn2ts tests tasks pyproject.toml "$W"/ && rm -rf "$W/gdn2ts/kernels" && cp -r kernels "$W/gdn2ts/kernels"
 if ls .whl/*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi
