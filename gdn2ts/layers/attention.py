@@ -1,8 +1,9 @@
 """Causal softmax attention with rotary positions, full or sliding-window, and a KV cache for one-token steps.
 
 Shapes: ``x`` ``[B, T, hidden]``; ``H`` query heads and ``HKV`` key/value heads of ``head_dim``; the cache is
-``AttentionState(k [N, HKV, L, head_dim], v [N, HKV, L, head_dim], pos [])``: the rotated keys and the values of
-the last ``L`` tokens (``L <= window`` with a window) and the number of tokens seen.
+``AttentionState(k [N, HKV, L, head_dim], v [N, HKV, L, head_dim], pos [], mask [N, L] or None)``: the rotated
+keys and the values of the last ``L`` tokens (``L <= window`` with a window), the number of tokens seen, and which
+of the cached tokens are skipped (left padding of a batch of prompts).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn2ts.layers.flex import flex_attend, packed_block_mask, window_block_mask
+from gdn2ts.layers.mask import check_token_mask
 from gdn2ts.ops.validate import check_cu_seqlens, fail
 
 __all__ = ["Attention", "AttentionConfig", "AttentionState", "apply_rope"]
@@ -100,6 +102,9 @@ class AttentionState(NamedTuple):
     pos: torch.Tensor
     """``[]`` int64 on the CPU: tokens seen so far (the position of the next token); kept off the accelerator so
     that reading it does not wait for the device."""
+    mask: torch.Tensor | None = None
+    """``[N, L]`` bool: False for a cached token that no query attends to (a token skipped by the call's
+    ``attention_mask``); None: every cached token is attended to."""
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -156,13 +161,27 @@ class Attention(nn.Module):
         empty = torch.zeros(batch, cfg.num_kv_heads, 0, cfg.head_dim, device=device, dtype=dtype)
         return AttentionState(empty, empty.clone(), torch.zeros((), dtype=torch.long))
 
-    def forward(self, x: torch.Tensor, state: AttentionState | None = None, cu_seqlens: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, AttentionState | None]:
+    def forward(self, x: torch.Tensor, state: AttentionState | None = None, cu_seqlens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AttentionState | None]:
         """``x`` ``[B, T, hidden]`` at positions ``state.pos ..`` -> ``(y [B, T, hidden], new_state)``.
 
         ``state`` (an empty cache when omitted) is not modified; the new cache holds the last ``window`` tokens
         (all tokens without a window). With ``cu_seqlens`` ``[N + 1]``, ``x`` is ``[1, total, hidden]`` holding
         ``N`` packed documents: each attends within itself from position 0, and no cache is returned (None).
+
+        ``attention_mask`` ``[B, T]`` (bool or 0/1) skips the tokens where it is False: no query attends to them,
+        now or from the cache (``state.mask`` remembers them), and their output is 0. Positions still count them,
+        and attention scores depend only on position differences, so a row whose skipped tokens all come before
+        its first kept one (left padding) gets what it gets alone.
+
+        Example:
+            >>> import torch
+            >>> layer = Attention(AttentionConfig(hidden_size=32, num_heads=2, head_dim=8, window=4)).double()
+            >>> x = torch.randn(1, 6, 32).double()
+            >>> padded = torch.cat([torch.randn(1, 2, 32).double(), x], 1)
+            >>> y, state = layer(padded, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]]))
+            >>> bool(torch.allclose(y[:, 2:], layer(x)[0], atol=1e-12)), state.mask.tolist()
+            (True, [[True, True, True, True]])
         """
         op = "Attention.forward"
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
@@ -178,14 +197,20 @@ class Attention(nn.Module):
             if state is not None:
                 fail(op, "state", "None when cu_seqlens packs documents (each starts from an empty cache)",
                      type(state).__name__)
+            if attention_mask is not None:
+                fail(op, "attention_mask", "None when cu_seqlens packs documents (use one of the two)",
+                     f"a tensor of shape {tuple(attention_mask.shape)}")
             check_cu_seqlens(op, cu_seqlens, B, T, x.device)
             return self._forward_packed(q, k, v, cu_seqlens), None
+        keep = None if attention_mask is None else check_token_mask(op, "attention_mask", attention_mask, (B, T),
+                                                                     x.device)
         if state is None:
             # an empty cache: nothing to check or concatenate (and no read of a position tensor, which would
             # break a compiled graph at every attention layer)
             start = 0
         else:
             self._check_state(op, state, B, v.dtype, x.device)
+            state = AttentionState(*state)
             start = int(state.pos)
         qpos = torch.arange(start, start + T, device=x.device)
         q, k = apply_rope(q, qpos, cfg.rope_theta), apply_rope(k, qpos, cfg.rope_theta)
@@ -195,10 +220,16 @@ class Attention(nn.Module):
         else:
             k_all, v_all = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
         L = k_all.shape[2]
-        if L == T and (cfg.window is None or cfg.window >= T):
+        # which keys may be attended to, [B, L]; None: all (no skipped token now or in the cache)
+        valid = None
+        if keep is not None or (state is not None and state.mask is not None):
+            old = state.mask if state is not None and state.mask is not None else \
+                torch.ones(B, L - T, dtype=torch.bool, device=x.device)
+            valid = torch.cat([old, torch.ones(B, T, dtype=torch.bool, device=x.device) if keep is None else keep], 1)
+        if valid is None and L == T and (cfg.window is None or cfg.window >= T):
             # nothing cached and no window cut inside this call: the plain causal kernel path
             y = self._attend(q, k_all, v_all, None, True)
-        elif L == T and self._use_flex(T, x.device):
+        elif valid is None and L == T and self._use_flex(T, x.device):
             # a window cut, no cache: blocks outside the window are skipped
             o = flex_attend(q, k_all, v_all, window_block_mask(T, L, cfg.window, x.device))
             y = self.o_proj(o.transpose(1, 2).flatten(-2))
@@ -207,10 +238,17 @@ class Attention(nn.Module):
             see = kpos[None, :] <= qpos[:, None]
             if cfg.window is not None:
                 see &= kpos[None, :] > qpos[:, None] - cfg.window
+            if valid is not None:
+                # the kept keys only; every query also sees itself, so that a skipped query keeps one key (no NaN
+                # from an empty softmax) before its output is zeroed below
+                see = ((see & valid[:, None, :]) | (kpos[None, :] == qpos[:, None]))[:, None]  # [B, 1, T, L]
             y = self._attend(q, k_all, v_all, see, False)
+        if keep is not None:
+            y = torch.where(keep[..., None], y, 0.0)
         if cfg.window is not None and L > cfg.window:
             k_all, v_all = k_all[:, :, L - cfg.window:], v_all[:, :, L - cfg.window:]
-        new = AttentionState(k_all, v_all, torch.tensor(start + T, dtype=torch.long))
+            valid = None if valid is None else valid[:, L - cfg.window:]
+        new = AttentionState(k_all, v_all, torch.tensor(start + T, dtype=torch.long), valid)
         return y, new
 
     def _forward_packed(self, q, k, v, cu_seqlens) -> torch.Tensor:
@@ -236,8 +274,8 @@ class Attention(nn.Module):
         return backend == "flex" or (backend == "auto" and device.type == "cuda" and T >= _FLEX_MIN_TOKENS)
 
     def _attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
-        """``q`` ``[B, H, T, Dh]``, ``k``, ``v`` ``[B, HKV, L, Dh]``, bool ``mask`` ``[T, L]`` (True: attend) or
-        ``causal`` -> the output projection ``[B, T, hidden]``."""
+        """``q`` ``[B, H, T, Dh]``, ``k``, ``v`` ``[B, HKV, L, Dh]``, bool ``mask`` ``[T, L]`` or ``[B, 1, T, L]``
+        (True: attend) or ``causal`` -> the output projection ``[B, T, hidden]``."""
         groups = self.config.num_heads // self.config.num_kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -255,9 +293,9 @@ class Attention(nn.Module):
 
     def _check_state(self, op: str, state, N: int, dtype: torch.dtype, device) -> None:
         cfg = self.config
-        if not isinstance(state, tuple) or len(state) != 3:
-            fail(op, "state", "an AttentionState(k, v, pos) or None", type(state).__name__)
-        k, v, pos = state
+        if not isinstance(state, tuple) or len(state) not in (3, 4):
+            fail(op, "state", "an AttentionState(k, v, pos, mask) or None", type(state).__name__)
+        k, v, pos = state[:3]
         cap = "" if cfg.window is None else f" with L <= window={cfg.window}"
         text = f"[N={N}, HKV={cfg.num_kv_heads}, L, head_dim={cfg.head_dim}]{cap}"
         for name, t in (("k", k), ("v", v)):
@@ -275,3 +313,9 @@ class Attention(nn.Module):
             fail(op, "state.pos", "a 0-D int64 CPU tensor", getattr(pos, "dtype", type(pos).__name__))
         if int(pos) < k.shape[2]:
             fail(op, "state.pos", f"at least the cached length L={k.shape[2]}", int(pos))
+        mask = state[3] if len(state) == 4 else None
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                                 or tuple(mask.shape) != (N, k.shape[2]) or mask.device != device):
+            got = f"{mask.dtype} shape {tuple(mask.shape)} on {mask.device}" if isinstance(mask, torch.Tensor) \
+                else type(mask).__name__
+            fail(op, "state.mask", f"None or a bool tensor [N={N}, L={k.shape[2]}] on {device}", got)

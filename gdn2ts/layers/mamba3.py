@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn2ts.layers.mamba3_config import Mamba3Config
+from gdn2ts.layers.mask import check_token_mask
 from gdn2ts.layers.norm import RMSNorm, rms_norm
 from gdn2ts.ops.gdn2.reference import compute_dtype, pad_packed, unpad_packed
 from gdn2ts.ops.validate import check_cu_seqlens, fail
@@ -201,11 +202,13 @@ class Mamba3(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, state: Mamba3State | None = None, cu_seqlens: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, Mamba3State]:
+    def forward(self, x: torch.Tensor, state: Mamba3State | None = None, cu_seqlens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Mamba3State]:
         """Whole sequences: ``x`` ``[B, T, hidden]`` (or ``[1, total, hidden]`` with ``cu_seqlens`` ``[N + 1]``
         packing ``N`` sequences, each starting from its own state row) -> ``(y [B, T, hidden], new_state)``;
-        differentiable. ``state`` (zeros when omitted) is not modified.
+        differentiable. ``state`` (zeros when omitted) is not modified. ``attention_mask`` ``[B, T]`` (bool or 0/1)
+        skips the tokens where it is False exactly, anywhere in a row: the recurrence runs over the kept tokens
+        alone (the trapezoid's previous token is the previous kept one), and skipped tokens output 0.
 
         Example:
             >>> import torch
@@ -218,6 +221,18 @@ class Mamba3(nn.Module):
         op = "Mamba3.forward"
         self._check_x(op, "x", x, 3)
         B, T = x.shape[:2]
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                fail(op, "attention_mask", "None when cu_seqlens is given (use one of the two)",
+                     f"a tensor of shape {tuple(attention_mask.shape)} together with cu_seqlens")
+            keep = check_token_mask(op, "attention_mask", attention_mask, (B, T), x.device)
+            self._check_state(op, state, B, x)
+            # each row's kept tokens moved to its front, in order: the scan runs them as a row of that length
+            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # [B, T]
+            index = order[..., None].expand(B, T, x.shape[-1])
+            y_front, new_state = self._run(x.gather(1, index), state, keep.sum(1))
+            y = torch.zeros_like(y_front).scatter(1, index, y_front)
+            return torch.where(keep[..., None], y, 0.0), new_state
         if cu_seqlens is None:
             self._check_state(op, state, B, x)
             lengths = torch.full((B,), T, device=x.device, dtype=torch.long)

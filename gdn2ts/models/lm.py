@@ -18,6 +18,7 @@ from gdn2ts.layers.attention import Attention, AttentionConfig, AttentionState
 from gdn2ts.layers.gdn2 import GatedDeltaNet2, GDN2State
 from gdn2ts.layers.mamba3 import Mamba3, Mamba3State
 from gdn2ts.layers.mamba3_config import Mamba3Config
+from gdn2ts.layers.mask import check_token_mask
 from gdn2ts.layers.mlp import SwiGLU
 from gdn2ts.layers.norm import RMSNorm
 from gdn2ts.models.lm_config import LMConfig
@@ -56,8 +57,9 @@ class LMBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, state=None, cu_seqlens: torch.Tensor | None = None):
-        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens)
+    def forward(self, x: torch.Tensor, state=None, cu_seqlens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
+        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -130,14 +132,20 @@ class CausalLM(nn.Module):
             raise ValueError(f"CausalLM.init_state: argument 'batch' expected an int >= 1, got {batch!r}")
         return tuple(b.mixer.init_state(batch, device=device, dtype=dtype) for b in self.blocks)
 
-    def forward(self, input_ids: torch.Tensor, state: LMState | None = None, cu_seqlens: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, LMState | None]:
+    def forward(self, input_ids: torch.Tensor, state: LMState | None = None, cu_seqlens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LMState | None]:
         """``input_ids`` ``[B, T]`` -> ``(logits [B, T, vocab], new_state)``; differentiable.
 
         ``state`` continues ``B`` sequences (from :meth:`init_state`, or a previous call); it is not modified.
         ``cu_seqlens`` ``[N + 1]`` packs ``N`` documents into ``input_ids`` ``[1, total]`` (training on packed
         blocks: flatten ``[B, T]`` to ``[1, B * T]`` and include the row boundaries); every mixer restarts at each
         boundary, and the returned state is None.
+
+        ``attention_mask`` ``[B, T]`` (bool or 0/1) skips the tokens where it is False (padding): the recurrent
+        mixers pass their state through them unchanged, the attention mixers never attend to them (the returned
+        state remembers them for later calls and steps), and their logits carry no meaning. A row whose skipped
+        tokens all come first (left padding, as in a batch of prompts of different lengths) gets what it gets
+        alone; attention positions count skipped tokens, so a gap between kept tokens is a distance to attention.
 
         Example:
             >>> import torch
@@ -155,11 +163,17 @@ class CausalLM(nn.Module):
         if cu_seqlens is not None and state is not None:
             raise ValueError(f"{op}: argument 'state' expected None when cu_seqlens packs documents (each starts "
                              f"fresh), got {type(state).__name__}")
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError(f"{op}: argument 'attention_mask' expected None when cu_seqlens packs documents "
+                                 f"(use one of the two), got a tensor of shape {tuple(attention_mask.shape)}")
+            attention_mask = check_token_mask(op, "attention_mask", attention_mask, tuple(input_ids.shape),
+                                              input_ids.device)
         states = self._check_state(op, state)
         x = self.embed(input_ids)
         new = []
         for block, s in zip(self.blocks, states, strict=True):
-            x, s = block(x, s, cu_seqlens)
+            x, s = block(x, s, cu_seqlens, attention_mask)
             new.append(s)
         return self.lm_head(self.norm(x)), None if cu_seqlens is not None else tuple(new)
 
@@ -177,10 +191,13 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill ``input_ids`` ``[B, T]`` in parallel, then decode ``max_new_tokens`` one step at a time;
         returns ``[B, T + max_new_tokens]``. ``temperature == 0`` is greedy; otherwise samples from the softmax
         of ``logits / temperature``, restricted to the ``top_k`` most likely tokens when given.
+        ``attention_mask`` ``[B, T]`` marks left padding (0) of prompts of different lengths: each row continues
+        as it would alone (see :meth:`forward`); every row's last prompt token must be kept.
 
         Example:
             >>> import torch
@@ -203,7 +220,14 @@ class CausalLM(nn.Module):
         if input_ids.shape[1] == 0:
             raise ValueError(f"{op}: argument 'input_ids' expected at least one prompt token per row, got shape "
                              f"{tuple(input_ids.shape)}")
-        logits, state = self(input_ids)
+        if attention_mask is not None:
+            attention_mask = check_token_mask(op, "attention_mask", attention_mask, tuple(input_ids.shape),
+                                              input_ids.device)
+            if check_values(attention_mask) and not bool(attention_mask[:, -1].all()):
+                rows = attention_mask[:, -1].logical_not().nonzero()[:, 0].tolist()
+                raise ValueError(f"{op}: argument 'attention_mask' expected left padding (every row's last prompt "
+                                 f"token kept), got rows {rows} ending in padding")
+        logits, state = self(input_ids, attention_mask=attention_mask)
         logits = logits[:, -1]
         out = [input_ids]
         for i in range(max_new_tokens):
