@@ -16,6 +16,7 @@
     gdn2ts lm mqar            MQAR recall at matched state size: small LMs per mixer, level and seed; table, plot
     gdn2ts lm train RECIPE    train a language model with Lightning Fabric from a recipe (tasks/lm/train/)
     gdn2ts lm generate        continue a prompt with a trained LM checkpoint
+    gdn2ts lm export CKPT DIR a trained LM checkpoint as a Hugging Face transformers folder (the hf extra)
     gdn2ts lm throughput      training tokens/s of an LM recipe at fixed tokens per step
     gdn2ts lm curves          learning curves of LM training runs (figure) and their final figures (table)
     gdn2ts lm tokenize        tokenize a corpus once into a token cache (docs/lm-data.md)
@@ -238,7 +239,7 @@ def main(args: list[str] | None = None) -> None:
 
     from gdn2ts.apps.probes_report import probe
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
-    from gdn2ts.lm.commands import lm_curves, lm_generate, lm_throughput, lm_train
+    from gdn2ts.lm.commands import lm_curves, lm_export, lm_generate, lm_throughput, lm_train
     from gdn2ts.lm.data_commands import lm_tokenize
     from gdn2ts.lm.eval.mqar_report import mqar
 
@@ -252,12 +253,15 @@ def main(args: list[str] | None = None) -> None:
     # `gdn2ts lm train RECIPE.yaml`: likewise
     if len(args) >= 3 and args[:2] == ["lm", "train"] and not args[2].startswith("-"):
         args = ["lm", "train", "--config", *args[2:]]
+    # `gdn2ts lm export CHECKPOINT OUT_DIR`: the two positional paths
+    if len(args) >= 4 and args[:2] == ["lm", "export"] and not {args[2][:1], args[3][:1]} & {"-"}:
+        args = ["lm", "export", "--checkpoint", args[2], "--out", args[3], *args[4:]]
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
                                                 "streaming": bench_streaming, "forecast": bench_forecast},
               "quickstart": quickstart, "stream": {**STREAM_COMMANDS, "apply": stream_apply}, "audit": audit,
               "probe": probe, "fit": fit, "predict": predict,
               "lm": {"mqar": mqar, "train": lm_train, "generate": lm_generate, "throughput": lm_throughput,
-                     "tokenize": lm_tokenize, "curves": lm_curves}},
+                     "tokenize": lm_tokenize, "curves": lm_curves, "export": lm_export}},
              args=args, as_positional=False)
 
 

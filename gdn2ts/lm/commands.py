@@ -1,4 +1,5 @@
-"""The LM training commands: ``gdn2ts lm train``, ``gdn2ts lm generate`` and ``gdn2ts lm throughput``."""
+"""The LM training commands: ``gdn2ts lm train``, ``gdn2ts lm generate``, ``gdn2ts lm throughput`` and
+``gdn2ts lm export``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from gdn2ts.lm.optim import OptimConfig
 from gdn2ts.lm.train_config import TrainConfig
 from gdn2ts.lm.train_recipe import DataConfig
 
-__all__ = ["lm_curves", "lm_generate", "lm_throughput", "lm_train"]
+__all__ = ["lm_curves", "lm_export", "lm_generate", "lm_throughput", "lm_train"]
 
 _OPTIM = OptimConfig()
 _TRAIN = TrainConfig()
@@ -150,3 +151,30 @@ def lm_curves(runs: list[str], out: str = "lm_curves.png", metrics: tuple[str, .
         print(text)
         print(f"\nfigure: {out}")
     return text
+
+
+def lm_export(checkpoint: str, out: str, dtype: str = "float32", quiet: bool = False) -> str:
+    """Export a checkpoint of gdn2ts lm train as a Hugging Face transformers folder.
+
+    gdn2ts lm export runs/lm/x/last.ckpt hf/x writes config.json, generation_config.json and model.safetensors;
+    load them with AutoModelForCausalLM.from_pretrained after import gdn2ts.hf (the hf extra; docs/hf.md).
+
+    Args:
+        checkpoint: a last.ckpt or step-<n>.ckpt written by gdn2ts lm train.
+        out: the folder to write (created if missing).
+        dtype: the weights' dtype: float32, bfloat16 or float16.
+        quiet: print nothing.
+    """
+    try:
+        from gdn2ts.hf import export_checkpoint
+    except ImportError as e:
+        raise SystemExit(f"gdn2ts lm export: {e}") from None
+    try:
+        model = export_checkpoint(checkpoint, out, dtype=dtype)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"gdn2ts lm export: {e}") from None
+    if not quiet:
+        layout = ", ".join(model.model.config.cell)
+        print(f"lm export: {model.model.num_parameters()['total']:,} parameters ({model.model.config.num_cells} x "
+              f"[{layout}]) to {out}")
+    return str(out)
