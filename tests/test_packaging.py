@@ -29,7 +29,9 @@ def test_repo_root_does_not_shadow_installed_packages(tmp_path, name):
 
 
 def test_bare_kernels_import_without_a_real_package_fails_cleanly():
-    out = subprocess.run([sys.executable, "-c", "import kernels"], cwd=ROOT, capture_output=True, text=True,
+    # -S leaves site-packages off the path: transformers (the hf extra) brings PyPI's kernels package, which a bare
+    # import from the root must find when it is installed (test above) and cleanly miss when it is not (here)
+    out = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT, capture_output=True, text=True,
                          env={"PATH": ""})
     assert out.returncode != 0
     assert "No module named 'kernels'" in out.stderr
@@ -51,8 +53,8 @@ def test_kernels_install_as_gdn2ts_kernels():
 LAYERS = ["kernels", "ops", "layers", "models", "streaming", "distributed", "apps"]
 CORE = ("kernels", "ops", "layers", "models", "streaming")
 # the packages beside the layers: a layer below "apps" may import none of them
-USERS = ("bench", "forecasting", "lm", "cli", "apps")
-FRAMEWORKS = ("lightning", "pytorch_lightning", "pytorch_forecasting")
+USERS = ("bench", "forecasting", "lm", "cli", "apps", "hf")
+FRAMEWORKS = ("lightning", "pytorch_lightning", "pytorch_forecasting", "transformers")
 
 
 def _imports(path: Path) -> set[str]:
