@@ -16,7 +16,7 @@ from torch import nn
 
 from gdn2ts.layers.config import GDN2Config
 from gdn2ts.layers.conv import ShortConv
-from gdn2ts.layers.norm import GatedRMSNorm
+from gdn2ts.layers.norm import GatedRMSNorm, GroupGatedRMSNorm
 from gdn2ts.ops import chunk_gdn2, l2norm, recurrent_gdn2
 from gdn2ts.ops.gdn2.reference import compute_dtype, state_dtype
 from gdn2ts.ops.validate import check_cu_seqlens, check_values, fail
@@ -114,7 +114,7 @@ class GatedDeltaNet2(nn.Module):
         self.q_proj = _linear(D, H * K)
         self.k_proj = _linear(D, H * K)
         self.v_proj = _linear(D, HV * V)
-        self.conv = ShortConv(cfg.conv_channels, cfg.conv_size)
+        self.conv = ShortConv(cfg.conv_channels, cfg.conv_size, bias=cfg.conv_bias)
         # erase gate b (key axis); a tied beta is per value head because it also serves as the write gate
         if cfg.erase == "channel":
             self.b_proj = _linear(D, H * K)
@@ -125,17 +125,21 @@ class GatedDeltaNet2(nn.Module):
             self.w_proj = _linear(D, HV * V)
         elif cfg.write == "scalar" and not cfg.tie_erase_write:
             self.w_proj = _linear(D, HV)
-        # decay g = -exp(A_log[h]) * softplus(proj(x) + dt_bias)
+        # decay g = -exp(A_log[h]) * softplus(proj(x) + dt_bias), h over the decay's heads (key or value heads)
+        HD = cfg.num_decay_heads
         if cfg.decay == "channel":
-            self.f_proj = _low_rank(D, r, H * K)
-            self.dt_bias = nn.Parameter(torch.empty(H * K))
+            self.f_proj = _low_rank(D, r, HD * K)
+            self.dt_bias = nn.Parameter(torch.empty(HD * K))
         else:
-            self.a_proj = _linear(D, H)
-            self.dt_bias = nn.Parameter(torch.empty(H))
-        self.A_log = nn.Parameter(torch.empty(H))
+            self.a_proj = _linear(D, HD)
+            self.dt_bias = nn.Parameter(torch.empty(HD))
+        self.A_log = nn.Parameter(torch.empty(HD))
         self.D = nn.Parameter(torch.empty(HV)) if cfg.use_d_skip else None
-        self.g_proj = _low_rank(D, r, HV * V, bias=True)
-        self.o_norm = GatedRMSNorm(V, cfg.norm_eps, cfg.output_gate)
+        self.g_proj = _low_rank(D, r, HV * V, bias=True) if cfg.gate_proj == "low_rank" else _linear(D, HV * V)
+        if cfg.output_norm == "head":
+            self.o_norm = GatedRMSNorm(V, cfg.norm_eps, cfg.output_gate)
+        else:
+            self.o_norm = GroupGatedRMSNorm(HV * V, HV // H * V, cfg.norm_eps, cfg.output_gate)
         self.o_proj = _linear(HV * V, D)
         # optimizers read this to exclude the decay parameters (and Mamba-2's D) from weight decay
         for p in (self.A_log, self.dt_bias, self.D):
@@ -353,8 +357,8 @@ class GatedDeltaNet2(nn.Module):
     def _project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x`` ``[..., hidden]`` -> every projection of ``x`` from one matrix product: ``qkv`` (pre-conv
         ``[..., C]``), the erase and write logits ``b`` and ``w``, the decay pre-activation ``f`` (channel decay:
-        after both low-rank factors; scalar decay: ``[..., H]``) and the output gate ``gate`` ``[..., HV * V]``
-        (both factors, with its bias). The pieces are views of the one product's output."""
+        after both low-rank factors; scalar decay: ``[..., heads]``) and the output gate ``gate`` ``[..., HV * V]``
+        (a low-rank gate: both factors, with its bias). The pieces are views of the one product's output."""
         cfg = self.config
         names, weights = ["qkv"], [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
         for name in ("b_proj", "w_proj", "a_proj"):
@@ -364,8 +368,9 @@ class GatedDeltaNet2(nn.Module):
         if cfg.decay == "channel":
             names.append("f_rank")
             weights.append(self.f_proj[0].weight)
-        names.append("gate_rank")
-        weights.append(self.g_proj[0].weight)
+        low_rank_gate = cfg.gate_proj == "low_rank"
+        names.append("gate_rank" if low_rank_gate else "gate")
+        weights.append(self.g_proj[0].weight if low_rank_gate else self.g_proj.weight)
         sizes = [cfg.conv_channels] + [w.shape[0] for w in weights[3:]]
         # one product reads x once (and its backward forms dx in one product too, not one per projection)
         parts = dict(zip(names, F.linear(x, torch.cat(weights)).split(sizes, dim=-1), strict=True))
@@ -373,7 +378,8 @@ class GatedDeltaNet2(nn.Module):
             parts["f"] = self.f_proj[1](parts.pop("f_rank"))
         else:
             parts["f"] = parts.pop("a")
-        parts["gate"] = self.g_proj[1](parts.pop("gate_rank"))
+        if low_rank_gate:
+            parts["gate"] = self.g_proj[1](parts.pop("gate_rank"))
         return parts
 
     def _forward_packed(self, x, state, cu_seqlens, decay_scale=None):
@@ -396,17 +402,18 @@ class GatedDeltaNet2(nn.Module):
         return gate, bw
 
     def _raw_gates(self, parts: dict[str, torch.Tensor], shape: tuple[int, int], gate: bool, bw: bool):
-        """The op's raw ``g`` (``[B, T, H, K]``, broadcast for a scalar decay) and ``dt_bias`` (``[H, K]``) when
-        ``gate``; the logits ``b`` (``[B, T, H or HV, K]``) and ``w`` (``[B, T, HV, V]``), scalar ones broadcast,
-        when ``bw``; None for the others."""
+        """The op's raw ``g`` (``[B, T, HD, K]`` over the decay's heads, broadcast for a scalar decay) and
+        ``dt_bias`` (``[HD, K]``) when ``gate``; the logits ``b`` (``[B, T, H or HV, K]``) and ``w``
+        (``[B, T, HV, V]``), scalar ones broadcast, when ``bw``; None for the others."""
         cfg = self.config
         H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
+        HD = cfg.num_decay_heads
         g = dt_bias = b = w = None
         if gate and cfg.decay == "channel":
-            g, dt_bias = parts["f"].unflatten(-1, (H, K)), self.dt_bias.view(H, K)
+            g, dt_bias = parts["f"].unflatten(-1, (HD, K)), self.dt_bias.view(HD, K)
         elif gate:
-            g = parts["f"][..., None].expand(*shape, H, K)
-            dt_bias = self.dt_bias[:, None].expand(H, K).contiguous()
+            g = parts["f"][..., None].expand(*shape, HD, K)
+            dt_bias = self.dt_bias[:, None].expand(HD, K).contiguous()
         if bw:
             logits = parts["b"]
             b = logits.unflatten(-1, (H, K)) if cfg.erase == "channel" else \
@@ -421,20 +428,22 @@ class GatedDeltaNet2(nn.Module):
 
     def _gates(self, parts: dict[str, torch.Tensor], decay_scale: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projections (:meth:`_project`) -> activated ``g`` ``[B, T, H, K]``, ``b`` ``[B, T, H or HV, K]``,
-        ``w`` ``[B, T, HV, V]``, all in fp32 (fp64 for fp64 inputs), in PyTorch. Scalar gates are broadcast views."""
+        """Projections (:meth:`_project`) -> activated ``g`` ``[B, T, HD, K]`` (HD the decay's heads), ``b``
+        ``[B, T, H or HV, K]``, ``w`` ``[B, T, HV, V]``, all in fp32 (fp64 for fp64 inputs), in PyTorch. Scalar
+        gates are broadcast views."""
         cfg = self.config
         B, T = parts["qkv"].shape[:2]
         H, HV, K, V = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim
+        HD = cfg.num_decay_heads
         dt = compute_dtype(parts["qkv"].dtype)
         rate = self.A_log.to(dt).exp()
         # the decay is formed in fp32: softplus and exp of bf16 values would quantize g where it matters most
         if cfg.decay == "channel":
-            step = F.softplus(parts["f"].to(dt).unflatten(-1, (H, K)) + self.dt_bias.to(dt).view(H, K))
+            step = F.softplus(parts["f"].to(dt).unflatten(-1, (HD, K)) + self.dt_bias.to(dt).view(HD, K))
             g = -rate[:, None] * step
         else:
-            step = F.softplus(parts["f"].to(dt) + self.dt_bias.to(dt))  # [B, T, H]
-            g = (-rate * step)[..., None].expand(B, T, H, K)
+            step = F.softplus(parts["f"].to(dt) + self.dt_bias.to(dt))  # [B, T, HD]
+            g = (-rate * step)[..., None].expand(B, T, HD, K)
         if decay_scale is not None:
             # irregular sampling: over a step of length dt the decay is alpha ** dt
             g = g * decay_scale.to(dt)[:, :, None, None]
@@ -453,7 +462,8 @@ class GatedDeltaNet2(nn.Module):
             w = torch.sigmoid(parts["w"].to(dt))[..., None].expand(B, T, HV, V)
         else:
             # Mamba-2: the input is scaled by the same step size dt that sets the decay
-            w = step.repeat_interleave(HV // H, dim=-1)[..., None].expand(B, T, HV, V)
+            step = step if HD == HV else step.repeat_interleave(HV // HD, dim=-1)
+            w = step[..., None].expand(B, T, HV, V)
         return g, b, w
 
     def _mix(self, qkv, parts, recurrent, cu_seqlens, op, decay_scale=None):
@@ -468,14 +478,17 @@ class GatedDeltaNet2(nn.Module):
             g_act, b_act, w_act = self._gates(parts, decay_scale)
             g = g if gate_in_op else g_act
             b, w = (b, w) if bw_in_op else (b_act, w_act)
-        o, final = op(q, k, v, g, b, w, initial_state=recurrent, output_final_state=True, cu_seqlens=cu_seqlens,
-                      use_qk_l2norm_in_kernel=cfg.qk_norm == "l2", use_gate_in_kernel=gate_in_op,
+        o, final = op(q, k, v, g, b, w, scale=cfg.scale, initial_state=recurrent, output_final_state=True,
+                      cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=cfg.qk_norm == "l2", use_gate_in_kernel=gate_in_op,
                       A_log=self.A_log if gate_in_op else None, dt_bias=dt_bias, use_bw_sigmoid_in_kernel=bw_in_op,
                       erase_max=cfg.erase_max, backend=self.backend)
         if self.D is not None:
             o = o + self.D.to(o.dtype)[:, None] * v
-        o = self.o_norm(o, parts["gate"].unflatten(-1, (HV, V)), backend=self.backend)
-        return self.o_proj(o.flatten(-2)), final
+        if cfg.output_norm == "head":
+            o = self.o_norm(o, parts["gate"].unflatten(-1, (HV, V)), backend=self.backend).flatten(-2)
+        else:
+            o = self.o_norm(o.flatten(-2), parts["gate"])
+        return self.o_proj(o), final
 
     def _act_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype of the projections' outputs (autocast's, when it is on)."""

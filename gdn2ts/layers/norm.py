@@ -1,7 +1,9 @@
-"""RMSNorm, and the gated RMSNorm that closes a GDN-2 mixer: ``RMSNorm(o) * act(gate)`` per head.
+"""RMSNorm, and the gated RMSNorms that close a GDN-2 mixer: ``RMSNorm(o) * act(gate)`` per head, or Mamba-2's
+``RMSNorm(o * act(gate))`` over groups of heads.
 
-The gated norm runs one Triton launch forward and one backward (``gdn2ts.kernels.norm``) for CUDA tensors in eager
-mode; under ``torch.compile`` it stays in PyTorch, where inductor fuses it with its neighbours."""
+The per-head gated norm runs one Triton launch forward and one backward (``gdn2ts.kernels.norm``) for CUDA tensors
+in eager mode; under ``torch.compile`` it stays in PyTorch, where inductor fuses it with its neighbours. The group
+form is PyTorch (fused by ``torch.compile`` alike)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from torch import nn
 
 from gdn2ts.ops.gdn2.reference import compute_dtype
 
-__all__ = ["RMSNorm", "GatedRMSNorm", "rms_norm", "gated_rms_norm", "NORM_BACKENDS"]
+__all__ = ["RMSNorm", "GatedRMSNorm", "GroupGatedRMSNorm", "rms_norm", "gated_rms_norm", "NORM_BACKENDS"]
 
 ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 NORM_BACKENDS = ("auto", "torch", "triton")
@@ -134,3 +136,43 @@ class GatedRMSNorm(RMSNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
+
+
+class GroupGatedRMSNorm(RMSNorm):
+    """Mamba-2's gated norm: ``RMSNorm(x * act(gate))`` over groups of ``group_size`` channels, then one learned
+    scale per channel (init 1). ``x`` and ``gate`` ``[..., dim]``; computed in fp32 (fp64 for fp64 inputs),
+    returned in ``x``'s dtype.
+
+    In the Mamba-2 mixer ``dim`` is ``HV * V`` and a group is the ``G * V`` channels of the value heads that share
+    one B/C group (a single group normalizes all ``HV * V`` channels together).
+
+    Example:
+        >>> import torch
+        >>> norm = GroupGatedRMSNorm(8, group_size=4, eps=0.0)
+        >>> x, gate = torch.randn(2, 8), torch.full((2, 8), 30.0)
+        >>> y = norm(x, gate)
+        >>> bool(torch.allclose(y[:, :4], rms_norm(x[:, :4] * 30.0, None, 0.0), atol=1e-5))
+        True
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, activation: str = "silu"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"GroupGatedRMSNorm: argument 'activation' expected one of {tuple(ACTIVATIONS)}, "
+                             f"got {activation!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or dim % group_size:
+            raise ValueError(f"GroupGatedRMSNorm: argument 'group_size' expected a positive divisor of dim={dim}, "
+                             f"got {group_size!r}")
+        super().__init__(dim, eps)
+        self.group_size, self.activation = group_size, activation
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``x``, ``gate`` ``[..., dim]`` -> ``RMSNorm(x * act(gate))`` per group, times the scale, in x's dtype."""
+        if gate.shape != x.shape or x.shape[-1] != self.dim:
+            raise ValueError(f"GroupGatedRMSNorm: arguments 'x' and 'gate' expected one shape [..., {self.dim}], "
+                             f"got {tuple(x.shape)} and {tuple(gate.shape)}")
+        dt = compute_dtype(x.dtype)
+        gated = (x.to(dt) * ACTIVATIONS[self.activation](gate.to(dt))).unflatten(-1, (-1, self.group_size))
+        return (rms_norm(gated, None, self.eps).flatten(-2) * self.weight.to(dt)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, activation={self.activation}"

@@ -19,6 +19,11 @@ CASES = [(name, {"num_v_heads": 4}) for name in PRESETS] + [
     ("gdn2", {"erase_max": 2.0, "output_gate": "sigmoid"}),
     ("gdn2", {"conv_size": 1}),
     ("kda", {"erase_max": 2.0, "conv_size": 2}),
+    # Mamba-2 as its 1.3B recipe lays it out: one B/C group shared by every SSM head (G = 4)
+    ("mamba2", {"num_heads": 1, "num_v_heads": 4}),
+    # the gate and norm options on the paper's layer
+    ("gdn2", {"gate_proj": "full", "output_norm": "group", "num_v_heads": 4, "scale": 0.7, "conv_bias": True}),
+    ("gdn2", {"decay_heads": "value", "num_v_heads": 4}),
 ]
 CASE_IDS = [f"{n}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for n, kw in CASES]
 
@@ -39,7 +44,8 @@ def make_layer(name: str = "gdn2", seed: int = 0, dtype: torch.dtype = F64, **ov
                 m.weight.mul_(4.0)
         # parameters initialized to constants would hide a wrong broadcast; perturb them
         layer.o_norm.weight.add_(0.3 * torch.randn_like(layer.o_norm.weight))
-        layer.g_proj[1].bias.add_(0.3 * torch.randn_like(layer.g_proj[1].bias))
+        if layer.config.gate_proj == "low_rank":
+            layer.g_proj[1].bias.add_(0.3 * torch.randn_like(layer.g_proj[1].bias))
         if layer.D is not None:
             layer.D.add_(0.3 * torch.randn_like(layer.D))
     return layer
@@ -70,15 +76,19 @@ def warm_state(layer: GatedDeltaNet2, batch: int, steps: int = 9) -> GDN2State:
 
 
 def expected_count(name: str, D=2304, H=16, K=128, V=128, r=128) -> int:
-    """The parameter count GDN2.md section 2 implies for a preset, written out independently of the layer."""
+    """The parameter count GDN2.md section 2 (and, for the baselines, docs/lm.md's references) implies for a
+    preset, written out independently of the layer."""
     cfg = GDN2Config.variant(name, D, H)
     HV = H
+    HD = H if cfg.decay_heads == "key" else HV
     n = 3 * D * H * K  # q, k, v (HV = H)
     n += H * V * D  # o_proj
-    n += D * r + r * HV * V + HV * V  # low-rank output gate with bias
-    n += (2 * H * K + HV * V) * 4  # depthwise conv, no bias
-    n += H + V  # A_log, shared norm weight
-    n += {"channel": D * r + r * H * K + H * K, "scalar": D * H + H}[cfg.decay]  # decay projection and dt_bias
+    # output gate: low-rank with a bias (GDN-2, KDA) or full rank without (GDN, Mamba-2's z)
+    n += D * r + r * HV * V + HV * V if cfg.gate_proj == "low_rank" else D * HV * V
+    n += (2 * H * K + HV * V) * (4 + cfg.conv_bias)  # depthwise conv (Mamba-2's with a bias)
+    n += HD  # A_log
+    n += V if cfg.output_norm == "head" else HV * V  # norm scale: shared by the heads, or one per channel
+    n += {"channel": D * r + r * HD * K + HD * K, "scalar": D * HD + HD}[cfg.decay]  # decay projection, dt_bias
     n += {"channel": D * H * K, "scalar": D * (HV if cfg.tie_erase_write else H), "none": 0}[cfg.erase]
     if not cfg.tie_erase_write:
         n += {"channel": D * HV * V, "scalar": D * HV, "dt": 0}[cfg.write]
@@ -147,19 +157,21 @@ def naive_layer(layer: GatedDeltaNet2, x: torch.Tensor, state: GDN2State) -> tup
     B, T, _ = x.shape
     H, HV, K, V, W = cfg.num_heads, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim, cfg.conv_size
     G, em = HV // H, cfg.erase_max
+    HD = H if cfg.decay_heads == "key" else HV
     pre = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], -1)  # [B, T, C]
     seq = torch.cat([state.conv.transpose(1, 2), pre], 1)  # [B, W - 1 + T, C]
     taps = layer.conv.weight[:, 0, :].T  # [W, C]
-    conv = F.silu(torch.stack([(seq[:, t:t + W] * taps).sum(1) for t in range(T)], 1))
+    bias = 0.0 if layer.conv.bias is None else layer.conv.bias
+    conv = F.silu(torch.stack([(seq[:, t:t + W] * taps).sum(1) + bias for t in range(T)], 1))
     q, k, v = conv.split([H * K, H * K, HV * V], -1)
     q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
     if cfg.qk_norm == "l2":
         q, k = (t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
     if cfg.decay == "channel":
-        dt = F.softplus(layer.f_proj(x).reshape(B, T, H, K) + layer.dt_bias.reshape(H, K))
+        dt = F.softplus(layer.f_proj(x).reshape(B, T, HD, K) + layer.dt_bias.reshape(HD, K))
         g = -torch.exp(layer.A_log)[:, None] * dt
     else:
-        dt = F.softplus(layer.a_proj(x) + layer.dt_bias)  # [B, T, H]
+        dt = F.softplus(layer.a_proj(x) + layer.dt_bias)  # [B, T, HD]
         g = (-torch.exp(layer.A_log) * dt)[..., None].repeat(1, 1, 1, K)
     ones_k, ones_v = torch.ones(K, dtype=x.dtype), torch.ones(V, dtype=x.dtype)
     if cfg.erase == "channel":
@@ -174,20 +186,28 @@ def naive_layer(layer: GatedDeltaNet2, x: torch.Tensor, state: GDN2State) -> tup
     elif cfg.write == "scalar":
         w = (beta if cfg.tie_erase_write else torch.sigmoid(layer.w_proj(x)))[..., None] * ones_v
     else:
-        w = dt.repeat_interleave(G, 2)[..., None] * ones_v
-    q, k, g = (t.repeat_interleave(G, 2) for t in (q, k, g))
+        w = dt.repeat_interleave(HV // HD, 2)[..., None] * ones_v
+    q, k = (t.repeat_interleave(G, 2) for t in (q, k))
+    g = g.repeat_interleave(HV // HD, 2)
+    scale = K**-0.5 if cfg.scale is None else cfg.scale
     S, outs = state.recurrent.clone(), []
     for t in range(T):
         S = torch.exp(g[:, t])[..., None] * S
         r = torch.einsum("bhkv,bhk->bhv", S, b[:, t] * k[:, t])
         S = S + k[:, t, :, :, None] * (w[:, t] * v[:, t] - r)[:, :, None, :]
-        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t] * K**-0.5))
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t] * scale))
     o = torch.stack(outs, 1)  # [B, T, HV, V]
     if cfg.use_d_skip:
         o = o + layer.D[:, None] * v
-    o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * layer.o_norm.weight
     gate = layer.g_proj(x).reshape(B, T, HV, V)
-    o = o * (F.silu(gate) if cfg.output_gate == "silu" else torch.sigmoid(gate))
+    act = F.silu(gate) if cfg.output_gate == "silu" else torch.sigmoid(gate)
+    if cfg.output_norm == "head":
+        o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * layer.o_norm.weight * act
+    else:
+        # Mamba-2: the gate first, then one RMS over the G value heads of each key head, a scale per channel
+        o = (o * act).reshape(B, T, H, G * V)
+        o = (o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).reshape(B, T, HV, V)
+        o = o * layer.o_norm.weight.reshape(HV, V)
     return layer.o_proj(o.reshape(B, T, HV * V)), GDN2State(S, seq[:, T:].transpose(1, 2))
 
 
@@ -383,9 +403,12 @@ def test_init():
             assert torch.equal(m.bias, torch.zeros_like(m.bias))
     assert torch.equal(layer.o_norm.weight, torch.ones(32))
     assert layer.A_log._no_weight_decay and layer.dt_bias._no_weight_decay
-    mamba = GatedDeltaNet2(tiny("mamba2"))
-    assert torch.equal(mamba.D.detach(), torch.ones(2)) and mamba.D._no_weight_decay
-    assert mamba.dt_bias.shape == (2,) and mamba.A_log.shape == (2,)
+    # Mamba-2 with one B/C group of 4 heads: a step size, decay rate and D per head, a norm scale per channel
+    mamba = GatedDeltaNet2(tiny("mamba2", num_heads=1, num_v_heads=4))
+    assert torch.equal(mamba.D.detach(), torch.ones(4)) and mamba.D._no_weight_decay
+    assert mamba.dt_bias.shape == (4,) and mamba.A_log.shape == (4,) and mamba.a_proj.out_features == 4
+    assert torch.equal(mamba.o_norm.weight.detach(), torch.ones(24)) and mamba.conv.bias.shape == (2 * 8 + 24,)
+    assert isinstance(mamba.g_proj, torch.nn.Linear) and mamba.g_proj.bias is None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -440,6 +463,11 @@ def test_bad_inputs_raise_value_error(case):
     (dict(tie_erase_write=True), "tie_erase_write"),
     (dict(erase_max=3.0), "erase_max"),
     (dict(output_gate="relu"), "output_gate"),
+    (dict(gate_proj="rank"), "gate_proj"),
+    (dict(output_norm="layer"), "output_norm"),
+    (dict(decay_heads="both"), "decay_heads"),
+    (dict(scale=0.0), "scale"),
+    (dict(conv_bias=1), "conv_bias"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(conv_size=0), "conv_size"),
 ])
