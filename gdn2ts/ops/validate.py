@@ -94,16 +94,19 @@ def expected_state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_state(op: str, arg: str, state, N: int | None, HV: int, K: int, V: int, dtype, device,
-                pool: bool = False) -> None:
-    """State ``[N, HV, K, V]`` in fp32 (fp64 for fp64 inputs); ``N=None`` accepts any leading size. A state pool
-    (``pool=True``) may also be bf16, for memory-bound serving (computed in fp32, stored rounded)."""
+                pool: bool = False, v_first: bool = False) -> None:
+    """State ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``v_first``) in fp32 (fp64 for fp64 inputs); ``N=None``
+    accepts any leading size. A state pool (``pool=True``) may also be bf16, for memory-bound serving (computed in
+    fp32, stored rounded)."""
     if not isinstance(state, torch.Tensor):
-        fail(op, arg, "a torch.Tensor [N, HV, K, V]", type(state).__name__)
+        fail(op, arg, "a torch.Tensor [N, HV, V, K]" if v_first else "a torch.Tensor [N, HV, K, V]",
+             type(state).__name__)
     n = state.shape[0] if (N is None and state.dim() == 4) else N
-    want = (n, HV, K, V)
+    want = (n, HV, V, K) if v_first else (n, HV, K, V)
     if tuple(state.shape) != want:
         lead = "P (pool size)" if N is None else f"N={N}"
-        fail(op, arg, f"shape [{lead}, HV={HV}, K={K}, V={V}]", _shape(state))
+        tail = f"V={V}, K={K}" if v_first else f"K={K}, V={V}"
+        fail(op, arg, f"shape [{lead}, HV={HV}, {tail}]", _shape(state))
     sdt = expected_state_dtype(dtype)
     if pool and sdt == torch.float32 and state.dtype == torch.bfloat16:
         pass
@@ -114,13 +117,15 @@ def check_state(op: str, arg: str, state, N: int | None, HV: int, K: int, V: int
         fail(op, arg, f"a tensor on {device} (the device of 'q')", state.device)
 
 
-def check_gate_params(op: str, A_log, dt_bias, Hg: int, K: int, device) -> None:
-    if A_log is None:
-        fail(op, "A_log", f"a tensor [{Hg}] when use_gate_in_kernel=True", None)
-    if not isinstance(A_log, torch.Tensor) or tuple(A_log.shape) != (Hg,):
-        fail(op, "A_log", f"a tensor of shape [{Hg}] (one per head of 'g')", getattr(A_log, "shape", A_log))
-    if A_log.device != device:
-        fail(op, "A_log", f"a tensor on {device}", A_log.device)
+def check_gate_params(op: str, A_log, dt_bias, Hg: int, K: int, device, bounded: bool = False) -> None:
+    """``A_log`` ``[Hg]`` (optional for the bounded gate) and ``dt_bias`` ``[Hg * K]`` / ``[Hg, K]`` or None."""
+    if A_log is None and not bounded:
+        fail(op, "A_log", f"a tensor [{Hg}] when use_gate_in_kernel=True (without lower_bound)", None)
+    if A_log is not None:
+        if not isinstance(A_log, torch.Tensor) or tuple(A_log.shape) != (Hg,):
+            fail(op, "A_log", f"a tensor of shape [{Hg}] (one per head of 'g')", getattr(A_log, "shape", A_log))
+        if A_log.device != device:
+            fail(op, "A_log", f"a tensor on {device}", A_log.device)
     if dt_bias is not None:
         if not isinstance(dt_bias, torch.Tensor) or tuple(dt_bias.shape) not in ((Hg * K,), (Hg, K)):
             fail(op, "dt_bias", f"a tensor of shape [{Hg * K}] or [{Hg}, {K}]", getattr(dt_bias, "shape", dt_bias))

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from gdn2ts.ops.gdn2.options import activate, options, resolve
-from gdn2ts.ops.gdn2.reference import chunk_reference, recurrent_reference
+from gdn2ts.ops.gdn2.options import activate, gate, options, resolve
+from gdn2ts.ops.gdn2.reference import chunk_reference, recurrent_reference, segmented
 from gdn2ts.ops.validate import check_cu_seqlens, check_gate_params, check_sequence_inputs, check_state, fail
 
-__all__ = ["chunk_gdn2", "TRITON_CHUNK_MAX_DIM", "TRITON_CHUNK_MAX_PAIRS"]
+__all__ = ["chunk_gdn2", "TRITON_CHUNK_MAX_DIM", "TRITON_CHUNK_MAX_PAIRS", "STATE_CHUNK"]
 
 # the Triton chunked kernels: forward and backward for fixed-length and packed batches, K and V <= 128
 TRITON_CHUNK_MAX_DIM = 128
 TRITON_CHUNK_MAX_PAIRS = 65_535
+# the chunk whose entry states return_intermediate_states gives (the Triton kernels' chunk, and FLA's)
+STATE_CHUNK = 64
 
 
 def _triton_unsupported(q: torch.Tensor, v: torch.Tensor, N: int) -> str:
@@ -53,8 +55,10 @@ def chunk_gdn2(
     dt_bias: torch.Tensor | None = None,
     use_bw_sigmoid_in_kernel: bool = False,
     erase_max: float = 1.0,
+    lower_bound: float | None = None,
+    return_intermediate_states: bool = False,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """GDN-2 over whole sequences (training and prefill), differentiable in every tensor input.
 
     Args:
@@ -73,11 +77,18 @@ def chunk_gdn2(
         dt_bias: ``[heads of g * K]`` (or ``[heads, K]``) bias of the decay pre-activation.
         use_bw_sigmoid_in_kernel: ``b`` and ``w`` are logits; the op applies ``erase_max * sigmoid`` / ``sigmoid``.
         erase_max: range of the erase gate with logits; 2.0 is the negative-eigenvalue variant.
+        lower_bound: with ``use_gate_in_kernel``, the bounded gate ``lower_bound * sigmoid(exp(A_log) * (g +
+            dt_bias))`` (a finite negative number; ``A_log`` may then be None, a rate of 1). It is computed in
+            PyTorch ahead of the kernels (one elementwise pass more than the default gate).
+        return_intermediate_states: inference only (no gradient tracked): also return ``h``, the fp32 state
+            entering each chunk of ``STATE_CHUNK`` = 64 tokens, ``[B, ceil(T / 64), HV, K, V]``; packed:
+            ``[1, sum_n ceil(L_n / 64), HV, K, V]`` in sequence order (prefix caching at chunk boundaries).
         backend: ``auto`` (Triton on CUDA where the kernels apply, else ``torch``), ``torch`` (chunked PyTorch),
             ``naive`` (token-by-token reference) or ``triton`` (fixed-length or packed batches, K and V up to 128).
 
     Returns:
-        ``(o, final_state)``: ``o`` is ``[B, T, HV, V]`` in v's dtype; ``final_state`` ``[N, HV, K, V]`` or None.
+        ``(o, final_state)``: ``o`` is ``[B, T, HV, V]`` in v's dtype; ``final_state`` ``[N, HV, K, V]`` or None;
+        ``(o, final_state, h)`` with ``return_intermediate_states``.
 
     Example:
         >>> import torch
@@ -95,12 +106,18 @@ def chunk_gdn2(
     op = "chunk_gdn2"
     B, T, H, HV, K, V = check_sequence_inputs(op, q, k, v, g, b, w)
     opts = options(op, q, scale, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_bw_sigmoid_in_kernel,
-                    erase_max, backend)
+                    erase_max, backend, lower_bound)
     N = B if cu_seqlens is None else check_cu_seqlens(op, cu_seqlens, B, T, q.device)
     if initial_state is not None:
         check_state(op, "initial_state", initial_state, N, HV, K, V, q.dtype, q.device)
     if opts.use_gate_in_kernel:
-        check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device)
+        check_gate_params(op, A_log, dt_bias, g.shape[2], K, q.device, bounded=opts.lower_bound is not None)
+    intermediate = bool(return_intermediate_states)
+    tensors = (q, k, v, g, b, w, initial_state, A_log, dt_bias)
+    if intermediate and torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                        for t in tensors):
+        raise RuntimeError(f"{op}: return_intermediate_states is for inference and an input requires grad; call "
+                           "under torch.no_grad() or torch.inference_mode()")
     path = resolve(op, opts.backend, q.device)
     if path == "triton":
         why = _triton_unsupported(q, v, N)
@@ -111,17 +128,29 @@ def chunk_gdn2(
     with torch.autocast(q.device.type, enabled=False):
         if path == "triton":
             from gdn2ts.ops.gdn2.act_triton import triton_activate
-            from gdn2ts.ops.gdn2.chunk_triton import triton_chunk
+            from gdn2ts.ops.gdn2.chunk_triton import triton_chunk, triton_chunk_states
 
             # one Triton pre-pass applies the options (fp32 arithmetic; q, k, b, w stored back in their dtypes, g in
-            # fp32) and one post-pass gives their gradients: no PyTorch elementwise work around the kernels
-            q, k, g, b, w = triton_activate(q, k, g, b, w, A_log, dt_bias, opts.use_qk_l2norm, opts.use_gate_in_kernel,
+            # fp32) and one post-pass gives their gradients: no PyTorch elementwise work around the kernels, except
+            # for the bounded gate (lower_bound), which runs in PyTorch (differentiable) ahead of the pre-pass
+            in_pass = opts.use_gate_in_kernel and opts.lower_bound is None
+            if opts.use_gate_in_kernel and not in_pass:
+                g = gate(g, A_log, dt_bias, opts.lower_bound, torch.float32)
+            q, k, g, b, w = triton_activate(q, k, g, b, w, A_log, dt_bias, opts.use_qk_l2norm, in_pass,
                                             opts.use_bw_sigmoid, opts.erase_max)
-            o, final = triton_chunk(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
+            if intermediate:
+                o, final, h = triton_chunk_states(q, k, v, g, b, w, opts.scale, initial_state, cu_seqlens)
+            else:
+                o, final = triton_chunk(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
         else:
             q, k, g, b, w = activate(q, k, g, b, w, opts, A_log, dt_bias)
             fn = recurrent_reference if path == "naive" else chunk_reference
-            o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
+            if intermediate:
+                o, final, h = segmented(fn, q, k, v, g, b, w, opts.scale, initial_state, cu_seqlens, STATE_CHUNK)
+            else:
+                o, final = fn(q, k, v, g, b, w, opts.scale, initial_state, output_final_state, cu_seqlens)
+    if not output_final_state:
+        final = None
     if final is not None and final is initial_state:
         final = final.clone()  # no token ran: never hand back the caller's tensor itself
-    return o, final
+    return (o, final, h) if intermediate else (o, final)

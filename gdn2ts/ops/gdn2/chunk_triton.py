@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["chunk_layout", "triton_chunk"]
+__all__ = ["chunk_layout", "triton_chunk", "triton_chunk_states"]
 
 BT = 64  # the kernels' chunk
 
@@ -162,6 +162,7 @@ def triton_chunk(q, k, v, g, b, w, scale: float, initial_state, output_final_sta
     # reads the tensors saved here): broadcast gates (scalar decay, erase or write expanded over a head's channels)
     # are materialized once
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    initial_state = None if initial_state is None else initial_state.contiguous()
     chunk_lo = chunk_hi = None
     if cu_seqlens is not None:
         total = q.shape[1]
@@ -180,3 +181,37 @@ def triton_chunk(q, k, v, g, b, w, scale: float, initial_state, output_final_sta
     if cu_seqlens is not None:
         o = o.index_select(1, dest)
     return o, final
+
+
+def triton_chunk_states(q, k, v, g, b, w, scale: float, initial_state, cu_seqlens: torch.Tensor | None = None):
+    """Inference only: ``(o, final_state, h)`` of the chunked forward with ``h`` the fp32 state entering each chunk
+    of ``BT`` tokens, ``[B, NT, HV, K, V]``, or for packed sequences ``[1, sum_n ceil(L_n / BT), HV, K, V]`` in
+    sequence order (the forward that keeps them for the backward; reading the packed count synchronizes with the
+    device once)."""
+    from gdn2ts.kernels.chunk_fwd import chunk_fwd
+    from gdn2ts.kernels.tiling import FwdTiling
+
+    B, T = q.shape[:2]
+    HV, K, V = v.shape[2], q.shape[3], v.shape[3]
+    if T == 0:
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        h0 = initial_state.clone() if initial_state is not None else q.new_zeros(N, HV, K, V, dtype=_F32)
+        return v.new_empty(B, 0, HV, V), h0, q.new_zeros(B, 0, HV, K, V, dtype=_F32)
+    q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    chunk_lo = chunk_hi = None
+    if cu_seqlens is not None:
+        dest, chunk_lo, chunk_hi, padded = chunk_layout(cu_seqlens, T)
+
+        def pad(x):
+            return x.new_zeros(1, padded, *x.shape[2:]).index_copy(1, dest, x)
+
+        q, k, v, g, b, w = (pad(x) for x in (q, k, v, g, b, w))
+    o, final, saved = chunk_fwd(q, k, v, g, b, w, scale, initial_state, True, save=True, chunk_lo=chunk_lo,
+                                chunk_hi=chunk_hi, tiling=FwdTiling(saved_state_dtype=_F32))
+    h = saved["h"]
+    if cu_seqlens is not None:
+        o = o.index_select(1, dest)
+        # each sequence's chunks lie in order from chunk_lo[n] to chunk_hi[n]; those past the last are never run
+        h = h[:, : int(chunk_hi[-1])]
+    return o, final, h

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from gdn2ts.ops.gdn2 import decayed
 
-__all__ = ["recurrent_reference", "chunk_reference", "compute_dtype", "state_dtype", "pad_packed", "unpad_packed"]
+__all__ = ["recurrent_reference", "chunk_reference", "segmented", "compute_dtype", "state_dtype", "pad_packed",
+           "unpad_packed"]
 
 # The CPU path's chunk: with K = V = 32 on two cores, 32 beats 64 (fewer in-chunk products per token); the Triton
 # kernels use their own tiling.
@@ -335,3 +336,44 @@ def chunk_reference(
         o, S = _ChunkGDN2.apply(q, k, v, g, b, w, h0, force_blocked)
     o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, HV, V)[:, :T].to(out_dtype)
     return o, (S if output_final_state else None)
+
+
+def segmented(fn, q, k, v, g, b, w, scale, initial_state, cu_seqlens, segment: int):
+    """``fn`` (either function above) over successive ``segment``-token pieces of each sequence, carrying the state:
+    ``(o, final_state, h)`` with ``h`` the state entering each piece, ``[B, NT, HV, K, V]`` (``NT = ceil(T /
+    segment)``), or for packed sequences ``[1, sum_n ceil(L_n / segment), HV, K, V]`` in sequence order.
+
+    With a chunked ``fn`` whose chunk divides ``segment`` the pieces cut where its chunks do, so ``o`` and the final
+    state are those of one call.
+
+    Example:
+        >>> import torch
+        >>> q, k, b = torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4), torch.rand(1, 5, 1, 4)
+        >>> g = -torch.rand(1, 5, 1, 4)
+        >>> v, w = torch.randn(1, 5, 1, 3), torch.rand(1, 5, 1, 3)
+        >>> o, s, h = segmented(recurrent_reference, q, k, v, g, b, w, None, None, None, segment=2)
+        >>> _, s2 = recurrent_reference(q[:, :4], k[:, :4], v[:, :4], g[:, :4], b[:, :4], w[:, :4],
+        ...                             output_final_state=True)
+        >>> h.shape, bool(torch.allclose(h[:, 2], s2))
+        (torch.Size([1, 3, 1, 4, 3]), True)
+    """
+    if cu_seqlens is not None:
+        total = q.shape[1]
+        q_, index = pad_packed(q, cu_seqlens)
+        rest = [pad_packed(t, cu_seqlens)[0] for t in (k, v, g, b, w)]
+        o, S, h = segmented(fn, q_, *rest, scale, initial_state, None, segment)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        h = torch.cat([h[n, : -(-L // segment)] for n, L in enumerate(lengths)]).unsqueeze(0)
+        return unpad_packed(o, index, total), S, h
+    B, T = q.shape[:2]
+    HV, K, V = v.shape[2], q.shape[3], v.shape[3]
+    S = q.new_zeros(B, HV, K, V, dtype=state_dtype(q.dtype)) if initial_state is None else initial_state
+    outs, states = [], []
+    for t0 in range(0, T, segment):
+        states.append(S)
+        piece = slice(t0, t0 + segment)
+        o, S = fn(q[:, piece], k[:, piece], v[:, piece], g[:, piece], b[:, piece], w[:, piece], scale, S, True, None)
+        outs.append(o)
+    o = torch.cat(outs, 1) if outs else v.new_zeros(B, 0, HV, V)
+    h = torch.stack(states, 1) if states else S.new_zeros(B, 0, HV, K, V)
+    return o, S, h
