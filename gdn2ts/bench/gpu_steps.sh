@@ -6,6 +6,7 @@
 #   profile  python -m gdn2ts.bench.profile_layer (our layer's kernels ranked by CUDA time)
 #   kernels  python -m gdn2ts.bench.kernels --no-decode (the op, raw-input and fixed/packed rows, against FLA)
 #   raw      python -m gdn2ts.bench.kernels --raw-only
+#   fla      the baselines against FLA's layers (tests/lm/test_fla_parity.py; FLA's wheels in .whl/)
 #   lm16k    training tokens/s of swa_gdn2_1.3B at 16K context (compiled; with and without activation checkpointing)
 #   lm2k     the same at 2K context (compiled, 8,192-token micro-batches)
 # Each step runs in its own process under a time limit; its log goes to $OUT/<step>.log (JSON records beside it)
@@ -45,6 +46,7 @@ for s in "$@"; do
         profile) step profile 240 python3 -m gdn2ts.bench.profile_layer --json "$OUT/profile_layer.json" ;;
         kernels) step kernels 540 python3 -m gdn2ts.bench.kernels --no-decode --json "$OUT/bench_kernels.json" ;;
         raw) step raw 300 python3 -m gdn2ts.bench.kernels --raw-only --json "$OUT/bench_raw.json" ;;
+        fla) step fla 540 python3 -m pytest -q -m gpu -rA tests/lm/test_fla_parity.py ;;
         lm16k) step lm16k_ckpt 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, activation_checkpointing=True, json_path='$OUT/lm16k_ckpt.json')"
                step lm16k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, json_path='$OUT/lm16k.json')" ;;
         lm2k) step lm2k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(2048,), tokens_per_step=32768, micro_tokens=8192, steps=6, warmup=3, compile=True, json_path='$OUT/lm2k.json')" ;;
