@@ -62,20 +62,22 @@ class LMConfig:
     intermediate_size: int = 6208
     """Channels of every SwiGLU MLP (``3 * hidden_size * intermediate_size`` parameters each)."""
     num_heads: int = 16
-    """Key heads ``H`` of the recurrent mixers (Mamba-3: its B/C groups, each shared by
+    """Key heads ``H`` of the recurrent mixers (Mamba-2 and Mamba-3: their B/C groups, each shared by
     ``num_v_heads / num_heads`` SSM heads)."""
     head_k_dim: int = 128
-    """Key dimension per head of the recurrent mixers (rows of each head's state; Mamba-3: ``d_state``)."""
+    """Key dimension per head of the recurrent mixers (rows of each head's state; Mamba-2 and Mamba-3:
+    ``d_state``)."""
     head_v_dim: int = 128
-    """Value dimension per head of the recurrent mixers (columns of each head's state; Mamba-3: its head
-    dimension)."""
+    """Value dimension per head of the recurrent mixers (columns of each head's state; Mamba-2 and Mamba-3: their
+    head dimension)."""
     num_v_heads: int | None = None
-    """Value heads of the recurrent mixers (None: ``num_heads``; Mamba-3: its SSM heads); the state holds
-    ``num_v_heads * head_k_dim * head_v_dim`` floats per layer."""
+    """Value heads of the recurrent mixers (None: ``num_heads``; Mamba-2 and Mamba-3: their SSM heads); the state
+    holds ``num_v_heads * head_k_dim * head_v_dim`` floats per layer."""
     conv_size: int = 4
     """Width of the recurrent mixers' short causal conv."""
     gate_low_rank: int = 128
-    """Rank of the recurrent mixers' low-rank decay and output-gate projections."""
+    """Rank of the recurrent mixers' low-rank decay and output-gate projections (GDN-2's and KDA's; GDN's gate and
+    Mamba-2's z are full rank)."""
     attn_num_heads: int = 18
     """Query heads of the attention mixers."""
     attn_num_kv_heads: int | None = None
