@@ -124,7 +124,7 @@ class GDN2TSCache(Cache):
         raise ValueError("GDN2TSCache.crop: a recurrent state cannot be taken back to an earlier token (assisted and "
                          "speculative decoding need that); decode without an assistant model")
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, *args, **kwargs) -> None:
         self.crop(0)
 
     def update(self, *args, **kwargs):

@@ -67,6 +67,14 @@ class GDN2TSConfig(PretrainedConfig):
         # checked (and completed with the defaults) by LMConfig; stored as plain JSON values
         fields = dataclasses.asdict(LMConfig.from_dict(dict(self.lm or {})))
         self.lm = {**fields, "cell": list(fields["cell"])}
+        vocab = fields["vocab_size"]
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                                             for i in ids):
+                raise ValueError(f"GDN2TSConfig: field '{name}' expected None or a token id in [0, {vocab}) (the "
+                                 f"model's vocabulary), got {value!r}")
         super().__post_init__(**kwargs)
 
     @classmethod

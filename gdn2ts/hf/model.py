@@ -69,8 +69,15 @@ class GDN2TSForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # the model makes its own GDN2TSCache on its first call (a DynamicCache holds key/value lists only)
+        # a DynamicCache holds key/value lists only: generate gets a GDN2TSCache instead (below)
         return False
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """An empty :class:`GDN2TSCache` for ``generate`` (unless the caller passed a cache or ``use_cache=False``);
+        the first call fills it."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = GDN2TSCache(self.model.config.layout)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed

@@ -103,6 +103,10 @@ def test_cache_carries_the_state_between_calls():
             assert step.cache is cache and cache.get_seq_length() == t + 1
     full = model(ids).logits
     torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=0, atol=1e-5)
+    # a cache of the caller's, empty at first, is filled by generate and kept
+    mine = GDN2TSCache(model.model.config.layout)
+    out = model.generate(ids[:, :5], max_new_tokens=3, do_sample=False, cache=mine)
+    assert torch.equal(out, model.model.generate(ids[:, :5], 3)) and mine.get_seq_length() == 7
 
 
 def test_beam_search_reorders_the_cache():
@@ -139,10 +143,14 @@ def test_bad_input_is_named(tmp_path):
         model(ids + TINY.vocab_size)
     with pytest.raises(ValueError, match="cannot be taken back"):
         model(ids, use_cache=True).cache.crop(-1)
+    with pytest.raises(ValueError, match="cannot be taken back .* decode without an assistant model"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, assistant_model=model)
     with pytest.raises(ValueError, match="belongs|inside lm="):
         GDN2TSConfig(hidden_size=32)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         GDN2TSConfig(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"'eos_token_id' expected None or a token id in \[0, 64\)"):
+        GDN2TSConfig(lm={"vocab_size": 64}, eos_token_id=257)
     # a folder of another architecture
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(ValueError, match="'model_type' expected 'gdn2ts', got 'llama'"):
