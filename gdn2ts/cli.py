@@ -239,7 +239,7 @@ def main(args: list[str] | None = None) -> None:
 
     from gdn2ts.apps.probes_report import probe
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
-    from gdn2ts.lm.commands import lm_curves, lm_export, lm_generate, lm_throughput, lm_train
+    from gdn2ts.lm.commands import lm_curves, lm_eval, lm_export, lm_generate, lm_throughput, lm_train
     from gdn2ts.lm.data_commands import lm_tokenize
     from gdn2ts.lm.eval.mqar_report import mqar
 
@@ -256,12 +256,15 @@ def main(args: list[str] | None = None) -> None:
     # `gdn2ts lm export CHECKPOINT OUT_DIR`: the two positional paths
     if len(args) >= 4 and args[:2] == ["lm", "export"] and not {args[2][:1], args[3][:1]} & {"-"}:
         args = ["lm", "export", "--checkpoint", args[2], "--out", args[3], *args[4:]]
+    # `gdn2ts lm eval CHECKPOINT`: the positional path
+    if len(args) >= 3 and args[:2] == ["lm", "eval"] and not args[2].startswith("-"):
+        args = ["lm", "eval", "--checkpoint", *args[2:]]
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
                                                 "streaming": bench_streaming, "forecast": bench_forecast},
               "quickstart": quickstart, "stream": {**STREAM_COMMANDS, "apply": stream_apply}, "audit": audit,
               "probe": probe, "fit": fit, "predict": predict,
               "lm": {"mqar": mqar, "train": lm_train, "generate": lm_generate, "throughput": lm_throughput,
-                     "tokenize": lm_tokenize, "curves": lm_curves, "export": lm_export}},
+                     "tokenize": lm_tokenize, "curves": lm_curves, "export": lm_export, "eval": lm_eval}},
              args=args, as_positional=False)
 
 

@@ -178,3 +178,44 @@ def lm_export(checkpoint: str, out: str, dtype: str = "float32", quiet: bool = F
         print(f"lm export: {model.model.num_parameters()['total']:,} parameters ({model.model.config.num_cells} x "
               f"[{layout}]) to {out}")
     return str(out)
+
+
+def lm_eval(checkpoint: str, text: str | None = None, tasks: tuple[str, ...] = (), include_path: str | None = None,
+            limit: float | None = None, max_blocks: int | None = None, block_len: int | None = None,
+            batch_size: int = 8, device: str = "cpu", tokenizer: str | None = None, json: str | None = None,
+            quiet: bool = False) -> dict:
+    """Evaluate a checkpoint of gdn2ts lm train: held-out perplexity, and lm-evaluation-harness tasks.
+
+    The model comes from the configuration saved with the weights; the tokenizer and the held-out documents from
+    the run's data settings (run it from the directory the run was trained in: data paths are relative to it).
+
+    Args:
+        checkpoint: a last.ckpt or step-<n>.ckpt written by gdn2ts lm train.
+        text: a UTF-8 text file to score instead of the run's held-out documents (with bits per byte).
+        tasks: lm-evaluation-harness task names (the lm-eval extra: pip install -e ".[lm-eval]").
+        include_path: a folder of your own harness task YAML files.
+        limit: examples per task (an int, or a fraction below 1).
+        max_blocks: score at most this many held-out blocks.
+        block_len: tokens per scored block of text (default: the run's block_len).
+        batch_size: blocks or requests per forward.
+        device: cpu or cuda.
+        tokenizer: override the checkpoint's tokenizer.
+        json: path of the JSON record.
+        quiet: print nothing.
+    """
+    from gdn2ts.lm.eval.checkpoint import evaluate_checkpoint
+
+    try:
+        record = evaluate_checkpoint(checkpoint, text=text, tasks=tuple(tasks), include_path=include_path,
+                                     limit=limit, max_blocks=max_blocks, block_len=block_len, batch_size=batch_size,
+                                     device=device, tokenizer=tokenizer, json_path=json)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"gdn2ts lm eval: {e}") from None
+    if not quiet:
+        p = record["perplexity"]
+        extra = f", {p['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in p else ""
+        print(f"lm eval: {p['source']}: perplexity {p['perplexity']:.4f} (nll {p['nll']:.4f} over "
+              f"{p['tokens']:,} tokens{extra})")
+        for task, metrics in record["tasks"].items():
+            print(f"  {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    return record

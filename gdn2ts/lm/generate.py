@@ -10,7 +10,7 @@ import torch
 from gdn2ts.models.lm import CausalLM
 from gdn2ts.models.lm_config import LMConfig
 
-__all__ = ["generate_text", "load_lm"]
+__all__ = ["generate_text", "load_lm", "read_lm_config"]
 
 
 def load_lm(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalLM, dict]:
@@ -26,6 +26,22 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu") -> tuple[Causa
     model = CausalLM(LMConfig.from_dict(dict(ckpt["config"]["model"])))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["config"]
+
+
+def read_lm_config(path: str | Path) -> LMConfig | None:
+    """The model configuration stored in a ``gdn2ts lm train`` checkpoint, or None for a file of weights alone (a
+    ``.safetensors`` file, or a ``torch.save`` file without a ``config`` holding the model's fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"read_lm_config: argument 'path' expected a checkpoint file, got {str(path)!r}")
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError or pickle's errors for a file that is not a torch.save
+        raise ValueError(f"read_lm_config: {str(path)!r} is not a checkpoint torch.load can read ({e})") from None
+    model = ckpt.get("config", {}).get("model") if isinstance(ckpt, dict) else None
+    return LMConfig.from_dict(dict(model)) if isinstance(model, dict) else None
 
 
 def generate_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,

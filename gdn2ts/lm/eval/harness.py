@@ -19,12 +19,13 @@ model class under ``"gdn2ts"`` and returns it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CausalLMEvalAdapter", "load_weights", "register_lm_eval"]
+__all__ = ["CausalLMEvalAdapter", "load_weights", "model_from_args", "register_lm_eval"]
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:
@@ -241,16 +242,54 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     return model
 
 
+def model_from_args(recipe=None, weights=None, checkpoint=None) -> tuple[torch.nn.Module, dict | None]:
+    """The model the harness arguments name, and the training configuration when it came from a training
+    checkpoint (else None).
+
+    ``checkpoint``: a checkpoint written by ``gdn2ts lm train``; the model is built from the configuration saved
+    with its weights (vocabulary included). ``recipe`` and ``weights``: a recipe name or YAML path and a weights
+    file (:func:`load_weights`; None keeps the fresh initialization); when ``weights`` is a training checkpoint,
+    its stored configuration builds the model, and the recipe must agree with it in every field but the
+    vocabulary (which a training recipe may replace) -- otherwise a ValueError names the fields that differ.
+    """
+    from gdn2ts.lm.generate import load_lm, read_lm_config
+
+    if checkpoint is not None:
+        if recipe is not None or weights is not None:
+            raise ValueError("GDN2TSLM: argument 'checkpoint' expected alone (the model and weights come from it), "
+                             f"got also recipe={recipe!r}, weights={weights!r}")
+        return load_lm(checkpoint)
+    if recipe is None:
+        raise ValueError("GDN2TSLM: argument 'checkpoint' or 'recipe' expected (or pass model=), got neither")
+    from gdn2ts.lm.recipes import load_recipe
+    from gdn2ts.models.lm import CausalLM
+
+    want = load_recipe(recipe)
+    stored = read_lm_config(weights) if weights is not None else None
+    if stored is None:
+        model = CausalLM(want)
+        if weights is not None:
+            load_weights(model, weights)
+        return model, None
+    theirs, ours = dataclasses.asdict(stored), dataclasses.asdict(want)
+    differ = sorted(k for k, v in theirs.items() if k != "vocab_size" and ours.get(k) != v)
+    if differ:
+        raise ValueError(f"GDN2TSLM: argument 'weights' holds a model that differs from recipe {recipe!r} in "
+                         f"{differ}; pass checkpoint={str(weights)!r} alone to evaluate the trained model")
+    return load_lm(weights)
+
+
 _REGISTERED: dict[str, type] = {}
 
 
 def register_lm_eval(name: str = "gdn2ts") -> type:
     """Import ``lm_eval``, register the model class under ``name`` and return it (again on later calls).
 
-    The class takes, as keyword arguments or an ``lm_eval`` ``model_args`` string: ``recipe`` (a name in
-    ``tasks/lm/`` or a YAML path), ``weights`` (a checkpoint for :func:`load_weights`; None keeps the fresh
-    init), ``tokenizer`` (``"mistral"``, ``"bytes"`` or a SentencePiece file), ``device``, ``dtype``
-    (``float32``, ``bfloat16``), ``batch_size``, ``max_length``, ``max_gen_toks``; or ``model=`` and
+    The class takes, as keyword arguments or an ``lm_eval`` ``model_args`` string: ``checkpoint`` (a
+    ``gdn2ts lm train`` checkpoint: the model is built from the configuration stored with its weights), or
+    ``recipe`` (a name in ``tasks/lm/`` or a YAML path) with ``weights`` (see :func:`model_from_args`); ``tokenizer``
+    (``"mistral"``, ``"bytes"`` or a SentencePiece file; default: the checkpoint's, else ``"mistral"``), ``device``,
+    ``dtype`` (``float32``, ``bfloat16``), ``batch_size``, ``max_length``, ``max_gen_toks``; or ``model=`` and
     ``tokenizer=`` objects directly.
     """
     if name in _REGISTERED:
@@ -268,18 +307,15 @@ def register_lm_eval(name: str = "gdn2ts") -> type:
     class GDN2TSLM(LM):
         """lm-evaluation-harness model: a gdn2ts CausalLM and its tokenizer."""
 
-        def __init__(self, recipe=None, weights=None, tokenizer="mistral", model=None, device=None, dtype=None,
-                     batch_size=8, max_length=2048, max_gen_toks=256, **_ignored):
+        def __init__(self, recipe=None, weights=None, tokenizer=None, model=None, device=None, dtype=None,
+                     batch_size=8, max_length=2048, max_gen_toks=256, checkpoint=None, **_ignored):
             super().__init__()
             if model is None:
-                if recipe is None:
-                    raise ValueError("GDN2TSLM: argument 'recipe' expected a recipe name or YAML path (or pass "
-                                     "model=), got None")
-                from gdn2ts.lm.recipes import build_model
-
-                model = build_model(recipe)
-                if weights is not None:
-                    load_weights(model, weights)
+                model, trained = model_from_args(recipe, weights, checkpoint)
+                if tokenizer is None and trained is not None:
+                    tokenizer = trained.get("data", {}).get("tokenizer")
+            if tokenizer is None:
+                tokenizer = "mistral"
             if isinstance(tokenizer, (str, Path)):
                 from gdn2ts.lm.tokenizer import load_tokenizer
 
