@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from choice_task import write_choice_task
 
 from gdn2ts.cli import main
 from gdn2ts.lm.eval import perplexity
-from gdn2ts.lm.eval.checkpoint import evaluate_checkpoint, held_out_blocks
+from gdn2ts.lm.eval.checkpoint import evaluate_checkpoint, held_out_blocks, kept_generators
 from gdn2ts.lm.eval.harness import model_from_args
 from gdn2ts.lm.generate import load_lm
 
@@ -116,19 +117,15 @@ def test_harness_tasks_from_a_checkpoint(run, tmp_path, monkeypatch):
 
     rows = [{"q": "ROMEO: But soft, what light", "choices": [" through", " zzzz"], "label": 0},
             {"q": "First Citizen: Before we", "choices": [" qqqq", " proceed"], "label": 1}]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "tiny_choice.yaml").write_text(
-        "task: tiny_choice\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    write_choice_task(tmp_path, rows)
     monkeypatch.chdir(ROOT)
     record = evaluate_checkpoint(run / "last.ckpt", tasks=("tiny_choice",), include_path=tmp_path, max_blocks=2)
     acc = record["tasks"]["tiny_choice"]["acc,none"]
     cls = register_lm_eval()
     lm = cls(recipe="tiny_gdn2", weights=str(run / "last.ckpt"), device="cpu")
-    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice"], bootstrap_iters=0, log_samples=False,
-                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    with kept_generators():
+        out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice"], bootstrap_iters=0, log_samples=False,
+                                      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     assert out["results"]["tiny_choice"]["acc,none"] == acc
     with pytest.raises(ValueError, match="unknown harness task"):
         evaluate_checkpoint(run / "last.ckpt", tasks=("no_such_task",), include_path=tmp_path, max_blocks=1)

@@ -5,16 +5,15 @@ class under the harness's own request objects and evaluator."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import random
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from choice_task import write_choice_task
 
 from gdn2ts.lm.eval import CausalLMEvalAdapter, load_weights
+from gdn2ts.lm.eval.checkpoint import kept_generators
 from gdn2ts.models.lm import CausalLM
 from gdn2ts.models.lm_config import LMConfig
 
@@ -186,24 +185,13 @@ def test_harness_evaluator_runs_a_local_task(tmp_path):
     rows = [{"q": "the cat sat on the", "choices": ["mat", "sky"], "label": 0},
             {"q": "a b c d", "choices": ["e", "z"], "label": 1},
             {"q": "one two", "choices": ["three", "four", "five"], "label": 2}]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "tiny_choice.yaml").write_text(
-        "task: tiny_choice\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    write_choice_task(tmp_path, rows)
     cls = register_lm_eval()
     model, tok = _model(), Chars()
     lm = cls(model=model, tokenizer=tok, device="cpu")
-    # the evaluator seeds the global generators: give the other tests theirs back
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
+    with kept_generators():  # the evaluator seeds the global generators: give the other tests theirs back
         out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_choice"], task_manager=TaskManager(
             include_path=str(tmp_path), include_defaults=False), bootstrap_iters=0, log_samples=False)
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
     # the harness joins question and choice with a space and picks the most likely choice
     adapter = CausalLMEvalAdapter(model, tok)
     right = [max(range(len(r["choices"])), key=lambda i, r=r: adapter.loglikelihood(

@@ -5,6 +5,7 @@ nothing about the run needs to be restated. Behind ``gdn2ts lm eval``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -15,7 +16,20 @@ import torch
 
 from gdn2ts.lm.eval.perplexity import perplexity, text_perplexity
 
-__all__ = ["evaluate_checkpoint", "held_out_blocks"]
+__all__ = ["evaluate_checkpoint", "held_out_blocks", "kept_generators"]
+
+
+@contextlib.contextmanager
+def kept_generators():
+    """Python's, NumPy's and torch's CPU random generators as they were, afterwards (the harness's evaluator
+    seeds them all)."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def held_out_blocks(config: dict, max_blocks: int | None = None) -> list:
@@ -105,14 +119,8 @@ def _run_tasks(model, tok, tasks, include_path, limit, batch_size) -> dict:
     if unknown:
         raise ValueError(f"unknown harness task(s) {unknown} (folders of your own tasks go in include_path)")
     lm = cls(model=model, tokenizer=tok, device=str(next(model.parameters()).device), batch_size=batch_size)
-    # the harness seeds the global generators: the caller's come back afterwards
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
+    with kept_generators():
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                       bootstrap_iters=0, log_samples=False)
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
             for task, metrics in out["results"].items()}
