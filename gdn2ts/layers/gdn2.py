@@ -84,7 +84,9 @@ class GatedDeltaNet2(nn.Module):
     On CUDA the whole mixer runs on few launches: one matrix product for every projection of ``x``, the Triton
     short conv (dense, ragged and packed batches alike), the op with its activations applied in its own Triton
     pre-pass (q/k L2 norm, the decay from ``A_log`` and ``dt_bias``, the erase and write sigmoids), and the Triton
-    gated RMSNorm. ``backend`` (``auto``, ``torch`` or ``triton``) picks the kernels of all three.
+    gated RMSNorm. ``backend`` (``auto``, ``torch`` or ``triton``) picks the kernels of all three. Mamba-2's forms
+    add PyTorch work around them: its gates (``w = dt``) are formed before the op, its conv bias and SiLU after the
+    conv kernel, and its group norm (``RMSNorm(y * silu(z))``) is PyTorch (``torch.compile`` fuses these).
 
     Example:
         >>> import torch
