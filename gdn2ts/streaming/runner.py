@@ -397,6 +397,14 @@ class OnlineRunner:
         learner.version += 1
         return LearnResult(steps, len(plan.rows), targets, loss, learner.version)
 
+    def learned_through(self, stream_ids: Sequence[str]) -> np.ndarray:
+        """``[N]`` float64: for each stream, the timestamp (model time units) of the newest forecast origin
+        :meth:`learn` has taken, ``-inf`` before the first; every origin learned from lies at or before it. Unknown
+        streams raise :class:`UnknownStreamError`; a runner without learning raises ``ValueError``."""
+        self._learner("learned_through")
+        ids = check_ids(stream_ids)
+        return self._rows_of(ids, [THROUGH])[THROUGH].cpu().numpy().astype(np.float64).reshape(len(ids))
+
     def observe_one(self, stream_id: str, timestamp: float, values: Mapping[str, float | None],
                     covariates: Mapping[str, float] | None = None) -> ObserveResult:
         """Observe one row of one stream; see :func:`gdn2ts.streaming.single.observe_one`."""
