@@ -13,6 +13,7 @@
     gdn2ts fit RECIPE.yaml    fit a forecaster (GDN-2, DLinear, GRU) with Lightning from a recipe
     gdn2ts predict            forecasts of a fitted checkpoint as a table with quantile columns
     gdn2ts bench forecast     the ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU
+    gdn2ts bench online       online forecasting on the delayed-feedback protocol of the literature (ETTh1)
     gdn2ts lm mqar            MQAR recall at matched state size: small LMs per mixer, level and seed; table, plot
     gdn2ts lm train RECIPE    train a language model with Lightning Fabric from a recipe (tasks/lm/train/)
     gdn2ts lm generate        continue a prompt with a trained LM checkpoint
@@ -237,6 +238,7 @@ def main(args: list[str] | None = None) -> None:
     # imported here: the probe command's typed configs must be importable for the parser, the rest stay lazy
     import sys
 
+    from gdn2ts.apps.online_bench import bench_online
     from gdn2ts.apps.probes_report import probe
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
     from gdn2ts.lm.commands import lm_curves, lm_eval, lm_export, lm_generate, lm_throughput, lm_train
@@ -260,7 +262,8 @@ def main(args: list[str] | None = None) -> None:
     if len(args) >= 3 and args[:2] == ["lm", "eval"] and not args[2].startswith("-"):
         args = ["lm", "eval", "--checkpoint", *args[2:]]
     auto_cli({"example": example, "bench": {"cpu": bench_cpu, "kernels": bench_kernels,
-                                                "streaming": bench_streaming, "forecast": bench_forecast},
+                                                "streaming": bench_streaming, "forecast": bench_forecast,
+                                                "online": bench_online},
               "quickstart": quickstart, "stream": {**STREAM_COMMANDS, "apply": stream_apply}, "audit": audit,
               "probe": probe, "fit": fit, "predict": predict,
               "lm": {"mqar": mqar, "train": lm_train, "generate": lm_generate, "throughput": lm_throughput,
