@@ -138,6 +138,20 @@ class PackedBlocks(IterableDataset):
         # A pass read to its end (only without repeat) is done: the next iteration starts a new one.
         self._positions.pop(share, None)
 
+    def shard(self, share: int, shares: int) -> PackedBlocks:
+        """The same blocks' share ``share`` of ``shares`` (documents ``i`` with ``i % shares == share``), read
+        whatever the process: a fresh dataset at the first block of that share.
+
+        Example:
+            >>> from gdn2ts.lm.sources import Documents
+            >>> from gdn2ts.lm.tokenizer import ByteTokenizer
+            >>> ds = PackedBlocks(Documents(["ab", "cd", "ef"]), ByteTokenizer(), block_len=2)
+            >>> [b["input_ids"].tolist() for b in ds.shard(1, 2)]
+            [[99, 100]]
+        """
+        return PackedBlocks(self.source, self.tokenizer, self.block_len, bos=self.bos, split=self.split,
+                            holdout=self.holdout, repeat=self.repeat, rank=share, world_size=shares)
+
     def reset(self) -> None:
         """Forget the recorded position: the next iteration starts at the first block."""
         self._positions, self._shares, self._next_local = {}, None, 0

@@ -1,5 +1,6 @@
-"""Generation from a training checkpoint: rebuild the LM from the checkpoint's own config (read with
-``torch.load(weights_only=True)``: nothing is unpickled), tokenize a prompt, decode with the recurrent step."""
+"""Generation from a training checkpoint: rebuild the LM from the checkpoint's own config (a full checkpoint read
+with ``torch.load(weights_only=True)``, a sharded one from its safetensors files and JSON: nothing is unpickled),
+tokenize a prompt, decode with the recurrent step."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ __all__ = ["generate_text", "load_lm", "read_lm_config"]
 
 
 def load_lm(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalLM, dict]:
-    """The model of a checkpoint written by :func:`~gdn2ts.lm.train.fit_lm` (in eval mode, on ``device``) and the
-    checkpoint's ``config`` (``model``, ``optim``, ``train``, and ``data`` when trained from a recipe)."""
+    """The model of a checkpoint written by :func:`~gdn2ts.lm.train.fit_lm` (a file, or a sharded checkpoint's
+    folder; in eval mode, on ``device``) and the checkpoint's ``config`` (``model``, ``optim``, ``train``, and
+    ``data`` when trained from a recipe)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"load_lm: argument 'path' expected a checkpoint file, got {str(path)!r}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_dir():
+        from gdn2ts.lm.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(path)
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"load_lm: argument 'path' expected a checkpoint file or folder, got {str(path)!r}")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
         raise ValueError(f"load_lm: {str(path)!r} is not an LM training checkpoint (expected 'model' weights and "
                          f"'config' with the model's fields)")
@@ -32,8 +39,13 @@ def read_lm_config(path: str | Path) -> LMConfig | None:
     """The model configuration stored in a ``gdn2ts lm train`` checkpoint, or None for a file of weights alone (a
     ``.safetensors`` file, or a ``torch.save`` file without a ``config`` holding the model's fields)."""
     path = Path(path)
+    if path.is_dir():
+        from gdn2ts.lm.checkpoint import peek
+
+        model = peek(path).get("config", {}).get("model")
+        return LMConfig.from_dict(dict(model)) if isinstance(model, dict) else None
     if not path.is_file():
-        raise ValueError(f"read_lm_config: argument 'path' expected a checkpoint file, got {str(path)!r}")
+        raise ValueError(f"read_lm_config: argument 'path' expected a checkpoint file or folder, got {str(path)!r}")
     if path.suffix == ".safetensors":
         return None
     try:

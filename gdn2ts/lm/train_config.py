@@ -1,17 +1,23 @@
-"""The trainer settings of an LM training recipe (``tasks/lm/train/*.yaml``, section ``train:``): devices, precision,
-strategy (single device, DDP or FSDP), batch and accumulation, how long, and how often to log, validate and save."""
+"""The trainer settings of an LM training recipe (``tasks/lm/train/*.yaml``, section ``train:``): nodes, devices,
+precision, strategy (single device, DDP, FSDP1 or FSDP2), batch and accumulation, how the data is split across
+processes, how long, and how often to log, validate and save (full or sharded checkpoints)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["PRECISIONS", "STRATEGIES", "TrainConfig"]
+__all__ = ["CHECKPOINTS", "PRECISIONS", "STRATEGIES", "TrainConfig", "TrainError"]
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true")
-STRATEGIES = ("auto", "ddp", "fsdp")
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2")
 SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+CHECKPOINTS = ("auto", "full", "sharded")
+
+
+class TrainError(ValueError):
+    """A training run cannot start or continue: bad data, a checkpoint of another run."""
 
 
 def _fail(field: str, expected: str, got: object) -> None:
@@ -50,13 +56,28 @@ class TrainConfig:
     accelerator: str = "auto"
     """``auto`` (a GPU when present), ``cpu``, ``gpu`` or ``cuda``."""
     devices: int = 1
-    """Devices (processes) on this machine; data parallel over them."""
+    """Devices (processes) on each node; data parallel over all of them."""
+    num_nodes: int = 1
+    """Machines taking part; the run has ``num_nodes * devices`` processes. Each node starts its own launch (with
+    its ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, or under torchrun or SLURM, which Lightning reads)."""
     precision: str = "auto"
     """``auto`` (``bf16-mixed`` on a GPU, ``32-true`` on the CPU), ``32-true``, ``bf16-mixed``, ``bf16-true``."""
     strategy: str = "auto"
-    """``auto`` (one device, or DDP over several), ``ddp``, or ``fsdp`` (each ``LMBlock`` wrapped and sharded)."""
+    """``auto`` (one device, or DDP over several), ``ddp``, ``fsdp`` (FSDP1: ``FullyShardedDataParallel``, each
+    ``LMBlock`` a unit) or ``fsdp2`` (``fully_shard`` on each ``LMBlock`` and the root). Both FSDPs build the
+    model on the meta device and initialize each shard as the model built on the CPU would be."""
     fsdp_sharding: str = "FULL_SHARD"
-    """FSDP sharding strategy: ``FULL_SHARD``, ``SHARD_GRAD_OP``, ``HYBRID_SHARD`` or ``NO_SHARD``."""
+    """FSDP sharding strategy: ``FULL_SHARD``, ``SHARD_GRAD_OP`` (weights kept gathered from the forward to the
+    backward), ``HYBRID_SHARD`` (sharded within a node, replicated across nodes) or ``NO_SHARD`` (``fsdp`` only;
+    with ``fsdp2`` use ``ddp``)."""
+    checkpoint: str = "auto"
+    """``full``: one file gathered on rank 0; ``sharded``: a folder of safetensors files written by every process
+    through torch distributed checkpoint, readable by any number of processes; ``auto``: sharded under ``fsdp`` and
+    ``fsdp2``, full otherwise."""
+    data_shares: int | None = None
+    """Shares the training data is read in, fixed for the whole run (each process reads ``data_shares /
+    processes`` of them, ``gdn2ts.lm.shares``): a resume may use any number of processes that divides it, keeping
+    the blocks per step. None: the number of processes of the first launch."""
     activation_checkpointing: bool = False
     """Recompute each ``LMBlock``'s activations in the backward (saves memory at long context)."""
     compile: bool = False
@@ -91,6 +112,8 @@ class TrainConfig:
             raise ValueError("TrainConfig: 'max_steps' or 'max_tokens' expected (how long to train), got neither")
         _int("stop_at", self.stop_at, 1, allow_none=True)
         _int("devices", self.devices, 1)
+        _int("num_nodes", self.num_nodes, 1)
+        _int("data_shares", self.data_shares, 1, allow_none=True)
         _int("seed", self.seed, 0)
         _int("log_every", self.log_every, 1)
         _int("val_every", self.val_every, 1, allow_none=True)
@@ -98,9 +121,12 @@ class TrainConfig:
         _int("save_every", self.save_every, 1, allow_none=True)
         _int("threads", self.threads, 1, allow_none=True)
         for name, allowed in (("accelerator", ACCELERATORS), ("precision", PRECISIONS),
-                              ("strategy", STRATEGIES), ("fsdp_sharding", SHARDING)):
+                              ("strategy", STRATEGIES), ("fsdp_sharding", SHARDING), ("checkpoint", CHECKPOINTS)):
             if getattr(self, name) not in allowed:
                 _fail(name, f"one of {allowed}", getattr(self, name))
+        if self.strategy == "fsdp2" and self.fsdp_sharding == "NO_SHARD":
+            _fail("fsdp_sharding", "FULL_SHARD, SHARD_GRAD_OP or HYBRID_SHARD with strategy 'fsdp2' (NO_SHARD is "
+                  "data parallel: strategy 'ddp')", self.fsdp_sharding)
         for name in ("activation_checkpointing", "compile", "packed"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, "a bool", getattr(self, name))
@@ -108,6 +134,16 @@ class TrainConfig:
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p)
                               or p <= 0):
             _fail("peak_tflops", "None or a finite float > 0", p)
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the run: ``num_nodes * devices``."""
+        return self.num_nodes * self.devices
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are sharded folders (``checkpoint``, with ``auto`` decided by the strategy)."""
+        return self.checkpoint == "sharded" or (self.checkpoint == "auto" and self.strategy in ("fsdp", "fsdp2"))
 
     def tokens_per_step(self, block_len: int, world_size: int) -> int:
         """Tokens of one optimizer step over all devices: ``batch_size * block_len * grad_accum * world_size``."""

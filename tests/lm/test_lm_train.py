@@ -1,4 +1,4 @@
-"""LM training: the optimizer's groups and schedule, FLOPs per token, the FSDP policy, exact resume, bad input."""
+"""LM training: the optimizer's groups and schedule, FLOPs per token, exact resume, bad input (FSDP: test_lm_fsdp*)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from gdn2ts.lm.flops import flops_per_token, matmul_params, mfu, peak_flops
 from gdn2ts.lm.optim import OptimConfig, WarmupCosine, build_optimizer, build_scheduler, no_decay_names
 from gdn2ts.lm.sources import Documents
 from gdn2ts.lm.tokenizer import load_tokenizer
-from gdn2ts.lm.train import TrainError, fit_lm, fsdp_strategy
+from gdn2ts.lm.train import TrainError, fit_lm
 from gdn2ts.lm.train_config import TrainConfig
 from gdn2ts.lm.train_recipe import list_train_recipes, load_train_recipe, model_config
-from gdn2ts.models.lm import LMBlock
 from gdn2ts.models.lm_config import LMConfig
 
 TINY = dataclasses.replace(load_recipe("tiny_gdn2"), vocab_size=258)
@@ -83,17 +82,6 @@ def test_flops_per_token_formula():
     assert peak_flops("cpu") is None and peak_flops("cpu", 2.0) == 2e12
     with pytest.raises(ValueError, match="seq_len"):
         flops_per_token(rec, 0)
-
-
-def test_fsdp_strategy_wraps_each_block():
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    s = fsdp_strategy(TrainConfig(strategy="fsdp", activation_checkpointing=True, fsdp_sharding="SHARD_GRAD_OP"))
-    policy = s._fsdp_kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {LMBlock}
-    assert s._fsdp_kwargs["use_orig_params"] and s._state_dict_type == "full"
-    assert s.sharding_strategy.name == "SHARD_GRAD_OP"
-    assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LMBlock}
 
 
 def _train(out, steps: int, stop_at: int | None = None, resume=None) -> dict:

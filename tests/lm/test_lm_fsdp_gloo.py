@@ -1,0 +1,121 @@
+"""FSDP on two CPU processes (gloo), through the command as on a GPU machine: ``gdn2ts lm train --train.devices
+2`` (Lightning starts the second process), sharded checkpoints, and a resume on another number of processes that
+continues exactly the run one process would have trained uninterrupted.
+
+The tiny recipe on tiny Shakespeare, 6 steps of 16 blocks of 64 bytes: two processes of 8 blocks read data shares
+0 and 1, one process with ``grad_accum: 2`` reads share 0 then share 1 (``--train.data_shares 2`` for the
+uninterrupted run; a resumed run takes the shares from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gdn2ts.cli import main
+from gdn2ts.lm.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "tasks" / "lm" / "train" / "tiny_shakespeare.yaml"
+COMMON = ["--train.max_steps", "6", "--train.log_every", "1", "--train.val_every", "3", "--quiet", "true"]
+ONE = ["--train.grad_accum", "2"]
+TWO = ["--train.devices", "2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], timeout: float = 240) -> None:
+    """``python -m gdn2ts.cli lm train RECIPE ARGS`` in a process group of its own (Lightning starts rank 1 in it),
+    all of which is killed on a timeout or when the command returns."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.Popen([sys.executable, "-m", "gdn2ts.cli", "lm", "train", str(RECIPE), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"two-process training did not finish in {timeout} s:\n{out[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out[-4000:]
+
+
+def _metrics(out: Path) -> dict[str, list[tuple[int, float]]]:
+    rows = []
+    for version in sorted((out / "logs").iterdir()):
+        with open(version / "metrics.csv") as f:
+            rows += list(csv.DictReader(f))
+    return {col: [(int(r["step"]), float(r[col])) for r in rows if r.get(col)]
+            for col in ("train/loss", "val/loss", "grad_norm")}
+
+
+def _train(out: Path, *args: str) -> None:
+    main(["lm", "train", str(RECIPE), "--out", str(out), *COMMON, *args])
+
+
+@pytest.fixture(autouse=True)
+def _at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe's data path is relative to the repository root
+
+
+def test_fsdp2_on_two_processes_resumed_on_one_equals_one_uninterrupted_run(tmp_path):
+    # without clipping every step is the same sum of the same two gradients: equal bit for bit in fp32
+    no_clip = ["--optim.grad_clip", "null"]
+    _launch(["--out", str(tmp_path / "split"), *COMMON, *no_clip, *TWO, "--train.strategy", "fsdp2",
+             "--train.stop_at", "3"])
+    folder = tmp_path / "split" / "last.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors", "state.json"]
+    _train(tmp_path / "split", *no_clip, *ONE)  # resume: auto, one process, a full checkpoint at the end
+    _train(tmp_path / "straight", *no_clip, *ONE, "--train.data_shares", "2")
+    a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)
+    for name, w in a["model"].items():
+        assert torch.equal(w, b["model"][name]), name
+    for name, s in a["optimizer"]["state"].items():
+        assert all(torch.equal(t, b["optimizer"]["state"][name][k]) for k, t in s.items()), name
+    assert a["data"] == b["data"] and a["scheduler"] == b["scheduler"]
+    assert (a["step"], a["tokens"], b["world_size"]) == (b["step"], b["tokens"], 1) == (6, 6 * 16 * 64, 1)
+    straight, split = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert split["train/loss"] == straight["train/loss"] and len(straight["train/loss"]) == 6
+    assert split["val/loss"] == straight["val/loss"] and [s for s, _ in split["val/loss"]] == [3, 6]
+
+
+def test_fsdp1_resumes_a_one_process_checkpoint_on_two(tmp_path):
+    # the other way, with FSDP1 and gradients clipped (to 0.25, below every step's norm): the two processes'
+    # gradient norm sums the shards' squares in another order (the logged norms agree to about 1e-7), and the clip
+    # factor carries that into each step; Adam divides the factor out (up to its eps), so the weights stay within
+    # a few float32 ulps of the uninterrupted run's
+    clip = ["--optim.grad_clip", "0.25"]
+    _train(tmp_path / "split", *clip, *ONE, "--train.data_shares", "2", "--train.checkpoint", "sharded",
+           "--train.stop_at", "3")
+    _launch(["--out", str(tmp_path / "split"), *COMMON, *clip, *TWO, "--train.strategy", "fsdp"])
+    _train(tmp_path / "straight", *clip, *ONE, "--train.data_shares", "2")
+    a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
+    b = read_checkpoint(tmp_path / "split" / "last.ckpt")  # FSDP1 writes a sharded folder by default
+    assert b["world_size"] == 2 and a["data"] == b["data"] and a["step"] == b["step"] == 6
+    for name, w in a["model"].items():
+        torch.testing.assert_close(b["model"][name], w, rtol=1e-5, atol=1e-6, msg=name)
+    straight, split = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    for col in ("train/loss", "val/loss", "grad_norm"):
+        assert [s for s, _ in split[col]] == [s for s, _ in straight[col]], col
+        assert [v for _, v in split[col]] == pytest.approx([v for _, v in straight[col]], rel=1e-5), col
+    assert min(v for _, v in straight["grad_norm"]) > 0.25  # the clipping was at work on every step
