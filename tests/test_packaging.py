@@ -52,8 +52,9 @@ def test_kernels_install_as_gdn2ts_kernels():
 # its scale-out on Ray (gdn2ts.distributed) sits between them, and the core never imports ray.
 LAYERS = ["kernels", "ops", "layers", "models", "streaming", "distributed", "apps"]
 CORE = ("kernels", "ops", "layers", "models", "streaming")
-# the packages beside the layers: a layer below "apps" may import none of them
-USERS = ("bench", "forecasting", "lm", "cli", "apps", "hf")
+# the packages beside the layers (compat: other libraries' signatures over the ops): a layer below "apps" may import
+# none of them
+USERS = ("bench", "forecasting", "lm", "cli", "apps", "hf", "compat")
 FRAMEWORKS = ("lightning", "pytorch_lightning", "pytorch_forecasting", "transformers")
 
 
