@@ -155,16 +155,18 @@ def _conv_fwd_kernel(
         ptr = y + yb + tl.minimum(tl.maximum(p, 0), tl.maximum(ln - 1, 0)) * C
         tl.store(ptr[:, None] + o_c[None, :], z.to(y.dtype.element_ty), mask=ok[:, None] & m_c[None, :])
     elif W > 1:
-        # the new tail of sequence i_n: the last W - 1 rows of xp before lt (reaching into the old tail when short)
+        # the new tail of sequence i_n: the last W - 1 rows of xp before lt (reaching into the old tail when short).
+        # Its names differ from the block branch's: the compiler requires a name bound in both branches of a
+        # runtime `if` to have one type, and there they are tiles ([BT]) where here they are scalars or [BW, BC].
         i_n = i_p - NBLK
-        start, ln, lt = _seq_of(cu, lengths, i_n, L, MODE)
-        xb = i_n * sxn
+        start_n, ln_n, lt_n = _seq_of(cu, lengths, i_n, L, MODE)
+        xb_n = i_n * sxn
         if MODE == 2:
-            xb = start * sxl
+            xb_n = start_n * sxl
         o_w = tl.arange(0, BW)
-        v = _load_xp(x, halo, xb, i_n * (W - 1) * C, lt - (W - 1) + o_w, ln, sxl, o_c, C, W, HAS_TAIL)
-        ptr = new_tail + (i_n * C + o_c.to(tl.int64))[None, :] * (W - 1) + o_w[:, None]
-        tl.store(ptr, v.to(new_tail.dtype.element_ty), mask=(o_w < W - 1)[:, None] & m_c[None, :])
+        v = _load_xp(x, halo, xb_n, i_n * (W - 1) * C, lt_n - (W - 1) + o_w, ln_n, sxl, o_c, C, W, HAS_TAIL)
+        tail_ptr = new_tail + (i_n * C + o_c.to(tl.int64))[None, :] * (W - 1) + o_w[:, None]
+        tl.store(tail_ptr, v.to(new_tail.dtype.element_ty), mask=(o_w < W - 1)[:, None] & m_c[None, :])
 
 
 @triton.jit
