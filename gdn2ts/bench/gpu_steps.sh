@@ -9,6 +9,9 @@
 #   fla      the baselines against FLA's layers (tests/lm/test_fla_parity.py; FLA's wheels in .whl/)
 #   lm16k    training tokens/s of swa_gdn2_1.3B at 16K context (compiled; with and without activation checkpointing)
 #   lm2k     the same at 2K context (compiled, 8,192-token micro-batches)
+#   fsdp     DDP, FSDP1 and FSDP2 on two GPUs through gdn2ts lm train (python -m gdn2ts.bench.fsdp), then the FSDP2
+#            run resumed on one GPU; needs two GPUs (nvidia-h100-x2), jsonargparse's wheels in .whl/ and the text in
+#            .devcarry/tinyshakespeare.txt, both carried (docs/lm-training.md)
 # Each step runs in its own process under a time limit; its log goes to $OUT/<step>.log (JSON records beside it)
 # and its last lines to stdout. The package is copied to /tmp/w with kernels/ as gdn2ts/kernels (no install
 # needed); FLA 0.6.0 comes as wheels in .whl/.
@@ -16,6 +19,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 W=/tmp/w
+ROOT=$PWD
 rm -rf "$W" && mkdir -p "$W"
 cp -r gdn2ts tests tasks pyproject.toml "$W"/ && rm -rf "$W/gdn2ts/kernels" && cp -r kernels "$W/gdn2ts/kernels"
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -50,6 +54,12 @@ for s in "$@"; do
         lm16k) step lm16k_ckpt 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, activation_checkpointing=True, json_path='$OUT/lm16k_ckpt.json')"
                step lm16k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, json_path='$OUT/lm16k.json')" ;;
         lm2k) step lm2k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(2048,), tokens_per_step=32768, micro_tokens=8192, steps=6, warmup=3, compile=True, json_path='$OUT/lm2k.json')" ;;
+        fsdp) text="[$ROOT/.devcarry/tinyshakespeare.txt]"
+              step fsdp 420 python3 -m gdn2ts.bench.fsdp --recipe tasks/lm/train/small_shakespeare.yaml --devices 2 \
+                  --steps 60 --out /tmp/runs/fsdp --json "$OUT/fsdp_gpu.json" --set --data.paths "$text"
+              step fsdp_resume 180 python3 -m gdn2ts.cli lm train tasks/lm/train/small_shakespeare.yaml \
+                  --data.paths "$text" --out /tmp/runs/fsdp/fsdp2 --train.max_steps 80 --train.grad_accum 2 --quiet true
+              cp /tmp/runs/fsdp/fsdp2/summary.json "$OUT/fsdp_resume_summary.json" ;;
         *) echo "unknown step $s" ;;
     esac
 done

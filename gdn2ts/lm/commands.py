@@ -22,16 +22,19 @@ def lm_train(model: str, data: DataConfig, optim: OptimConfig = _OPTIM, train: T
              quiet: bool = False) -> dict:
     """Train a language model from a recipe: ``gdn2ts lm train tasks/lm/train/tiny_shakespeare.yaml``.
 
-    Writes out/last.ckpt (tensors only), out/logs/version_<n>/metrics.csv and out/summary.json.
+    Writes out/last.ckpt (tensors and plain values only; a folder when sharded), out/logs/version_<n>/metrics.csv
+    and out/summary.json.
 
     Args:
         model: a model recipe name in tasks/lm/ (small_gdn2, ...) or a YAML path.
         data: the documents, tokenizer, block length and held-out fraction.
         optim: AdamW and the warmup + cosine schedule.
-        train: devices, precision, strategy, batch, length, logging and checkpoints.
+        train: nodes, devices, precision, strategy (ddp, fsdp, fsdp2), batch, data shares, length, logging and
+            checkpoints (full or sharded).
         vocab_size: replaces the model recipe's vocabulary size.
         out: output folder.
-        resume: a checkpoint to continue from; auto: out/last.ckpt when it exists; null: start afresh.
+        resume: a checkpoint (file or sharded folder, from any number of processes) to continue from; auto:
+            out/last.ckpt when it exists; null: start afresh.
         quiet: no progress bar.
     """
     from gdn2ts.lm.train import TrainError

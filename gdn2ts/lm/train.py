@@ -115,6 +115,16 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _local_state_gib(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    # this process's weights and optimizer state (its shards under FSDP): what sharding divides
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    tensors = [local(p) for p in model.parameters()]
+    tensors += [local(t) for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+
+
 def _batch(collate: Callable, blocks: list[dict], device) -> dict:
     return {k: v.to(device) for k, v in collate(blocks).items()}
 
@@ -219,7 +229,8 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
     per block, needed with a token budget (``train.max_tokens``). ``meta``: plain values stored in the checkpoint
     under ``config`` (the data and tokenizer settings, for generation). Returns the summary (steps, tokens,
     losses, perplexity, tokens/s, MFU, checkpoint path, seconds from launch to the first step, rank 0's peak memory
-    in GiB: the GPU's peak allocation, or the process's peak resident memory on the CPU).
+    in GiB: the GPU's peak allocation, or the process's peak resident memory on the CPU; rank 0's weights and
+    optimizer state in GiB, its shards under FSDP).
     """
     for name, value, kind in (("model_config", model_config, LMConfig), ("optim", optim, OptimConfig),
                               ("train", train, TrainConfig)):
@@ -353,7 +364,8 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
     for logger in fabric.loggers:
         logger.finalize("success")
     summary.update(steps=state["step"], total_steps=total, tokens=state["tokens"], train_seconds=train_seconds,
-                   world_size=world, flops_per_token=flops, peak_memory_gib=_peak_memory_gib(fabric.device))
+                   world_size=world, flops_per_token=flops, peak_memory_gib=_peak_memory_gib(fabric.device),
+                   local_state_gib=_local_state_gib(core, optimizer.optimizer))
     if fabric.global_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

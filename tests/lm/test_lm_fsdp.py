@@ -143,12 +143,16 @@ def test_sharded_checkpoint_round_trip_and_refusals(tmp_path):
     assert other_opt.param_groups[0]["betas"] == (0.9, 0.95)  # a tuple again
     whole = ckpt.read_checkpoint(tmp_path / "a.ckpt")
     assert all(torch.equal(whole["model"][n], p) for n, p in model.named_parameters())
-    # a full file of the same model and optimizer loads into a fresh pair too
+    # a full file loads into a fresh pair too, and so does one of the earlier format, whose optimizer state is
+    # numbered as optimizer.state_dict() gives it
     ckpt.save_full(tmp_path / "b.ckpt", model, opt, {"step": 1})
-    third, third_opt = CausalLM(TINY), None
-    third_opt = build_optimizer(third, OptimConfig())
-    assert ckpt.load_full(tmp_path / "b.ckpt", third, third_opt)["step"] == 1
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), third.parameters(), strict=True))
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 2}, tmp_path / "old.ckpt")
+    for name, step in (("b.ckpt", 1), ("old.ckpt", 2)):
+        third = CausalLM(TINY)
+        third_opt = build_optimizer(third, OptimConfig())
+        assert ckpt.load_full(tmp_path / name, third, third_opt)["step"] == step
+        for p, q in zip(model.parameters(), third.parameters(), strict=True):
+            assert torch.equal(p, q) and torch.equal(opt.state[p]["exp_avg_sq"], third_opt.state[q]["exp_avg_sq"])
     (tmp_path / "a.ckpt" / "state.json").unlink()
     with pytest.raises(ValueError, match="not a complete sharded checkpoint"):
         ckpt.load_sharded(tmp_path / "a.ckpt", other, other_opt)
