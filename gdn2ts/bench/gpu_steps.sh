@@ -50,7 +50,7 @@ for s in "$@"; do
         profile) step profile 240 python3 -m gdn2ts.bench.profile_layer --json "$OUT/profile_layer.json" ;;
         kernels) step kernels 540 python3 -m gdn2ts.bench.kernels --no-decode --json "$OUT/bench_kernels.json" ;;
         raw) step raw 300 python3 -m gdn2ts.bench.kernels --raw-only --json "$OUT/bench_raw.json" ;;
-        fla) step fla 540 python3 -m pytest -q -m gpu -rA tests/lm/test_fla_parity.py ;;
+        fla) TAIL=${TAIL:-80} step fla 540 python3 -m pytest -q -s -m gpu tests/lm/test_fla_parity.py ;;
         lm16k) step lm16k_ckpt 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, activation_checkpointing=True, json_path='$OUT/lm16k_ckpt.json')"
                step lm16k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(16384,), tokens_per_step=32768, micro_tokens=16384, steps=3, warmup=2, compile=True, json_path='$OUT/lm16k.json')" ;;
         lm2k) step lm2k 300 python3 -c "from gdn2ts.lm.throughput import measure_throughput as m; m('swa_gdn2_1.3B', seq_lens=(2048,), tokens_per_step=32768, micro_tokens=8192, steps=6, warmup=3, compile=True, json_path='$OUT/lm2k.json')" ;;

@@ -26,7 +26,7 @@ import torch
 
 from gdn2ts.layers import GatedDeltaNet2, GDN2Config
 
-from tolerances import assert_close
+from tolerances import assert_close, errors
 
 pytestmark = pytest.mark.gpu
 
@@ -107,6 +107,16 @@ def build(case: str, dtype: torch.dtype):
     return fla, ours, exact
 
 
+def check(dtype: torch.dtype, *comparisons: tuple[str, torch.Tensor, torch.Tensor]) -> None:
+    """``assert_close`` on each ``(name, actual, expected)``, after printing every measured error for the record
+    (``pytest -rA`` shows them), so that one failure does not hide the others' numbers."""
+    for name, actual, expected in comparisons:
+        rms, worst = errors(actual, expected)
+        print(f"{name} [{str(dtype).removeprefix('torch.')}]: relative RMS error {rms:.2e}, max error {worst:.2e}")
+    for name, actual, expected in comparisons:
+        assert_close(name, actual, expected, dtype)
+
+
 def _x(case: str, B: int, T: int, seed: int) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     return torch.randn(B, T, CASES[case][1]["hidden"], generator=gen, device="cuda", dtype=torch.float64)
@@ -128,15 +138,14 @@ def test_training_forward_and_input_gradient_match_fla(case, dtype):
     dy = torch.randn(2, 300, x.shape[-1], device="cuda", dtype=torch.float64)
     y_exact, dx_exact = _forward_backward(exact, x.double(), dy)
     y_ours, dx_ours = _forward_backward(ours, x, dy)
-    assert_close(f"{case} ours y", y_ours, y_exact, dtype)
-    assert_close(f"{case} ours dx", dx_ours, dx_exact, dtype)
+    comparisons = [(f"{case} ours y", y_ours, y_exact), (f"{case} ours dx", dx_ours, dx_exact)]
     if case in NO_FLA_BACKWARD:
         with torch.no_grad():
             y_fla = fla(x)[0]
     else:
         y_fla, dx_fla = _forward_backward(fla, x, dy)
-        assert_close(f"{case} FLA dx", dx_fla, dx_exact, dtype)
-    assert_close(f"{case} FLA y", y_fla, y_exact, dtype)
+        comparisons.append((f"{case} FLA dx", dx_fla, dx_exact))
+    check(dtype, (f"{case} FLA y", y_fla, y_exact), *comparisons)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -153,6 +162,5 @@ def test_inference_and_steps_match_fla(case):
         for t in range(x.shape[1]):
             y_t, state = ours.step(x[:, t], state)
             steps.append(y_t)
-    assert_close(f"{case} FLA y (inference)", y_fla, y_exact, dtype)
-    assert_close(f"{case} ours y (inference)", y_ours, y_exact, dtype)
-    assert_close(f"{case} ours steps", torch.stack(steps, 1), y_exact, dtype)
+    check(dtype, (f"{case} FLA y (inference)", y_fla, y_exact), (f"{case} ours y (inference)", y_ours, y_exact),
+          (f"{case} ours steps", torch.stack(steps, 1), y_exact))
