@@ -2,7 +2,8 @@
 same runner with streams well past its working set next to all streams in memory.
 
 Both models go through the same ingestion path (validation, grouping into rounds, the working set, the SQLite
-journal and snapshots); only ``encoder.step`` differs. For each number of streams the runner first sees every
+journal and snapshots); they are the same encoder but for the mixer of each block (GDN-2, or
+:class:`~gdn2ts.models.encoder.GRUEncoder`'s GRU). For each number of streams the runner first sees every
 stream once (untimed), then ``calls`` timed ``observe`` calls of one observation per stream, then one timed
 snapshot (``flush``). The scale cases (:mod:`gdn2ts.bench.streaming_scale`) stream every stream through the
 working set pass after pass, each case in a fresh process.
@@ -25,12 +26,11 @@ from torch import nn
 
 from gdn2ts.bench.common import environment
 from gdn2ts.bench.streaming_scale import scale_cases
-from gdn2ts.layers import RMSNorm
-from gdn2ts.models import EncoderConfig, EncoderState, StreamEncoder
-from gdn2ts.models.encoder import _SwiGLU
+from gdn2ts.models import EncoderConfig, StreamEncoder
+from gdn2ts.models.encoder import GRUEncoder
 from gdn2ts.streaming import CommitPolicy, OnlineRunner, SQLiteStore
 
-__all__ = ["GRUCellEncoder", "bench_streaming", "layer_state_floats"]
+__all__ = ["bench_streaming", "layer_state_floats"]
 
 
 def layer_state_floats(encoder: StreamEncoder) -> int:
@@ -42,61 +42,6 @@ def layer_state_floats(encoder: StreamEncoder) -> int:
     """
     layer = encoder.init_state(1).layers[0]
     return sum(t.numel() for t in layer)
-
-
-class GRUCellEncoder(nn.Module):
-    """The baseline: the encoder's blocks with an ``nn.GRUCell`` of ``state_size`` in place of each GDN-2 mixer
-    (the same tokens, norms, MLPs and heads); step only. A step with nothing observed leaves the state as it was.
-
-    Example:
-        >>> cfg = EncoderConfig(n_channels=2, hidden_size=16, num_heads=2, head_dim=8, horizon=3)
-        >>> gru = GRUCellEncoder(cfg, state_size=24)
-        >>> out = gru.step(torch.randn(4, 2), torch.ones(4, dtype=torch.float64), None, gru.init_state(4))
-        >>> out["forecast"].shape, out["state"].layers[0].shape
-        (torch.Size([4, 3, 2, 3]), torch.Size([4, 24]))
-    """
-
-    # the token embedding and the heads are the encoder's, shared rather than copied
-    _embed = StreamEncoder._embed
-    heads = StreamEncoder.heads
-
-    def __init__(self, config: EncoderConfig, state_size: int):
-        super().__init__()
-        self.config = cfg = config
-        d = cfg.hidden_size
-        self.embed = nn.Linear(2 * cfg.n_channels + 1 + cfg.n_covariates, d)
-        self.cells = nn.ModuleList(nn.GRUCell(d, state_size) for _ in range(cfg.n_layers))
-        self.outs = nn.ModuleList(nn.Linear(state_size, d, bias=False) for _ in range(cfg.n_layers))
-        self.mixer_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
-        self.mlps = nn.ModuleList(_SwiGLU(d, cfg.mlp_ratio) for _ in range(cfg.n_layers))
-        self.mlp_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
-        self.out_norm = RMSNorm(d, eps=cfg.norm_eps)
-        self.forecast_head = nn.Linear(d, cfg.horizon * cfg.n_channels * len(cfg.quantiles))
-        self.reconstruct_head = nn.Linear(d, cfg.n_channels)
-
-    def init_state(self, batch: int, device=None, dtype=None) -> EncoderState:
-        p = self.embed.weight
-        device, dtype = p.device if device is None else device, p.dtype if dtype is None else dtype
-        return EncoderState(tuple(torch.zeros(batch, c.hidden_size, device=device, dtype=dtype) for c in self.cells),
-                            torch.full((batch,), -float("inf"), dtype=torch.float64, device=device),
-                            torch.zeros(batch, self.config.hidden_size, device=device, dtype=dtype))
-
-    @torch.no_grad()
-    def step(self, values, timestamps, covariates=None, state=None) -> dict:
-        state = self.init_state(values.shape[0]) if state is None else state
-        observed = ~torch.isnan(values).all(-1)
-        elapsed = torch.where(torch.isfinite(state.last_time), timestamps - state.last_time, 0.0).where(observed, 0.0)
-        x = self._embed(values[:, None], elapsed[:, None], None if covariates is None else covariates[:, None])[:, 0]
-        layers = []
-        for norm, cell, out, mlp_norm, mlp, h in zip(self.mixer_norms, self.cells, self.outs, self.mlp_norms,
-                                                     self.mlps, state.layers, strict=True):
-            h = torch.where(observed[:, None], cell(norm(x), h), h)
-            x = x + out(h)
-            x = x + mlp(mlp_norm(x))
-            layers.append(h)
-        h = torch.where(observed[:, None], self.out_norm(x), state.last_output)
-        last_time = torch.where(observed, timestamps.to(torch.float64), state.last_time)
-        return {**self.heads(h), "observed": observed, "state": EncoderState(tuple(layers), last_time, h)}
 
 
 def _frames(n_streams: int, n_calls: int, channels: list[str], seed: int) -> list[pl.DataFrame]:
@@ -175,7 +120,7 @@ def bench_streaming(streams: tuple[int, ...] = (1, 10_000), calls: int = 20, sin
     torch.manual_seed(0)
     gdn2 = StreamEncoder(cfg)
     state_size = layer_state_floats(gdn2)
-    built = {"gdn2": gdn2, "gru": GRUCellEncoder(cfg, state_size)}
+    built = {"gdn2": gdn2, "gru": GRUEncoder(cfg, state_size)}
     names = [f"c{j}" for j in range(channels)]
     policy = CommitPolicy()
     before = torch.get_num_threads()

@@ -28,27 +28,10 @@ from pytorch_forecasting.utils import to_list
 from torch import nn
 
 from gdn2ts.layers import GatedDeltaNet2, GDN2Config, RMSNorm
+from gdn2ts.layers.block import Block, split_gate_up
+from gdn2ts.layers.mlp import SwiGLU
 
 __all__ = ["GDN2Model"]
-
-
-class _Block(nn.Module):
-    """Pre-norm residual block: GDN-2 mixer, then a SwiGLU MLP; ``[B, T, d] -> [B, T, d]``."""
-
-    def __init__(self, mixer: GDN2Config, mlp_ratio: float, dropout: float):
-        super().__init__()
-        d = mixer.hidden_size
-        h = max(1, int(d * mlp_ratio))
-        self.mixer_norm, self.mixer = RMSNorm(d), GatedDeltaNet2(mixer)
-        self.mlp_norm, self.gate_up = RMSNorm(d), nn.Linear(d, 2 * h, bias=False)
-        self.down = nn.Linear(h, d, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        y, _ = self.mixer(self.mixer_norm(x), attention_mask=mask)
-        x = x + self.dropout(y)
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.dropout(self.down(F.silu(gate) * up))
 
 
 def _names(*lists: list[str]) -> list[str]:
@@ -167,10 +150,20 @@ class GDN2Model(BaseModelWithCovariates):
         self.decoder_input = nn.Linear(max(n_dec, 1), hidden_size)
         self.decoder_step = nn.Embedding(max_prediction_length, hidden_size)
         nn.init.normal_(self.decoder_step.weight, std=0.02)
-        self.blocks = nn.ModuleList(_Block(mixer, mlp_ratio, dropout) for _ in range(n_layers))
+        width = max(1, int(hidden_size * mlp_ratio))
+        self.blocks = nn.ModuleList(Block(GatedDeltaNet2(mixer), SwiGLU(hidden_size, width), hidden_size,
+                                          dropout=dropout) for _ in range(n_layers))
         self.out_norm = RMSNorm(hidden_size)
         self._sizes = to_list(output_size)
         self.head = nn.Linear(hidden_size, sum(self._sizes))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights of the earlier blocks (the MLP's gate and up projections fused, ``blocks.i.gate_up`` and
+        # ``blocks.i.down``) load into the SwiGLU of each Block
+        for i in range(len(self.blocks)):
+            if f"{prefix}blocks.{i}.gate_up.weight" in state_dict:
+                split_gate_up(state_dict, f"{prefix}blocks.{i}.", f"{prefix}blocks.{i}.mlp.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def _pkg(cls):
@@ -231,7 +224,7 @@ class GDN2Model(BaseModelWithCovariates):
         steps = torch.arange(Te, device=h.device)
         mask = torch.cat([steps[None] < enc_len[:, None], h.new_ones(h.shape[0], Td, dtype=torch.bool)], dim=1)
         for block in self.blocks:
-            h = block(h, mask)
+            h, _ = block(h, attention_mask=mask)
         out = self.head(self.out_norm(h[:, Te:]))
         parts = [self._ordered(p, loss) for p, loss in zip(out.split(self._sizes, dim=-1), self._losses(), strict=True)]
         prediction = parts if self.n_targets > 1 else parts[0]

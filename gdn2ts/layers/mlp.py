@@ -1,4 +1,5 @@
-"""The SwiGLU feed-forward block of the language model: ``down(silu(gate(x)) * up(x))``, no biases."""
+"""The SwiGLU feed-forward block of every model (:class:`~gdn2ts.layers.block.Block`): ``down(silu(gate(x)) * up(x))``,
+no biases."""
 
 from __future__ import annotations
 

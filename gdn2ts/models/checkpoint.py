@@ -7,8 +7,11 @@ the :class:`EncoderConfig` as JSON, the global :class:`Scaler` (per-channel loca
 rows), the covariate names, the length of one time unit in seconds and a SHA-256 over the tensor bytes, so a
 damaged file is recognised rather than loaded. Format v2 adds the user's timestamp type (:class:`TimeSpec`), the
 per-stream scaling's stream ids, the input bounds (:class:`Limits`), the data's id and time column names and a free
-``info`` record (JSON: how it was trained). Version-1 files still load (numbers in model time units, global
-scaling); any other file is refused by name. Nothing is pickled: loading reads tensors and JSON only.
+``info`` record (JSON: how it was trained). Format v3 is v2 with the encoder's weights named by its blocks
+(``blocks.i.mixer``, ``blocks.i.mlp.gate_proj`` ...; :func:`~gdn2ts.models.encoder.upgrade_state_dict` renames
+the parallel lists of v1 and v2, ``mixers.i`` ... ``mlps.i.gate_up``, on load). Version-1 and version-2 files still
+load (v1: numbers in model time units, global scaling); any other file is refused by name. Nothing is pickled:
+loading reads tensors and JSON only.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gdn2ts.models.encoder import EncoderConfig, StreamEncoder
+from gdn2ts.models.encoder import EncoderConfig, StreamEncoder, upgrade_state_dict
 from gdn2ts.models.units import Limits, StreamScales, TimeSpec, format_duration
 
 __all__ = ["Scaler", "Checkpoint", "CheckpointError", "save_checkpoint", "write_checkpoint", "load_checkpoint",
            "TimeSpec", "StreamScales", "Limits", "FORMAT"]
 
-FORMAT = "gdn2ts.encoder.v2"
-FORMATS = ("gdn2ts.encoder.v1", FORMAT)
+FORMAT = "gdn2ts.encoder.v3"
+FORMATS = ("gdn2ts.encoder.v1", "gdn2ts.encoder.v2", FORMAT)
+_V2_METADATA = FORMATS[1:]  # formats with the time spec, per-stream scaling, limits, columns and info
 _SCALING = ("scaling.loc", "scaling.scale")
 
 
@@ -213,7 +217,7 @@ def save_checkpoint(path: str | Path, encoder: StreamEncoder, scaler: Scaler, co
 
 
 def write_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
-    """Write a :class:`Checkpoint` (format v2) to ``path``, atomically (beside it, then renamed)."""
+    """Write a :class:`Checkpoint` (format v3) to ``path``, atomically (beside it, then renamed)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.encoder.state_dict().items()}
     scales = ckpt.stream_scales
     if scales is not None:
@@ -261,7 +265,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     fmt = metadata.get("format")
     if fmt not in FORMATS:
         raise CheckpointError(f"checkpoint {str(path)!r} has format {fmt!r}, expected {FORMAT!r} (or the older "
-                              f"{FORMATS[0]!r}); it was not written by gdn2ts's save_checkpoint")
+                              f"{' or '.join(map(repr, FORMATS[:-1]))}); it was not written by gdn2ts's "
+                              f"save_checkpoint")
     try:
         raw = json.loads(metadata["config"])
         raw["quantiles"] = tuple(raw["quantiles"])
@@ -269,13 +274,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         scaler = Scaler(**json.loads(metadata["scaler"]))
         covariates = tuple(json.loads(metadata["covariates"]))
         time_unit_seconds = float(metadata["time_unit_seconds"])
-        extra = _v2_metadata(metadata, tensors, scaler) if fmt == FORMAT else {}
+        extra = _v2_metadata(metadata, tensors, scaler) if fmt in _V2_METADATA else {}
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has unreadable metadata ({type(e).__name__}: {e})") from None
     if _digest(tensors) != metadata.get("sha256"):
         raise CheckpointError(f"checkpoint {str(path)!r} fails its SHA-256 check: the weights are damaged")
     for name in _SCALING:
         tensors.pop(name, None)
+    if fmt != FORMAT:
+        upgrade_state_dict(tensors)
     encoder = StreamEncoder(config)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:

@@ -21,6 +21,7 @@ never asked to grow the state). :meth:`StreamEncoder.check_inputs` checks everyt
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,9 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn2ts.layers import GatedDeltaNet2, GDN2Config, GDN2State, RMSNorm
+from gdn2ts.layers.block import Block, fuse_gate_up, split_gate_up
+from gdn2ts.layers.gru import GRUMixer
+from gdn2ts.layers.mlp import SwiGLU
 from gdn2ts.ops import validate
 
-__all__ = ["EncoderConfig", "EncoderState", "StreamEncoder"]
+__all__ = ["EncoderConfig", "EncoderState", "GRUEncoder", "StreamEncoder", "downgrade_state_dict", "upgrade_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -90,18 +94,6 @@ class EncoderState(NamedTuple):
     """``[B, hidden]`` the encoder output at the last observation (what forecasts read between observations)."""
 
 
-class _SwiGLU(nn.Module):
-    def __init__(self, d: int, ratio: float):
-        super().__init__()
-        h = max(1, int(d * ratio))
-        self.gate_up = nn.Linear(d, 2 * h, bias=False)
-        self.down = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
 class StreamEncoder(nn.Module):
     """GDN-2 encoder over ``[B, T, channels]`` observations with NaN for missing values.
 
@@ -115,22 +107,42 @@ class StreamEncoder(nn.Module):
         (torch.Size([2, 10, 4, 3, 3]), torch.Size([2, 10, 3]))
     """
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: EncoderConfig, mixer: Callable[[], nn.Module] | None = None):
+        """``mixer`` builds each block's mixer (default: the GDN-2 mixer of ``config.variant``); the GRU baseline
+        (:class:`GRUEncoder`) passes a :class:`~gdn2ts.layers.gru.GRUMixer`. A mixer takes
+        and returns its state and accepts ``attention_mask`` and ``decay_scale`` (``step``: ``mask``)."""
         super().__init__()
         if not isinstance(config, EncoderConfig):
             raise ValueError(f"StreamEncoder: 'config' expected an EncoderConfig, got {type(config).__name__}")
         self.config = cfg = config
         d = cfg.hidden_size
         self.embed = nn.Linear(2 * cfg.n_channels + 1 + cfg.n_covariates, d)
-        mixer = GDN2Config.variant(cfg.variant, hidden_size=d, num_heads=cfg.num_heads, head_k_dim=cfg.head_dim,
-                                   head_v_dim=cfg.head_dim, gate_low_rank=max(4, min(128, d // 2)))
-        self.mixers = nn.ModuleList(GatedDeltaNet2(mixer) for _ in range(cfg.n_layers))
-        self.mixer_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
-        self.mlps = nn.ModuleList(_SwiGLU(d, cfg.mlp_ratio) for _ in range(cfg.n_layers))
-        self.mlp_norms = nn.ModuleList(RMSNorm(d, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
+        if mixer is None:
+            gdn2 = GDN2Config.variant(cfg.variant, hidden_size=d, num_heads=cfg.num_heads, head_k_dim=cfg.head_dim,
+                                      head_v_dim=cfg.head_dim, gate_low_rank=max(4, min(128, d // 2)))
+
+            def mixer():
+                return GatedDeltaNet2(gdn2)
+        # every mixer, then every MLP: the order in which a seed initializes them has not changed
+        mixers = [mixer() for _ in range(cfg.n_layers)]
+        mlps = [SwiGLU(d, max(1, int(d * cfg.mlp_ratio))) for _ in range(cfg.n_layers)]
+        self.blocks = nn.ModuleList(Block(m, mlp, d, cfg.norm_eps) for m, mlp in zip(mixers, mlps, strict=True))
         self.out_norm = RMSNorm(d, eps=cfg.norm_eps)
         self.forecast_head = nn.Linear(d, cfg.horizon * cfg.n_channels * len(cfg.quantiles))
         self.reconstruct_head = nn.Linear(d, cfg.n_channels)
+        self._register_load_state_dict_pre_hook(_upgrade_state_dict)
+
+    @property
+    def mixers(self) -> tuple[nn.Module, ...]:
+        """Each block's mixer, first to last."""
+        return tuple(b.mixer for b in self.blocks)
+
+    def fingerprint_state(self) -> dict[str, torch.Tensor]:
+        """The weights under the names of the layout before :class:`~gdn2ts.layers.block.Block` (``mixers.i``,
+        ``mixer_norms.i``, ``mlps.i.gate_up`` fused, ``mlps.i.down``, ``mlp_norms.i``): what
+        :func:`~gdn2ts.streaming.model_fingerprint` hashes, so that stores bound to a model before the change
+        still open with the same weights (the inverse of the renaming that loads such weights)."""
+        return downgrade_state_dict(self.state_dict(), self.config.n_layers)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -176,12 +188,9 @@ class StreamEncoder(nn.Module):
         elapsed = torch.where(torch.isfinite(prev), timestamps - prev, 0.0).where(observed, 0.0).clamp(min=0.0)
         x = self._embed(values, elapsed, covariates)
         layer_states = []
-        for norm, mixer, layer_state, mlp_norm, mlp in zip(self.mixer_norms, self.mixers, state.layers,
-                                                           self.mlp_norms, self.mlps, strict=True):
-            y, new = mixer(norm(x), layer_state, attention_mask=observed,
-                           decay_scale=(elapsed / self.config.time_unit).to(x.dtype))
-            x = x + y
-            x = x + mlp(mlp_norm(x))
+        decay_scale = (elapsed / self.config.time_unit).to(x.dtype)
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x, new = block(x, layer_state, attention_mask=observed, decay_scale=decay_scale)
             layer_states.append(new)
         # between observations the outputs repeat the last observed step's (from this call or the state)
         pos = torch.arange(T, device=values.device).expand(B, T)
@@ -221,12 +230,9 @@ class StreamEncoder(nn.Module):
         elapsed = elapsed.clamp(min=0.0)
         x = self._embed(values[:, None], elapsed[:, None], None if covariates is None else covariates[:, None])[:, 0]
         layer_states = []
-        for norm, mixer, layer_state, mlp_norm, mlp in zip(self.mixer_norms, self.mixers, state.layers,
-                                                           self.mlp_norms, self.mlps, strict=True):
-            y, new = mixer.step(norm(x), layer_state, mask=observed,
-                                decay_scale=(elapsed / self.config.time_unit).to(x.dtype))
-            x = x + y
-            x = x + mlp(mlp_norm(x))
+        decay_scale = (elapsed / self.config.time_unit).to(x.dtype)
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x, new = block.step(x, layer_state, mask=observed, decay_scale=decay_scale)
             layer_states.append(new)
         h = torch.where(observed[:, None], self.out_norm(x), state.last_output.to(x.dtype))
         last_time = torch.where(observed, torch.maximum(timestamps.to(torch.float64), state.last_time),
@@ -332,3 +338,80 @@ class StreamEncoder(nn.Module):
             raise ValueError(f"StreamEncoder: argument 'timestamps' expected each observation after the stream's "
                              f"previous one; row {row}, step {col}: {float(timestamps[row, col])} is not after "
                              f"{float(prev[row, col])}")
+
+
+class GRUEncoder(StreamEncoder):
+    """The recurrent baseline: a :class:`StreamEncoder` whose mixers are GRUs (:class:`~gdn2ts.layers.gru.GRUMixer`:
+    ``GRU(hidden -> state_size)`` then ``Linear(state_size -> hidden)``); tokens, MLPs, heads, checks and state
+    handling are the encoder's. Elapsed time only enters through the token (a GRU has no decay to scale). Each
+    layer's state is ``[B, state_size]``.
+
+    Args:
+        config: the encoder configuration (``variant``, ``num_heads`` and ``head_dim`` are not used).
+        state_size: GRU state per block; :func:`gdn2ts.apps.baselines.encoder_state_floats` gives an encoder's.
+
+    Example:
+        >>> import torch
+        >>> cfg = EncoderConfig(n_channels=3, hidden_size=16, horizon=4)
+        >>> gru = GRUEncoder(cfg, state_size=24)
+        >>> values = torch.randn(2, 10, 3); values[0, 4] = float("nan")
+        >>> times = torch.arange(10.0).expand(2, 10).double()
+        >>> out = gru(values, times)
+        >>> out["forecast"].shape, out["state"].layers[0].shape
+        (torch.Size([2, 10, 4, 3, 3]), torch.Size([2, 24]))
+    """
+
+    def __init__(self, config: EncoderConfig, state_size: int):
+        if not isinstance(config, EncoderConfig):
+            raise ValueError(f"GRUEncoder: 'config' expected an EncoderConfig, got {type(config).__name__}")
+        if isinstance(state_size, bool) or not isinstance(state_size, int) or state_size < 1:
+            raise ValueError(f"GRUEncoder: 'state_size' expected a positive int, got {state_size!r}")
+        super().__init__(config, mixer=lambda: GRUMixer(config.hidden_size, state_size))
+        self.state_size = state_size
+
+# The layout before Block: parallel lists, the MLP's gate and up projections fused in one matrix.
+_OLD_LISTS = (("mixers.", "mixer."), ("mixer_norms.", "mixer_norm."), ("mlp_norms.", "mlp_norm."))
+
+
+def upgrade_state_dict(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Rename, in place, an encoder ``state_dict`` of the earlier layout (``mixers.i.*``, ``mixer_norms.i``,
+    ``mlps.i.gate_up`` / ``mlps.i.down``, ``mlp_norms.i``; checkpoint formats v1 and v2) to blocks
+    (``blocks.i.mixer.*``, ``blocks.i.mixer_norm``, ``blocks.i.mlp.gate_proj`` / ``up_proj`` / ``down_proj``,
+    ``blocks.i.mlp_norm``); a ``state_dict`` already in the new layout is left as it is. Returns ``tensors``.
+
+    Example:
+        >>> enc = StreamEncoder(EncoderConfig(n_channels=1, hidden_size=8, num_heads=1, head_dim=4, n_layers=1))
+        >>> old = downgrade_state_dict(enc.state_dict(), 1)
+        >>> sorted(k for k in old if k.startswith("mlps."))
+        ['mlps.0.down.weight', 'mlps.0.gate_up.weight']
+        >>> sorted(upgrade_state_dict(old)) == sorted(enc.state_dict())
+        True
+    """
+    layers = {int(k[len(prefix):].split(".")[1]) for k in tensors if k.startswith(f"{prefix}mlps.")}
+    for i in sorted(layers):
+        split_gate_up(tensors, f"{prefix}mlps.{i}.", f"{prefix}blocks.{i}.mlp.")
+    for key in [k for k in tensors if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _OLD_LISTS:
+            if rest.startswith(old):
+                i, _, tail = rest[len(old):].partition(".")
+                tensors[f"{prefix}blocks.{i}.{new}{tail}"] = tensors.pop(key)
+    return tensors
+
+
+def downgrade_state_dict(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`upgrade_state_dict`, on a copy: an encoder ``state_dict`` under the earlier names."""
+    out = dict(tensors)
+    for i in range(n_layers):
+        fuse_gate_up(out, f"blocks.{i}.mlp.", f"mlps.{i}.")
+    for key in [k for k in out if k.startswith("blocks.")]:
+        i, _, rest = key[len("blocks."):].partition(".")
+        for old, new in _OLD_LISTS:
+            if rest.startswith(new):
+                out[f"{old}{i}.{rest[len(new):]}"] = out.pop(key)
+    return out
+
+
+def _upgrade_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """``load_state_dict`` pre-hook: weights saved in the earlier layout load into the blocks."""
+    upgrade_state_dict(state_dict, prefix)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gdn2ts.layers.attention import Attention, AttentionConfig, AttentionState
+from gdn2ts.layers.block import Block
 from gdn2ts.layers.gdn2 import GatedDeltaNet2, GDN2State
 from gdn2ts.layers.mamba3 import Mamba3, Mamba3State
 from gdn2ts.layers.mamba3_config import Mamba3Config
@@ -30,8 +31,10 @@ __all__ = ["CausalLM", "LMBlock", "LMState"]
 LMState = tuple[GDN2State | Mamba3State | AttentionState, ...]
 
 
-class LMBlock(nn.Module):
-    """``x + mixer(norm(x))`` then ``+ mlp(norm(.))``, ``[B, T, hidden] -> [B, T, hidden]`` with the mixer's state.
+class LMBlock(Block):
+    """The LM's :class:`~gdn2ts.layers.block.Block`: the mixer named ``mixer`` built from ``config``, a SwiGLU
+    MLP; ``[B, T, hidden] -> [B, T, hidden]`` with the mixer's state. Its own class so that FSDP and activation
+    checkpointing wrap the LM's blocks by type.
 
     Example:
         >>> import torch
@@ -44,29 +47,16 @@ class LMBlock(nn.Module):
     """
 
     def __init__(self, config: LMConfig, mixer: str):
-        super().__init__()
-        self.name = mixer
         mixer_cfg = config.mixer_config(mixer)
-        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
         if isinstance(mixer_cfg, AttentionConfig):
-            self.mixer = Attention(mixer_cfg)
+            layer = Attention(mixer_cfg)
         elif isinstance(mixer_cfg, Mamba3Config):
-            self.mixer = Mamba3(mixer_cfg)
+            layer = Mamba3(mixer_cfg)
         else:
-            self.mixer = GatedDeltaNet2(mixer_cfg)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: torch.Tensor, state=None, cu_seqlens: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
-        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
-
-    def step(self, x_t: torch.Tensor, state):
-        y, state = self.mixer.step(self.mixer_norm(x_t), state)
-        x_t = x_t + y
-        return x_t + self.mlp(self.mlp_norm(x_t)), state
+            layer = GatedDeltaNet2(mixer_cfg)
+        super().__init__(layer, SwiGLU(config.hidden_size, config.intermediate_size), config.hidden_size,
+                         config.norm_eps)
+        self.name = mixer
 
 
 class CausalLM(nn.Module):
@@ -173,7 +163,7 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         new = []
         for block, s in zip(self.blocks, states, strict=True):
-            x, s = block(x, s, cu_seqlens, attention_mask)
+            x, s = block(x, s, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
             new.append(s)
         return self.lm_head(self.norm(x)), None if cu_seqlens is not None else tuple(new)
 

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from gdn2ts.models import StreamEncoder
+from gdn2ts.models.encoder import upgrade_state_dict
 from gdn2ts.streaming.errors import CorruptRecordError
 from gdn2ts.streaming.history import LearnPlan
 from gdn2ts.streaming.records import read_metadata, save_tensors
@@ -42,7 +43,8 @@ __all__ = ["LearnConfig", "LearnResult", "Learner", "Learned", "decode_learned",
 
 MODEL_BLOB = "model"
 """Name of the store blob that holds the learned weights."""
-FORMAT = "gdn2ts.learned.v1"
+FORMAT = "gdn2ts.learned.v2"
+FORMAT_V1 = "gdn2ts.learned.v1"
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,12 @@ def decode_learned(payload: bytes) -> Learned:
     try:
         tensors = dict(st_load(payload))
         meta = read_metadata(payload)
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in (FORMAT_V1, FORMAT):
             raise ValueError(f"format {meta.get('format')!r}")
+        if meta["format"] == FORMAT_V1:
+            # weights of the encoder's layout before blocks: renamed; AdamW's moments were kept by parameter
+            # index in that layout's order (one fused MLP matrix per layer), so learning resumes with fresh moments
+            tensors = {k: v for k, v in upgrade_state_dict(tensors, "w.").items() if k.startswith("w.")}
         return Learned(meta["lineage"], int(meta["version"]), meta["weights"],
                        LearnConfig(**json.loads(meta["config"])), tensors)
     except Exception as e:  # any decoding failure is a corrupt blob, named

@@ -54,10 +54,13 @@ _VIEW_ATTEMPTS = 5  # fresh starts of a read-only view's replay before a failing
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over the model's class, configuration and parameter bytes: states written by another model (or
-    other weights) are recognised."""
+    other weights) are recognised. The parameters are named as the model's ``fingerprint_state()`` names them
+    where it has one (:meth:`~gdn2ts.models.StreamEncoder.fingerprint_state`: a fixed layout, so that renaming
+    modules does not orphan the stores bound to a model), as its ``state_dict`` otherwise."""
     h = hashlib.sha256(type(model).__name__.encode())
     h.update(repr(getattr(model, "config", "")).encode())
-    for name, t in sorted(model.state_dict().items()):
+    fingerprint_state = getattr(model, "fingerprint_state", model.state_dict)
+    for name, t in sorted(fingerprint_state().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]

@@ -70,7 +70,7 @@ def test_missing_and_non_safetensors_files(tmp_path):
 def test_other_format_is_refused(tmp_path):
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="has format 'pt', expected .gdn2ts.encoder.v2."):
+    with pytest.raises(CheckpointError, match="has format 'pt', expected .gdn2ts.encoder.v3."):
         load_checkpoint(other)
 
 
