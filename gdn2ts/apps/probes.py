@@ -26,6 +26,7 @@ import torch
 from gdn2ts.apps.baselines import GRUEncoder, encoder_state_floats
 from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes
 from gdn2ts.models import EncoderConfig, StreamEncoder
+from gdn2ts.models.schedule import encoder_schedule
 
 __all__ = ["ProbeModelConfig", "ProbeTrainConfig", "ProbeEvalConfig", "build_model", "run_task", "MODELS", "TASKS"]
 
@@ -247,14 +248,6 @@ def _score_needle(model, batch, cfg: NeedleConfig, ev: ProbeEvalConfig):
     return _bin_labels(ev.delay_bins), counts, {"mse": mse, "accuracy": acc}
 
 
-def _lr_at(step: int, train: ProbeTrainConfig) -> float:
-    warm = max(1, train.steps // 20)
-    if step < warm:
-        return train.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, train.steps - warm)
-    return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def run_task(task: str, task_config: RegimeConfig | NeedleConfig, model_config: ProbeModelConfig,
              train: ProbeTrainConfig, evaluation: ProbeEvalConfig,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, TaskResult]:
@@ -307,6 +300,7 @@ def run_task(task: str, task_config: RegimeConfig | NeedleConfig, model_config: 
     results: dict[str, TaskResult] = {}
     total = len(model_config.models) * len(train.seeds) * train.steps
     done = 0
+    lr_at = encoder_schedule(train.steps, peak=train.lr)
     for name in model_config.models:
         result = None
         for seed in train.seeds:
@@ -317,7 +311,7 @@ def run_task(task: str, task_config: RegimeConfig | NeedleConfig, model_config: 
             start = time.perf_counter()
             for step in range(train.steps):
                 for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, train)
+                    group["lr"] = lr_at(step)
                 # the batches depend on (seed, step) only: every model sees the same data
                 loss = loss_fn(model, make(task_config, seed * 1_000_000 + step, train.batch))
                 opt.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gdn2ts.layers.norm import RMSNorm
+from gdn2ts.models.schedule import WarmupCosine
 
 __all__ = ["OptimConfig", "WarmupCosine", "build_optimizer", "build_scheduler", "no_decay_names", "param_groups"]
 
@@ -154,39 +155,10 @@ def build_optimizer(model: nn.Module, config: OptimConfig, no_decay: set[str] | 
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
 
 
-class WarmupCosine:
-    """The learning-rate factor of optimizer step ``step`` (0-based) of ``total_steps``: ``(step + 1) / warmup``
-    during the warmup, then a cosine from 1 to ``min_ratio`` at the last step.
-
-    A callable object rather than a closure so that ``LambdaLR.state_dict()`` records its numbers and a checkpoint
-    stays plain data.
-
-    Example:
-        >>> f = WarmupCosine(warmup_steps=2, total_steps=6, min_ratio=0.1)
-        >>> [round(f(s), 4) for s in range(6)]
-        [0.5, 1.0, 1.0, 0.775, 0.325, 0.1]
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"WarmupCosine: argument 'total_steps' expected an int >= 1, got {total_steps!r}")
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_ratio = min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = self.total_steps - 1 - self.warmup_steps
-        # a run with no step after the warmup has no decay to do: it stays at the peak
-        progress = min(1.0, (step - self.warmup_steps) / span) if span > 0 else 0.0
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The warmup + cosine schedule over ``total_steps`` optimizer steps (call ``step()`` after each
-    ``optimizer.step()``).
+    """The warmup + cosine schedule (:class:`~gdn2ts.models.schedule.WarmupCosine`) over ``total_steps`` optimizer
+    steps, ending at ``min_lr_ratio * lr`` on the last (call ``step()`` after each ``optimizer.step()``).
 
     Example:
         >>> from gdn2ts.lm import build_model

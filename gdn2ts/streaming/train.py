@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from gdn2ts.models import StreamEncoder
+from gdn2ts.models.schedule import encoder_schedule
 
 __all__ = ["TrainConfig", "Windows", "make_windows", "pinball_loss", "window_loss", "sample_windows", "fit"]
 
@@ -178,15 +179,7 @@ def fit(encoder: StreamEncoder, values: torch.Tensor, times: torch.Tensor, covar
     cfg = encoder.config
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warm = max(1, config.steps // 20)
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, config.steps - warm)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, encoder_schedule(config.steps))
     encoder.train()
     history, start = [], time.perf_counter()
     progress = None

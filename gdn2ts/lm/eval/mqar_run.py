@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from gdn2ts.lm.eval.mqar import IGNORE_INDEX, MQARConfig, evaluate_mqar, make_mqar
 from gdn2ts.models.lm import CausalLM
 from gdn2ts.models.lm_config import MIXERS, LMConfig
+from gdn2ts.models.schedule import WarmupCosine
 
-__all__ = ["MQARModelConfig", "MQARTrainConfig", "MQAREvalConfig", "train_mqar_run", "lr_at"]
+__all__ = ["MQARModelConfig", "MQARTrainConfig", "MQAREvalConfig", "train_mqar_run"]
 
 
 def _ints(owner: str, obj, names: tuple[str, ...], low: int = 1) -> None:
@@ -116,7 +117,7 @@ class MQARTrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay of the matrices (not of norms, biases, ``A_log``, ``dt_bias``, ``D``)."""
     warmup_steps: int = 40
-    """Linear warmup steps from 0 to ``lr``."""
+    """Steps of linear warmup, from ``lr / warmup_steps`` up to ``lr``."""
     min_lr_ratio: float = 0.1
     """The cosine ends at ``min_lr_ratio * lr``."""
     grad_clip: float = 1.0
@@ -166,6 +167,17 @@ class MQARTrainConfig:
             out.append(replace(level, num_pairs=pairs, num_queries=queries))
         return out
 
+    def schedule(self) -> WarmupCosine:
+        """The learning rate of each optimizer step (0-based): linear warmup to ``lr``, then a cosine to
+        ``min_lr_ratio * lr`` at the last step.
+
+        Example:
+            >>> lr = MQARTrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1).schedule()
+            >>> [round(lr(s), 3) for s in (0, 9, 10, 99)]
+            [0.1, 1.0, 1.0, 0.1]
+        """
+        return WarmupCosine(self.warmup_steps, self.steps, self.min_lr_ratio, peak=self.lr)
+
 
 @dataclass(frozen=True)
 class MQAREvalConfig:
@@ -183,21 +195,6 @@ class MQAREvalConfig:
     def __post_init__(self):
         _ints("MQAREvalConfig", self, ("num_examples", "batch_size", "curve_examples"))
         _ints("MQAREvalConfig", self, ("seed",), low=0)
-
-
-def lr_at(step: int, train: MQARTrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio * lr``.
-
-    Example:
-        >>> t = MQARTrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-        >>> [round(lr_at(s, t), 3) for s in (0, 9, 10, 99)]
-        [0.1, 1.0, 1.0, 0.1]
-    """
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    span = max(1, train.steps - 1 - train.warmup_steps)
-    frac = min(1.0, (step - train.warmup_steps) / span)
-    return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -243,9 +240,10 @@ def train_mqar_run(level: MQARConfig, mixer: str, seed: int, model_cfg: MQARMode
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
+    lr_at = train.schedule()
     for step in range(train.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, train)
+            group["lr"] = lr_at(step)
         ids, labels = make_mqar(mix[step % len(mix)], train.batch_size, gen, device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits, _ = model(ids)
