@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["merge", "print_table", "markdown_table", "plot_records", "main"]
+__all__ = ["merge", "print_table", "markdown_table", "difference_interval", "differences_table", "plot_records",
+           "main"]
 
 LABELS = {"seasonal_naive": "seasonal naive", "forecaster_frozen": "GDN-2 forecaster, frozen",
           "forecaster_ogd": "GDN-2 forecaster + OGD", "runner_frozen": "streaming runner, frozen",
@@ -54,6 +55,53 @@ def markdown_table(records: list[dict]) -> str:
             if name in hr.get("selection", {}):
                 lrs.append(f"{hr['selection'][name]['lr']:g}")
         lines.append("| " + " | ".join(cells + [", ".join(lrs) or "-"]) + " |")
+    return "\n".join(lines)
+
+
+def difference_interval(a, b, block: int = 7, n_boot: int = 2000, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired days (each a day's test MSE of two methods) and its ``level`` interval by a
+    circular moving-block bootstrap over blocks of ``block`` days (errors of nearby days are correlated).
+
+    Example:
+        >>> d, lo, hi = difference_interval([1.0, 2.0, 3.0, 2.0] * 10, [1.0, 1.5, 2.5, 2.0] * 10, block=4)
+        >>> round(d, 3), lo <= d <= hi
+        (0.25, True)
+    """
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(diff)
+    if n < block:
+        raise ValueError(f"difference_interval: expected at least {block} paired days, got {n}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n, size=(n_boot, -(-n // block)))
+    idx = (starts[..., None] + np.arange(block)).reshape(n_boot, -1)[:, :n] % n
+    means = diff[idx].mean(1)
+    tail = (1 - level) / 2
+    return float(diff.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+# the comparisons tabulated: (method, against)
+PAIRS = (("forecaster_ogd", "forecaster_frozen"), ("runner_learn", "runner_frozen"),
+         ("runner_learn", "seasonal_naive"), ("forecaster_ogd", "seasonal_naive"),
+         ("runner_learn", "forecaster_ogd"))
+
+
+def differences_table(records: list[dict]) -> str:
+    """Differences of test MSE between methods, per horizon, over the paired days of the test part, with 95 %
+    block-bootstrap intervals (:func:`difference_interval`), as a Markdown table."""
+    horizons, _ = _rows(records)
+    head = ["difference of daily test MSE"] + [f"H={h}" for h in horizons]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b in PAIRS:
+        cells = []
+        for hr in horizons.values():
+            ma, mb = hr["methods"].get(a), hr["methods"].get(b)
+            if ma is None or mb is None:
+                cells.append("-")
+                continue
+            d, lo, hi = difference_interval(ma["test"]["block_mse"], mb["test"]["block_mse"])
+            cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append(f"| {LABELS[a]} - {LABELS[b]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -129,7 +177,10 @@ def main(paths: list[str], plot: str | None = None, markdown: bool = True) -> No
         markdown: print the table as Markdown (else a terminal table).
     """
     records = [json.loads(Path(p).read_text()) for p in paths]
-    print(markdown_table(records)) if markdown else print_table(records)
+    if markdown:
+        print(markdown_table(records) + "\n\n" + differences_table(records))
+    else:
+        print_table(records)
     if plot is not None:
         plot_records(records, plot)
 

@@ -190,6 +190,12 @@ def test_harness_invariants_on_a_tiny_series(tiny_run):
     assert disk["horizons"][str(H)]["methods"]["runner_learn"]["test"]["mse"] == \
         hr["methods"]["runner_learn"]["test"]["mse"]
     assert disk["environment"]["cpu"] and disk["date"] and disk["selection_rule"]
+    # the report: every method tabulated, paired daily differences with their intervals
+    from gdn2ts.apps.online_report import differences_table, markdown_table
+
+    assert markdown_table([disk]).count("\n") == 1 + len(hr["methods"])
+    diffs = differences_table([disk]).splitlines()[2:]
+    assert len(diffs) == 5 and all("[" in line for line in diffs)
 
 
 def test_command_writes_record_and_plot(tmp_path):
