@@ -147,7 +147,7 @@ class QuickstartConfig:
             >>> QuickstartConfig.from_yaml("tasks/streaming/quickstart.yaml") == QuickstartConfig()
             True
         """
-        from gdn2ts.apps.train_recipe import load_typed
+        from gdn2ts.models.typed_yaml import load_typed
 
         return load_typed(cls, path, "quickstart: recipe")
 

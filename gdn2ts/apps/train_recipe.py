@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gdn2ts.models.typed_yaml import load_typed
 from gdn2ts.models.units import Limits
 from gdn2ts.streaming.train import TrainConfig
 
-__all__ = ["DataRecipe", "ModelRecipe", "TrainRecipe", "load_recipe", "load_typed"]
+__all__ = ["DataRecipe", "ModelRecipe", "TrainRecipe", "load_recipe"]
 
 
 @dataclass(frozen=True)
@@ -75,24 +76,6 @@ class TrainRecipe:
     """The optimisation (windows, steps, learning rate, time limit, seed)."""
     threads: int = 1
     """Torch CPU threads while training."""
-
-
-def load_typed(cls, path: str | Path, what: str = "recipe"):
-    """An instance of the dataclass ``cls`` from a YAML file, typed and validated by jsonargparse: an unknown key
-    or a value of the wrong type is a ``ValueError`` naming it (and the file)."""
-    import yaml
-    from jsonargparse import ArgumentParser
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} does not exist")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, "value")
-    try:
-        cfg = parser.parse_object({"value": yaml.safe_load(path.read_text()) or {}})
-        return parser.instantiate(cfg).value
-    except Exception as e:  # jsonargparse's parse errors, and the dataclass's own checks
-        raise ValueError(f"{what} {str(path)!r}: {e}") from None
 
 
 def load_recipe(path: str | Path) -> TrainRecipe:

@@ -17,12 +17,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from gdn2ts.lm.optim import OptimConfig
 from gdn2ts.lm.recipes import load_recipe
 from gdn2ts.lm.train_config import TrainConfig
 from gdn2ts.models.lm_config import LMConfig
+from gdn2ts.models.typed_yaml import load_typed
 
 __all__ = ["TRAIN_RECIPE_DIR", "DataConfig", "TrainRecipe", "build_data", "list_train_recipes", "load_train_recipe",
            "model_config", "run_recipe"]
@@ -116,20 +115,10 @@ def list_train_recipes() -> list[str]:
     return sorted(p.stem for p in TRAIN_RECIPE_DIR.glob("*.yaml"))
 
 
-def _section(cls, values, where: str):
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
-    return cls(**values)
-
-
 def load_train_recipe(recipe: str | Path) -> TrainRecipe:
-    """The :class:`TrainRecipe` of a name in :data:`TRAIN_RECIPE_DIR` or of a YAML path.
+    """The :class:`TrainRecipe` of a name in :data:`TRAIN_RECIPE_DIR` or of a YAML path, read by the parser of
+    ``gdn2ts lm train --config`` (:func:`~gdn2ts.models.typed_yaml.load_typed`): an unknown or missing field, a
+    value of the wrong type or one a section's checks refuse is a ValueError naming it and the file.
 
     Example:
         >>> r = load_train_recipe("tiny_shakespeare")
@@ -142,18 +131,7 @@ def load_train_recipe(recipe: str | Path) -> TrainRecipe:
     if not path.is_file():
         raise ValueError(f"load_train_recipe: argument 'recipe' expected a YAML path or one of "
                          f"{list_train_recipes()}, got {str(recipe)!r}")
-    values = yaml.safe_load(path.read_text())
-    where = f"load_train_recipe('{path}')"
-    if not isinstance(values, dict) or "model" not in values or "data" not in values:
-        raise ValueError(f"{where}: expected a mapping with 'model' and 'data', got {type(values).__name__}")
-    top = {f.name for f in dataclasses.fields(TrainRecipe)}
-    unknown = sorted(set(values) - top)
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; expected some of {sorted(top)}")
-    return TrainRecipe(model=str(values["model"]), data=_section(DataConfig, values["data"], f"{where} data"),
-                       optim=_section(OptimConfig, values.get("optim"), f"{where} optim"),
-                       train=_section(TrainConfig, values.get("train"), f"{where} train"),
-                       vocab_size=values.get("vocab_size"), out=str(values.get("out", "runs/lm")))
+    return load_typed(TrainRecipe, path, "load_train_recipe: recipe")
 
 
 def model_config(recipe: TrainRecipe, tokenizer_vocab: int | None = None) -> LMConfig:

@@ -187,3 +187,23 @@ def test_compiled_training_matches_eager(tmp_path):
     assert weights[True].keys() == weights[False].keys()  # plain names, no compile prefix
     for name, w in weights[False].items():
         torch.testing.assert_close(weights[True][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("model: tiny_gdn2\ndata: {paths: [a.txt], tokenizr: bytes}\n", "does not accept option 'data.tokenizr'"),
+    ("model: tiny_gdn2\ndata: {paths: [a.txt]}\noptimizer: {lr: 1.0}\n", "does not accept option 'optimizer.lr'"),
+    ("data: {paths: [a.txt]}\n", "required: recipe.model"),
+    ("model: tiny_gdn2\ndata: {paths: [a.txt]}\ntrain: {max_steps: many}\n", "recipe.train.max_steps"),
+    ("model: tiny_gdn2\ndata: {paths: [a.txt]}\noptim: {betas: [0.9, 2.0]}\n", "OptimConfig: field 'betas'"),
+    ("model: tiny_gdn2\ndata: {source: text}\n", "DataConfig: field 'paths'"),
+])
+def test_train_recipe_errors_name_the_field_and_the_file(tmp_path, text, message):
+    """The one loader (jsonargparse, as ``gdn2ts lm train --config``) refuses unknown, missing and mistyped fields
+    and passes on the sections' own checks, naming the file."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_train_recipe(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ValueError, match="expected a YAML path or one of"):
+        load_train_recipe("no_such_recipe")

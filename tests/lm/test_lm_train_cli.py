@@ -67,3 +67,21 @@ def test_throughput_mode_writes_a_record(tmp_path):
     with pytest.raises(SystemExit, match="micro_tokens"):
         main(["lm", "throughput", "--model", "tiny_gdn2", "--seq_len", "[24]", "--tokens_per_step", "64",
               "--device", "cpu", "--quiet", "true"])
+
+
+@pytest.mark.parametrize("name", ["tiny_shakespeare", "gdn2_1.3B_fineweb"])
+def test_the_command_reads_a_recipe_as_load_train_recipe_does(name, monkeypatch):
+    """``gdn2ts lm train RECIPE`` and :func:`load_train_recipe` read a recipe by the same parser: the same
+    TrainRecipe, and a command-line override changes only its field."""
+    import dataclasses
+
+    import gdn2ts.lm.train_recipe as train_recipe
+
+    seen = []
+    monkeypatch.setattr(train_recipe, "run_recipe", lambda recipe, resume, quiet: seen.append(recipe) or {})
+    path = train_recipe.TRAIN_RECIPE_DIR / f"{name}.yaml"
+    main(["lm", "train", str(path), "--quiet", "true"])
+    main(["lm", "train", str(path), "--train.max_steps", "8", "--quiet", "true"])
+    loaded = train_recipe.load_train_recipe(name)
+    assert seen[0] == loaded
+    assert seen[1] == dataclasses.replace(loaded, train=dataclasses.replace(loaded.train, max_steps=8))
