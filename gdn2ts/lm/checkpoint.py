@@ -7,9 +7,11 @@ parameter name and its groups), ``scheduler``, ``data``, ``step``, ``tokens``, `
 A **sharded** checkpoint is a folder written by every process at once through torch distributed checkpoint
 (DCP) in safetensors files, so that no process gathers the model:
 
-- ``shard-<r>-model-00001-of-00001.safetensors``, one per process: its pieces of the weights (keys
-  ``model/<name>``) and of AdamW's state (``optimizer/<name>/<exp_avg | exp_avg_sq | step>``), each with its
-  offset in the whole tensor in the file's header (DCP's Hugging Face storage);
+- ``shard-<r>-model-<u>-of-<n>.safetensors``: process ``r``'s pieces of the weights (keys ``model/<name>``) and of
+  AdamW's state (``optimizer/<name>/<exp_avg | exp_avg_sq | step>``) of unit ``u`` of ``n`` (a top-level module,
+  or one element of a module list: the embedding, each block, the head), each piece with its offset in the whole
+  tensor in the file's header (DCP's Hugging Face storage). A file is serialized in memory before it is written:
+  one file per unit bounds that to one block's shard;
 - ``state.json``: the rest, plain values (the same keys as a full checkpoint but ``model``, plus the
   optimizer's parameter groups), written last: a folder without it is incomplete.
 
@@ -86,6 +88,12 @@ def _flat(model_sd: dict, optim_sd: dict) -> dict[str, torch.Tensor]:
     return flat
 
 
+def _unit(key: str) -> str:
+    # "model/blocks.3.mixer.q_proj.weight" -> "blocks.3"; "optimizer/embed.weight/exp_avg" -> "embed"
+    parts = key.split("/")[1].split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
 def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plain: dict) -> None:
     """Write a sharded checkpoint folder at ``path`` (module docstring); every process calls it. ``model`` is the
     model as sharded (FSDP1, FSDP2, DDP's module or a plain module), ``optimizer`` the torch optimizer, ``plain``
@@ -95,9 +103,12 @@ def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
         shutil.rmtree(path, ignore_errors=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    flat = _flat(model_sd, optim_sd)
+    units = {u: i for i, u in enumerate(dict.fromkeys(_unit(k) for k in flat), start=1)}
+    writer = HuggingFaceStorageWriter(str(path), fqn_to_index_mapping={k: units[_unit(k)] for k in flat},
+                                      save_distributed=True)
     with _alone():
-        dcp.save(_flat(model_sd, optim_sd), storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True),
-                 no_dist=not _distributed())
+        dcp.save(flat, storage_writer=writer, no_dist=not _distributed())
     _barrier()
     if _rank() == 0:
         state = {**plain, "optimizer_groups": optim_sd["param_groups"]}
@@ -201,7 +212,7 @@ def read_checkpoint(path: str | Path) -> dict:
     model = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("model/")}
     with _alone():
         dcp.load(model, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
-    state["model"] = {k[len("model/"):]: t for k, t in model.items()}
+    state["model"] = {k[len("model/"):]: model[k] for k in sorted(model)}
     state.pop("optimizer_groups", None)
     return state
 

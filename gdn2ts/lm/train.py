@@ -160,7 +160,9 @@ def _check_resume(path: Path, saved: dict, config: dict, train: TrainConfig, wor
                          f"(batch_size {was.get('batch_size')} x grad_accum {was.get('grad_accum')} x {saved_world} "
                          f"processes), this launch takes {now} ({train.batch_size} x {train.grad_accum} x "
                          f"{world_size}); keep batch_size x grad_accum x processes to continue the run")
-    shares = len(saved.get("data", []))
+    shares = len(saved.get("data") or [])
+    if shares < 1:
+        raise TrainError(f"fit_lm: checkpoint {str(path)!r} holds no data positions (expected one per data share)")
     if train.data_shares is not None and train.data_shares != shares:
         raise TrainError(f"fit_lm: checkpoint {str(path)!r} reads the data in {shares} shares, train.data_shares "
                          f"is {train.data_shares}; the shares are fixed for a run (leave data_shares unset)")
@@ -229,8 +231,8 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
     per block, needed with a token budget (``train.max_tokens``). ``meta``: plain values stored in the checkpoint
     under ``config`` (the data and tokenizer settings, for generation). Returns the summary (steps, tokens,
     losses, perplexity, tokens/s, MFU, checkpoint path, seconds from launch to the first step, rank 0's peak memory
-    in GiB: the GPU's peak allocation, or the process's peak resident memory on the CPU; rank 0's weights and
-    optimizer state in GiB, its shards under FSDP).
+    in GiB up to the last step, before the final checkpoint: the GPU's peak allocation, or the process's peak
+    resident memory on the CPU; rank 0's weights and optimizer state in GiB, its shards under FSDP).
     """
     for name, value, kind in (("model_config", model_config, LMConfig), ("optim", optim, OptimConfig),
                               ("train", train, TrainConfig)):
@@ -360,12 +362,13 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
         paused += time.perf_counter() - t
         progress.advance(step + 1)
     progress.stop()
+    # the training's peak, before the final checkpoint's own buffers
+    summary["peak_memory_gib"] = _peak_memory_gib(fabric.device)
     save(out / "last.ckpt")
     for logger in fabric.loggers:
         logger.finalize("success")
     summary.update(steps=state["step"], total_steps=total, tokens=state["tokens"], train_seconds=train_seconds,
-                   world_size=world, flops_per_token=flops, peak_memory_gib=_peak_memory_gib(fabric.device),
-                   local_state_gib=_local_state_gib(core, optimizer.optimizer))
+                   world_size=world, flops_per_token=flops, local_state_gib=_local_state_gib(core, optimizer.optimizer))
     if fabric.global_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """FSDP on two CPU processes (gloo), through the command as on a GPU machine: ``gdn2ts lm train --train.devices
-2`` (Lightning starts the second process), sharded checkpoints, and a resume on another number of processes that
-continues exactly the run one process would have trained uninterrupted.
+2`` (Lightning starting the second process, or both started as torchrun would), sharded checkpoints, and a resume
+on another number of processes that continues exactly the run one process would have trained uninterrupted.
 
 The tiny recipe on tiny Shakespeare, 6 steps of 16 blocks of 64 bytes: two processes of 8 blocks read data shares
 0 and 1, one process with ``grad_accum: 2`` reads share 0 then share 1 (``--train.data_shares 2`` for the
@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "tasks" / "lm" / "train" / "tiny_shakespeare.yaml"
 COMMON = ["--train.max_steps", "6", "--train.log_every", "1", "--train.val_every", "3", "--quiet", "true"]
 ONE = ["--train.grad_accum", "2"]
-TWO = ["--train.devices", "2"]
 
 
 def _free_port() -> int:
@@ -36,26 +35,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], timeout: float = 240) -> None:
-    """``python -m gdn2ts.cli lm train RECIPE ARGS`` in a process group of its own (Lightning starts rank 1 in it),
-    all of which is killed on a timeout or when the command returns."""
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _launch(args: list[str], external: bool = False, timeout: float = 240) -> None:
+    """``python -m gdn2ts.cli lm train RECIPE ARGS --train.devices 2`` on gloo: one command whose Lightning starts
+    the second process, or (``external``) both processes started here with ``LOCAL_RANK`` / ``WORLD_SIZE`` set,
+    as torchrun, SLURM or a second node would. Each command runs in a process group of its own, killed on a
+    timeout and when it returns."""
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    proc = subprocess.Popen([sys.executable, "-m", "gdn2ts.cli", "lm", "train", str(RECIPE), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [sys.executable, "-m", "gdn2ts.cli", "lm", "train", str(RECIPE), *args, "--train.devices", "2"]
+    ranks = [dict(env, LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2") for r in range(2)] if external else [env]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for e in ranks]
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"two-process training did not finish in {timeout} s:\n{out[-4000:]}")
+        for p in procs:
+            _kill(p)
+        pytest.fail(f"two-process training did not finish in {timeout} s:\n{procs[0].communicate()[0][-4000:]}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, out[-4000:]
+        for p in procs:
+            _kill(p)
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
 
 
 def _metrics(out: Path) -> dict[str, list[tuple[int, float]]]:
@@ -79,11 +87,11 @@ def _at_root(monkeypatch):
 def test_fsdp2_on_two_processes_resumed_on_one_equals_one_uninterrupted_run(tmp_path):
     # without clipping every step is the same sum of the same two gradients: equal bit for bit in fp32
     no_clip = ["--optim.grad_clip", "null"]
-    _launch(["--out", str(tmp_path / "split"), *COMMON, *no_clip, *TWO, "--train.strategy", "fsdp2",
-             "--train.stop_at", "3"])
+    _launch(["--out", str(tmp_path / "split"), *COMMON, *no_clip, "--train.strategy", "fsdp2", "--train.stop_at", "3"])
     folder = tmp_path / "split" / "last.ckpt"
+    # each process's pieces of each unit (embedding, two blocks, final norm, head), and the plain values
     assert sorted(p.name for p in folder.iterdir()) == [
-        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors", "state.json"]
+        f"shard-0000{r}-model-0000{u}-of-00005.safetensors" for r in (1, 2) for u in range(1, 6)] + ["state.json"]
     _train(tmp_path / "split", *no_clip, *ONE)  # resume: auto, one process, a full checkpoint at the end
     _train(tmp_path / "straight", *no_clip, *ONE, "--train.data_shares", "2")
     a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
@@ -107,7 +115,8 @@ def test_fsdp1_resumes_a_one_process_checkpoint_on_two(tmp_path):
     clip = ["--optim.grad_clip", "0.25"]
     _train(tmp_path / "split", *clip, *ONE, "--train.data_shares", "2", "--train.checkpoint", "sharded",
            "--train.stop_at", "3")
-    _launch(["--out", str(tmp_path / "split"), *COMMON, *clip, *TWO, "--train.strategy", "fsdp"])
+    # both processes started here, as torchrun or a second node would start them
+    _launch(["--out", str(tmp_path / "split"), *COMMON, *clip, "--train.strategy", "fsdp"], external=True)
     _train(tmp_path / "straight", *clip, *ONE, "--train.data_shares", "2")
     a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
     b = read_checkpoint(tmp_path / "split" / "last.ckpt")  # FSDP1 writes a sharded folder by default
