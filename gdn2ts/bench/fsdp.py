@@ -2,8 +2,8 @@
 recipe, steps and processes, the strategies taking turns (``--repeats`` rounds, so that a change in the machine's
 load hits all alike), and of each run: tokens/s over its last logging interval (the first holds the warm-up),
 seconds from launch to the first step (construction, sharding, initialization), rank 0's peak memory (the GPU's
-peak allocation, or the process's peak resident memory on the CPU), rank 0's weights and AdamW state, the final
-loss; then the median of each over the rounds.
+peak allocation, or the process's peak resident memory on the CPU), rank 0's weights and AdamW state, the seconds
+of the final checkpoint, the final loss; then the median of each over the rounds.
 
 CPU (gloo), the small model on tiny Shakespeare (the record in ``docs/results/lm/fsdp_cpu.json``)::
 
@@ -42,8 +42,8 @@ def measure(recipe: str, strategy: str, devices: int, steps: int, out: Path, ext
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    keep = ("tokens_per_s", "setup_seconds", "peak_memory_gib", "local_state_gib", "train_loss", "train_seconds",
-            "world_size", "mfu")
+    keep = ("tokens_per_s", "setup_seconds", "peak_memory_gib", "local_state_gib", "checkpoint_seconds", "train_loss",
+            "train_seconds", "world_size", "mfu")
     return {"strategy": strategy, "devices": devices, "steps": steps, "wall_seconds": time.perf_counter() - t0,
             **{k: summary.get(k) for k in keep}}
 
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             record = measure(args.recipe, strategy, args.devices, args.steps, Path(args.out) / strategy, extra)
             records.append({"round": round_, **record})
             print(json.dumps(records[-1]), flush=True)
+    measures = ("tokens_per_s", "setup_seconds", "peak_memory_gib", "local_state_gib", "checkpoint_seconds")
     medians = {s: {k: statistics.median(r[k] for r in records if r["strategy"] == s)
-                   for k in ("tokens_per_s", "setup_seconds", "peak_memory_gib", "local_state_gib")}
+                   for k in measures if all(r.get(k) is not None for r in records)}
                for s in args.strategies}
     print(json.dumps({"median": medians}, indent=1))
     write_json(args.json, {"command": ["python", "-m", "gdn2ts.bench.fsdp", *sys.argv[1:]], "recipe": args.recipe,

@@ -232,7 +232,8 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
     under ``config`` (the data and tokenizer settings, for generation). Returns the summary (steps, tokens,
     losses, perplexity, tokens/s, MFU, checkpoint path, seconds from launch to the first step, rank 0's peak memory
     in GiB up to the last step, before the final checkpoint: the GPU's peak allocation, or the process's peak
-    resident memory on the CPU; rank 0's weights and optimizer state in GiB, its shards under FSDP).
+    resident memory on the CPU; rank 0's weights and optimizer state in GiB, its shards under FSDP; the seconds
+    the final checkpoint took).
     """
     for name, value, kind in (("model_config", model_config, LMConfig), ("optim", optim, OptimConfig),
                               ("train", train, TrainConfig)):
@@ -364,7 +365,9 @@ def fit_lm(model_config: LMConfig, train_data, optim: OptimConfig, train: TrainC
     progress.stop()
     # the training's peak, before the final checkpoint's own buffers
     summary["peak_memory_gib"] = _peak_memory_gib(fabric.device)
+    t = time.perf_counter()
     save(out / "last.ckpt")
+    summary["checkpoint_seconds"] = time.perf_counter() - t
     for logger in fabric.loggers:
         logger.finalize("success")
     summary.update(steps=state["step"], total_steps=total, tokens=state["tokens"], train_seconds=train_seconds,

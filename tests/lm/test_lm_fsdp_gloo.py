@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from gdn2ts.cli import main
-from gdn2ts.lm.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "tasks" / "lm" / "train" / "tiny_shakespeare.yaml"
@@ -115,14 +114,17 @@ def test_fsdp1_resumes_a_one_process_checkpoint_on_two(tmp_path):
     clip = ["--optim.grad_clip", "0.25"]
     _train(tmp_path / "split", *clip, *ONE, "--train.data_shares", "2", "--train.checkpoint", "sharded",
            "--train.stop_at", "3")
-    # both processes started here, as torchrun or a second node would start them
-    _launch(["--out", str(tmp_path / "split"), *COMMON, *clip, "--train.strategy", "fsdp"], external=True)
+    # both processes started here, as torchrun or a second node would start them; the end gathered into a full file
+    _launch(["--out", str(tmp_path / "split"), *COMMON, *clip, "--train.strategy", "fsdp", "--train.checkpoint",
+             "full"], external=True)
     _train(tmp_path / "straight", *clip, *ONE, "--train.data_shares", "2")
     a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
-    b = read_checkpoint(tmp_path / "split" / "last.ckpt")  # FSDP1 writes a sharded folder by default
+    b = torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)
     assert b["world_size"] == 2 and a["data"] == b["data"] and a["step"] == b["step"] == 6
     for name, w in a["model"].items():
         torch.testing.assert_close(b["model"][name], w, rtol=1e-5, atol=1e-6, msg=name)
+        for key, t in a["optimizer"]["state"][name].items():
+            torch.testing.assert_close(b["optimizer"]["state"][name][key], t, rtol=1e-4, atol=1e-8, msg=name)
     straight, split = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
     for col in ("train/loss", "val/loss", "grad_norm"):
         assert [s for s, _ in split[col]] == [s for s, _ in straight[col]], col
