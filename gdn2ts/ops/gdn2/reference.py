@@ -314,7 +314,9 @@ def chunk_reference(
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     scale = K**-0.5 if scale is None else scale
-    C = chunk_size
+    # a sequence shorter than a chunk is one chunk of the next power of two: padding it to the full chunk would
+    # spend most of the Gram and triangular-solve work on identity steps
+    C = chunk_size if T >= chunk_size else max(1, 1 << (T - 1).bit_length())
     N = -(-T // C)
     pad = N * C - T
 
