@@ -31,6 +31,7 @@ from gdn2ts.forecasting.data import (
     split_series,
 )
 from gdn2ts.models.forecaster import ForecasterConfig, GDN2Forecaster, forecast_loss
+from gdn2ts.models.schedule import WarmupCosine
 
 __all__ = ["ModelConfig", "TrainConfig", "ForecastDataModule", "ForecastModule", "evaluate"]
 
@@ -132,12 +133,17 @@ class TrainConfig:
     recurrent_weight_decay: float | None = None
     """gdn2: Adam's L2 weight decay on the encoder path (encoder and horizon head) in place of ``weight_decay``
     (None: ``weight_decay``): shrinks the encoder's correction toward the skip path's forecast."""
+    lr_schedule: str = "constant"
+    """constant, or cosine: a linear warmup over the first 5 % of ``max_epochs``' steps, then a cosine to 5 % of
+    ``lr`` at the last (:class:`~gdn2ts.models.schedule.WarmupCosine`; early stopping may end the fit before)."""
     seed: int = 0
     """Seed of the weights and the sampler."""
     accelerator: str = "auto"
     """Lightning accelerator (auto: a GPU when present)."""
 
     def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"TrainConfig: 'lr_schedule' expected 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.point_loss not in ("mse", "mae"):
             raise ValueError(f"TrainConfig: 'point_loss' expected 'mse' or 'mae', got {self.point_loss!r}")
         if not self.lr > 0 or not self.recurrent_lr_scale > 0 or self.max_epochs < 1 or self.patience < 1:
@@ -312,8 +318,15 @@ class ForecastModule(L.LightningModule):
             groups = [{"params": [p for p in params if id(p) in slow], "lr": t.lr * t.recurrent_lr_scale,
                        "weight_decay": slow_decay},
                       {"params": [p for p in params if id(p) not in slow]}]
-            return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+            optimizer = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.lr_schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        factor = WarmupCosine(max(1, total // 20), total, 0.05)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}}
 
 
 @torch.no_grad()
