@@ -11,7 +11,9 @@ _PF_EXPORTS.update({name: f"gdn2ts.forecasting.{module}" for module, names in {
     "fit": ("FitConfig", "load_module", "predict_frame"),
     "data": ("DataConfig", "DataError", "load_ett", "download_ett", "load_table"),
     "baselines": ("DLinear", "DLinearConfig", "GRUForecaster", "GRUConfig"),
-    "plot": ("plot_forecast",), "bench": ("run_bench",)}.items() for name in names})
+    "plot": ("plot_forecast",), "bench": ("run_bench",),
+    "metrics": ("forecast_metrics", "summarize_metrics", "seasonal_scale"),
+    "conformal": ("calibrate", "apply_calibration", "conformalize")}.items() for name in names})
 
 
 def __getattr__(name: str):
