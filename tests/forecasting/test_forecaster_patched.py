@@ -169,9 +169,10 @@ def test_recurrent_lr_scale_slows_the_encoder_path_only(tmp_path):
 
 
 def test_bench_runs_the_patched_form_with_its_fit_settings(ett_csv, tmp_path):
-    record = run_bench(str(ett_csv), lookbacks=(24,), horizons=(4,), models=("gdn2_ci",),
+    record = run_bench(str(ett_csv), lookbacks=(24,), horizons=(4,), models=("gdn2_ci_overlap",),
                        train=TrainConfig(max_epochs=1, limit_train_batches=2),
-                       model_overrides={"gdn2_ci": {"hidden_size": 8, "head_dim": 4, "recurrent_lr_scale": 0.5}},
+                       model_overrides={"gdn2_ci_overlap": {"hidden_size": 8, "head_dim": 4,
+                                                            "recurrent_lr_scale": 0.5}},
                        json_path=str(tmp_path / "b.json"), quiet=True)
     (row,) = record["results"]
     assert row["train_overrides"] == {"lr": 1e-3, "recurrent_lr_scale": 0.5}

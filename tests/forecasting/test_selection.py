@@ -47,3 +47,17 @@ def test_the_series_load_with_their_channels_and_borders():
         assert frame.null_count().sum_horizontal().item() == 0
     with pytest.raises(ValueError, match="unknown series"):
         load_series_frame("ETTh2")
+
+
+def test_the_bench_ships_the_chosen_form_and_keeps_the_candidates_base():
+    from dataclasses import replace
+
+    from gdn2ts.forecasting.bench import MODEL_DEFAULTS
+    from gdn2ts.forecasting.lightning import TrainConfig
+    from gdn2ts.forecasting.selection import CANDIDATES, _configs
+
+    model, train = _configs(CANDIDATES["ci_fast"])
+    shipped_model, shipped_train = MODEL_DEFAULTS["gdn2_ci"]
+    assert shipped_model == model and replace(TrainConfig(accelerator="cpu", **shipped_train)) == train
+    overlap_model, overlap_train = MODEL_DEFAULTS["gdn2_ci_overlap"]
+    assert (overlap_model.patch_stride, overlap_train) == (8, {"lr": 1e-3, "recurrent_lr_scale": 0.3})
