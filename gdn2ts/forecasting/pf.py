@@ -51,6 +51,7 @@ class GDN2Model(BaseModelWithCovariates):
     Example:
         >>> import numpy as np, pandas as pd
         >>> from pytorch_forecasting import TimeSeriesDataSet
+        >>> from gdn2ts.forecasting.pf import GDN2Model
         >>> t = np.arange(40)
         >>> df = pd.DataFrame({"time_idx": np.tile(t, 2), "series": np.repeat(["a", "b"], 40),
         ...                    "y": np.sin(np.tile(t, 2) / 3.0) + np.repeat([0.0, 2.0], 40)})
@@ -205,6 +206,18 @@ class GDN2Model(BaseModelWithCovariates):
         new_kwargs.setdefault("max_prediction_length", dataset.max_prediction_length)
         new_kwargs.setdefault("target", dataset.target)
         new_kwargs.update(cls.deduce_default_output_parameters(dataset, kwargs, default_loss=QuantileLoss()))
+        loss = new_kwargs.get("loss", QuantileLoss())
+        for name, normalizer, metric in zip(dataset.target_names, normalizers,
+                                            loss.metrics if isinstance(loss, MultiLoss) else [loss], strict=False):
+            transformation = getattr(normalizer, "transformation", None)
+            # Poisson and Tweedie losses exponentiate the output: it must come back from the normalizer as a log
+            # rate, i.e. log1p forward and nothing reversed (otherwise exp of the target's units overflows)
+            if type(metric).__name__ in ("PoissonLoss", "TweedieLoss") and not (
+                    isinstance(transformation, dict) and transformation.get("forward") is not None
+                    and getattr(transformation.get("reverse"), "__name__", "_identity") == "_identity"):
+                raise ValueError(f"GDN2Model.from_dataset: {type(metric).__name__} reads the output for {name!r} as a "
+                                 f"log rate, so the target normalizer must transform the target (log1p) and reverse "
+                                 f"nothing, e.g. gdn2ts.forecasting.pf_pkg.log_rate_normalizer(); got {normalizer!r}")
         return super().from_dataset(dataset, allowed_encoder_known_variable_names=allowed_encoder_known_variable_names,
                                     **new_kwargs)
 

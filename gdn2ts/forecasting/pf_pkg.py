@@ -6,7 +6,25 @@ from __future__ import annotations
 
 from pytorch_forecasting.models.base import _BasePtForecaster
 
-__all__ = ["GDN2Model_pkg"]
+__all__ = ["GDN2Model_pkg", "LOG_RATE_LOSSES", "log_rate_normalizer"]
+
+LOG_RATE_LOSSES = ("PoissonLoss", "TweedieLoss")
+"""Point losses that read the network output as a log rate (they exponentiate it): the target normalizer must
+scale ``log1p(target)`` and undo nothing (:func:`log_rate_normalizer`), as pytorch-forecasting documents."""
+
+
+def log_rate_normalizer():
+    """The target normalizer for :data:`LOG_RATE_LOSSES`: each window's encoder standardizes ``log1p(target)``; the
+    model's output is rescaled back to log space only, where the loss exponentiates it into a rate.
+
+    Example:
+        >>> sorted(log_rate_normalizer().transformation)
+        ['forward']
+    """
+    import torch
+    from pytorch_forecasting.data.encoders import EncoderNormalizer
+
+    return EncoderNormalizer(transformation={"forward": torch.log1p})
 
 
 class GDN2Model_pkg(_BasePtForecaster):  # noqa: N801 (pytorch-forecasting requires the name ``<Model>_pkg``)
@@ -62,6 +80,8 @@ class GDN2Model_pkg(_BasePtForecaster):  # noqa: N801 (pytorch-forecasting requi
         from gdn2ts.forecasting.pf_data import vic_elec_datasets
 
         kwargs = dict(params.get("data_loader_kwargs", {}))
+        if type(params.get("loss")).__name__ in LOG_RATE_LOSSES and "target_normalizer" not in kwargs:
+            kwargs["target_normalizer"] = log_rate_normalizer()
         train, val = vic_elec_datasets(n_series=2, hours=160, encoder_length=24, horizon=12, held_out=24, **kwargs)
         return dict(train=train.to_dataloader(train=True, batch_size=8, num_workers=0),
                     val=val.to_dataloader(train=False, batch_size=8, num_workers=0),

@@ -11,11 +11,11 @@ import pytest
 import torch
 from pytorch_forecasting import TimeSeriesDataSet
 from pytorch_forecasting.data import EncoderNormalizer, GroupNormalizer
-from pytorch_forecasting.metrics import MAE, RMSE, SMAPE, MultiLoss, QuantileLoss
+from pytorch_forecasting.metrics import MAE, RMSE, SMAPE, MultiLoss, PoissonLoss, QuantileLoss
 
 from gdn2ts.forecasting.pf import GDN2Model
 from gdn2ts.forecasting.pf_data import VIC_ELEC_SHA256, vic_elec_datasets, vic_elec_frame, vic_elec_path
-from gdn2ts.forecasting.pf_pkg import GDN2Model_pkg
+from gdn2ts.forecasting.pf_pkg import GDN2Model_pkg, log_rate_normalizer
 
 SMALL = dict(hidden_size=16, num_heads=2, head_dim=8, n_layers=2, learning_rate=1e-2)
 
@@ -143,8 +143,10 @@ class _Logger(pl.loggers.CSVLogger):
         return writer
 
 
-# every base parameter set with the default QuantileLoss; a point loss (MAE) on the first
-CHECKS = [(i, QuantileLoss()) for i in range(len(GDN2Model_pkg.get_base_test_params()))] + [(0, MAE())]
+# every base parameter set with the default QuantileLoss; a point loss (MAE) and a log-rate loss (Poisson, whose
+# dataloaders the record builds with the log-rate normalizer) on the first
+CHECKS = [(i, QuantileLoss()) for i in range(len(GDN2Model_pkg.get_base_test_params()))] + [(0, MAE()),
+                                                                                              (0, PoissonLoss())]
 
 
 @pytest.mark.parametrize(("index", "loss"), CHECKS, ids=[f"{i}-{type(loss).__name__}" for i, loss in CHECKS])
@@ -204,6 +206,36 @@ def test_bad_input_is_named(vic):
     x["decoder_cat"] = torch.cat([x["decoder_cat"], x["decoder_cat"]], dim=1)
     with pytest.raises(ValueError, match="at most max_prediction_length=24 decoder steps, got 48"):
         model(x)
+
+
+def test_a_log_rate_loss_needs_the_log_rate_normalizer(vic):
+    train, _ = vic
+    with pytest.raises(ValueError, match="PoissonLoss reads the output for 'demand' as a log rate"):
+        GDN2Model.from_dataset(train, loss=PoissonLoss(), **SMALL)
+    params = {**GDN2Model_pkg.get_base_test_params()[0], "loss": PoissonLoss()}
+    log_train = GDN2Model_pkg._get_test_dataloaders_from(params)["train"].dataset
+    assert log_train.target_normalizer.transformation["forward"] is log_rate_normalizer().transformation["forward"]
+    model = GDN2Model.from_dataset(log_train, loss=PoissonLoss(), **SMALL)
+    x, y = next(iter(log_train.to_dataloader(train=True, batch_size=4, num_workers=0)))
+    loss = model.loss(model(x)["prediction"], y)
+    assert torch.isfinite(loss) and loss.requires_grad
+
+
+@pytest.mark.slow
+def test_check_estimator_passes_every_check(monkeypatch):
+    """pytorch-forecasting's ``check_estimator`` on GDN2Model: the class docstring's doctest, the package linkage
+    and the end-to-end check for every base parameter set and every loss the record's tags select (point: MAE,
+    RMSE, SMAPE, MAPE, Poisson, MASE, Tweedie; quantile: QuantileLoss). Its TensorBoard logger is replaced by the
+    in-memory one of these tests (the suite needs no tensorboard)."""
+    from pytorch_forecasting.tests import test_all_estimators
+    from pytorch_forecasting.utils._estimator_checks import check_estimator
+
+    monkeypatch.setattr(test_all_estimators, "TensorBoardLogger", _Logger)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(GDN2Model, raise_exceptions=False, verbose=False)
+    failed = {name: repr(outcome)[:300] for name, outcome in results.items() if outcome != "PASSED"}
+    assert len(results) == 34 and not failed, failed
 
 
 def test_categorical_target_is_refused():
