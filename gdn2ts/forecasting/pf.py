@@ -106,8 +106,8 @@ class GDN2Model(BaseModelWithCovariates):
             categorical_groups, time_varying_reals_encoder, time_varying_reals_decoder, embedding_sizes,
             embedding_paddings, embedding_labels, x_reals, x_categoricals: the dataset's variables, as
                 :meth:`from_dataset` fills them in (pytorch-forecasting's ``BaseModelWithCovariates`` names).
-            output_size: outputs per step (quantiles of ``QuantileLoss``; 1 for point losses), a list for several
-                targets.
+            output_size: outputs per step (quantiles of ``QuantileLoss``; the distribution's parameters for a
+                ``DistributionLoss``; 1 for point losses), a list for several targets.
             target: target name, or a list of names.
             loss: the training loss; ``QuantileLoss()`` by default (``MultiLoss`` for several targets).
             logging_metrics: metrics logged in training and validation.

