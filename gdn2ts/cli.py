@@ -15,6 +15,7 @@
     gdn2ts bench forecast     the ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU
     gdn2ts bench online       online forecasting on the delayed-feedback protocol of the literature (ETTh1)
     gdn2ts lm mqar            MQAR recall at matched state size: small LMs per mixer, level and seed; table, plot
+    gdn2ts lm mqar-grid       MQAR as Zoology runs it: widths x mixers x learning rates x seeds, sharded, resumable
     gdn2ts lm train RECIPE    train a language model with Lightning Fabric from a recipe (tasks/lm/train/)
     gdn2ts lm generate        continue a prompt with a trained LM checkpoint
     gdn2ts lm export CKPT DIR a trained LM checkpoint as a Hugging Face transformers folder (the hf extra)
@@ -243,6 +244,7 @@ def main(args: list[str] | None = None) -> None:
     from gdn2ts.forecasting.cli import bench_forecast, fit, predict
     from gdn2ts.lm.commands import lm_curves, lm_eval, lm_export, lm_generate, lm_throughput, lm_train
     from gdn2ts.lm.data_commands import lm_tokenize
+    from gdn2ts.lm.eval.mqar_grid import mqar_grid
     from gdn2ts.lm.eval.mqar_report import mqar
 
     args = list(sys.argv[1:] if args is None else args)
@@ -266,8 +268,9 @@ def main(args: list[str] | None = None) -> None:
                                                 "online": bench_online},
               "quickstart": quickstart, "stream": {**STREAM_COMMANDS, "apply": stream_apply}, "audit": audit,
               "probe": probe, "fit": fit, "predict": predict,
-              "lm": {"mqar": mqar, "train": lm_train, "generate": lm_generate, "throughput": lm_throughput,
-                     "tokenize": lm_tokenize, "curves": lm_curves, "export": lm_export, "eval": lm_eval}},
+              "lm": {"mqar": mqar, "mqar-grid": mqar_grid, "train": lm_train, "generate": lm_generate,
+                     "throughput": lm_throughput, "tokenize": lm_tokenize, "curves": lm_curves, "export": lm_export,
+                     "eval": lm_eval}},
              args=args, as_positional=False)
 
 

@@ -12,6 +12,11 @@
 #   fsdp     DDP, FSDP1 and FSDP2 on two GPUs through gdn2ts lm train (python -m gdn2ts.bench.fsdp), then the FSDP2
 #            run resumed on one GPU; needs two GPUs (nvidia-h100-x2), jsonargparse's wheels in .whl/ and the text in
 #            .devcarry/tinyshakespeare.txt, both carried (docs/lm-training.md)
+#   mqar     one shard of the MQAR grid (tasks/lm/mqar/zoology.yaml; docs/lm-eval.md, "MQAR, Zoology protocol"):
+#            MQAR_SHARD=i/n (default 1/4), MQAR_WORKERS runs at once (6), MQAR_STOP seconds after which no run
+#            starts (420), MQAR_ARGS more options (no spaces inside one), MQAR_OUT the folder (mqar-zoology). The
+#            runs already in docs/results/$MQAR_OUT are copied to $OUT/$MQAR_OUT first and skipped; the new run
+#            files and the rebuilt report come back there. Needs jsonargparse's wheels in .whl/, carried
 # Each step runs in its own process under a time limit; its log goes to $OUT/<step>.log (JSON records beside it)
 # and its last lines to stdout. The package is copied to /tmp/w with kernels/ as gdn2ts/kernels (no install
 # needed); FLA 0.6.0 comes as wheels in .whl/.
@@ -60,6 +65,13 @@ for s in "$@"; do
               step fsdp_resume 180 python3 -m gdn2ts.cli lm train tasks/lm/train/small_shakespeare.yaml \
                   --data.paths "$text" --out /tmp/runs/fsdp/fsdp2 --train.max_steps 80 --train.grad_accum 2 --quiet true
               cp /tmp/runs/fsdp/fsdp2/summary.json "$OUT/fsdp_resume_summary.json" ;;
+        mqar) mq=${MQAR_OUT:-mqar-zoology}
+              mkdir -p "$OUT/$mq"
+              if [ -d "$ROOT/docs/results/$mq" ]; then cp -r "$ROOT/docs/results/$mq/." "$OUT/$mq/"; fi
+              # shellcheck disable=SC2086  # MQAR_ARGS is split into options on purpose
+              TAIL=${TAIL:-30} step mqar 560 python3 -m gdn2ts.cli lm mqar-grid --config tasks/lm/mqar/zoology.yaml \
+                  --out "$OUT/$mq" --shard "${MQAR_SHARD:-1/4}" --workers "${MQAR_WORKERS:-6}" \
+                  --stop_after_s "${MQAR_STOP:-420}" ${MQAR_ARGS:-} ;;
         *) echo "unknown step $s" ;;
     esac
 done

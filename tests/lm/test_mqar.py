@@ -27,12 +27,15 @@ from gdn2ts.lm.eval import (
 from gdn2ts.models.lm_config import RECURRENT_MIXERS
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "tasks" / "lm" / "mqar").glob("*.yaml"))
+# the per-level recipes of `gdn2ts lm mqar`; the grid recipes (with `widths:`) are tests/lm/test_mqar_grid.py's
+RECIPES = sorted(p for p in (ROOT / "tasks" / "lm" / "mqar").glob("*.yaml")
+                 if "widths" not in yaml.safe_load(p.read_text()))
 
 
 @pytest.mark.parametrize("cfg", [MQARConfig(vocab_size=64, num_pairs=8, seq_len=40),
                                  MQARConfig(vocab_size=17, num_pairs=8, seq_len=21, num_queries=2),
-                                 MQARConfig(vocab_size=8192, num_pairs=64, seq_len=256)])
+                                 MQARConfig(vocab_size=8192, num_pairs=64, seq_len=256),
+                                 MQARConfig(vocab_size=8192, num_pairs=64, seq_len=256, query_power=0.01)])
 def test_every_query_is_answered_by_its_pair(cfg):
     ids, labels = make_mqar(cfg, 32, seed=3)
     P, T, Q = cfg.num_pairs, cfg.seq_len, cfg.queries

@@ -9,7 +9,11 @@ One sequence of ``seq_len`` tokens:
 Token ``0`` is the filler. Keys come from ``[1, 1 + n_keys)`` and values from ``[1 + n_keys, vocab_size)`` with
 ``n_keys = (vocab_size - 1) // 2``; the keys of one sequence are distinct, and so are its values. ``num_queries``
 distinct keys of the pairs are asked, in random order, each at a random even offset of the query region (so the
-token after a query is never another query). The label at a query's position is its value (the next-token
+token after a query is never another query): uniform over the offsets, or with ``query_power`` ``a`` the Zoology
+study's power law, offset ``i`` (0-based, in pairs of tokens) drawn with weight ``(i + 1) ** (a - 1)`` without
+replacement, so that most queries come soon after the pairs. With ``filler="random"`` each token of the query
+region that is not a query is a uniform draw from the whole vocabulary instead of ``0`` (the Zoology generator's
+default: noise that a recurrent state takes in too). The label at a query's position is its value (the next-token
 prediction there); every other label is ``-100``. Sequences are a pure function of the config and the seed (or
 the state of the ``torch.Generator`` given).
 """
@@ -51,6 +55,12 @@ class MQARConfig:
     """Keys asked per sequence, at most ``num_pairs`` (None: every pair is asked once)."""
     name: str | None = None
     """Label of the level in tables and plots (None: ``"<P> pairs / <T> tokens"``)."""
+    query_power: float | None = None
+    """Placement of the queries: None, uniform over the query slots; ``a`` in (0, 1], slot ``i`` (0-based) weighted
+    ``(i + 1) ** (a - 1)`` (the Zoology study's power law, ``a = 0.01``: mostly near the pairs; 1 is uniform)."""
+    filler: str = "zero"
+    """The tokens of the query region that are not queries: ``zero`` (token 0) or ``random`` (uniform over the
+    vocabulary, keys and values included)."""
 
     def __post_init__(self):
         owner = "MQARConfig"
@@ -72,6 +82,11 @@ class MQARConfig:
                              f"(2 * num_pairs + 2 * num_queries), got {self.seq_len}")
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ValueError(f"{owner}: field 'name' expected None or a non-empty string, got {self.name!r}")
+        a = self.query_power
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1):
+            raise ValueError(f"{owner}: field 'query_power' expected None or a float in (0, 1], got {a!r}")
+        if self.filler not in ("zero", "random"):
+            raise ValueError(f"{owner}: field 'filler' expected 'zero' or 'random', got {self.filler!r}")
 
     @property
     def queries(self) -> int:
@@ -143,11 +158,23 @@ def make_mqar(config: MQARConfig, num_examples: int, seed: int | torch.Generator
     ids[:, 0:2 * P:2] = keys
     ids[:, 1:2 * P:2] = values
     asked = _distinct(n, P, Q, gen, device)
-    slots = _distinct(n, config.query_slots, Q, gen, device).sort(dim=1).values
+    if config.query_power is None:
+        slots = _distinct(n, config.query_slots, Q, gen, device).sort(dim=1).values
+    else:
+        # the asked keys are in random order already, so the slots may stay in the order they were drawn
+        rank = torch.arange(1, config.query_slots + 1, dtype=torch.float64, device=device)
+        weights = rank.pow(config.query_power - 1).expand(n, -1)
+        slots = torch.multinomial(weights, Q, replacement=False, generator=gen)
     pos = 2 * P + 2 * slots
     ids.scatter_(1, pos, keys.gather(1, asked))
     labels = torch.full((n, T), IGNORE_INDEX, dtype=torch.long, device=device)
     labels.scatter_(1, pos, values.gather(1, asked))
+    if config.filler == "random":
+        noise = torch.randint(0, config.vocab_size, (n, T), generator=gen, device=device)
+        rest = torch.ones(n, T, dtype=torch.bool, device=device)
+        rest[:, :2 * P] = False
+        rest.scatter_(1, pos, False)
+        ids = torch.where(rest, noise, ids)
     return ids, labels
 
 

@@ -28,7 +28,7 @@ from gdn2ts.models.lm import CausalLM
 from gdn2ts.models.lm_config import MIXERS, LMConfig
 from gdn2ts.models.schedule import WarmupCosine
 
-__all__ = ["MQARModelConfig", "MQARTrainConfig", "MQAREvalConfig", "train_mqar_run"]
+__all__ = ["MQARModelConfig", "MQARTrainConfig", "MQAREvalConfig", "train_mqar_run", "answer_logits", "score_answers"]
 
 
 def _ints(owner: str, obj, names: tuple[str, ...], low: int = 1) -> None:
@@ -203,6 +203,68 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         # matrices decay; vectors (norms, biases) and the marked gate parameters (A_log, dt_bias, D) do not
         (plain if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def answer_logits(model: CausalLM, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The logits of ``model`` at the positions where ``mask`` ``[B, T]`` is True only, ``[n, vocab]`` in row-major
+    order: the blocks run on every token, the output head only on the answers (at a vocabulary of 8,192 the full
+    ``[B, T, vocab]`` logits would cost more than the rest of the model). Equal to ``model(input_ids)[0][mask]``.
+
+    Example:
+        >>> from gdn2ts.models.lm_config import LMConfig
+        >>> model = CausalLM(LMConfig(vocab_size=32, hidden_size=16, num_cells=1, intermediate_size=16, num_heads=2,
+        ...                           head_k_dim=8, head_v_dim=8, gate_low_rank=4)).double()
+        >>> ids = torch.randint(0, 32, (2, 6)); mask = torch.rand(2, 6) < 0.5
+        >>> bool(torch.allclose(answer_logits(model, ids, mask), model(ids)[0][mask]))
+        True
+    """
+    x = model.embed(input_ids)
+    for block in model.blocks:
+        x, _ = block(x, None)
+    return model.lm_head(model.norm(x[mask]))
+
+
+@torch.no_grad()
+def score_answers(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                  autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """:func:`~gdn2ts.lm.eval.mqar.evaluate_mqar`'s ``{"accuracy", "sequence_accuracy", "loss"}`` with the output
+    head applied at the answers only (:func:`answer_logits`), for large vocabularies; eval mode, restored after.
+
+    Example:
+        >>> from gdn2ts.lm.eval.mqar import evaluate_mqar
+        >>> from gdn2ts.models.lm_config import LMConfig
+        >>> model = CausalLM(LMConfig(vocab_size=21, hidden_size=16, num_cells=1, intermediate_size=16, num_heads=2,
+        ...                           head_k_dim=8, head_v_dim=8, gate_low_rank=4)).double()
+        >>> ids, labels = make_mqar(MQARConfig(vocab_size=21, num_pairs=3, seq_len=14), 5, seed=1)
+        >>> a, b = score_answers(model, ids, labels, 2), evaluate_mqar(model, ids, labels, 2)
+        >>> all(abs(a[k] - b[k]) < 1e-9 for k in a)
+        True
+    """
+    was_training = model.training
+    model.eval()
+    correct = answered = full = 0
+    loss_sum = 0.0
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            ids, lab = input_ids[i:i + batch_size], labels[i:i + batch_size]
+            mask = lab != IGNORE_INDEX
+            with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = answer_logits(model, ids, mask)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            target = lab[mask]
+            hit = logits.argmax(-1) == target
+            correct += int(hit.sum())
+            answered += int(target.numel())
+            # a sequence is right when none of its answers is wrong
+            wrong = torch.zeros_like(mask, dtype=torch.long)
+            wrong[mask] = (~hit).long()
+            full += int((wrong.sum(1) == 0).sum())
+            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+    finally:
+        model.train(was_training)
+    n = input_ids.shape[0]
+    return {"accuracy": correct / answered if answered else math.nan, "sequence_accuracy": full / n,
+            "loss": loss_sum / answered if answered else math.nan}
 
 
 def train_mqar_run(level: MQARConfig, mixer: str, seed: int, model_cfg: MQARModelConfig, train: MQARTrainConfig,
