@@ -9,6 +9,7 @@ _PF_EXPORTS = {"GDN2Model": "gdn2ts.forecasting.pf", "vic_elec_datasets": "gdn2t
 _PF_EXPORTS.update({name: f"gdn2ts.forecasting.{module}" for module, names in {
     "lightning": ("ForecastModule", "ForecastDataModule", "ModelConfig", "TrainConfig", "evaluate"),
     "fit": ("FitConfig", "load_module", "predict_frame"),
+    "frames": ("fit_forecaster", "forecast"), "rolling": ("backtest", "cross_validation"),
     "data": ("DataConfig", "DataError", "load_ett", "download_ett", "load_table"),
     "baselines": ("DLinear", "DLinearConfig", "GRUForecaster", "GRUConfig"),
     "plot": ("plot_forecast",), "bench": ("run_bench",),

@@ -5,8 +5,8 @@
 * :class:`GRUForecaster`: a GRU over the lookback (values and observation masks per step), its last hidden state
   mapped to every horizon step at once.
 
-Both take the forecaster's call signature ``(values, timestamps, known, static)`` (covariates unused) and return
-``{"point": [B, H, C]}``; missing values (NaN) are read as the training mean (zero after scaling).
+Both take the forecaster's call signature ``(values, timestamps, known, static, past)`` (covariates unused) and
+return ``{"point": [B, H, C]}``; missing values (NaN) are read as the training mean (zero after scaling).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class DLinear(nn.Module):
         for lin in (self.seasonal, self.trend):
             nn.init.constant_(lin.weight, 1.0 / cfg.lookback)
 
-    def forward(self, values, timestamps=None, known=None, static=None) -> dict:
+    def forward(self, values, timestamps=None, known=None, static=None, past=None) -> dict:
         x = torch.nan_to_num(values).transpose(1, 2)  # [B, C, L]
         pad = (self.config.kernel - 1) // 2
         # edges repeat the first and last value so the average keeps the lookback's length
@@ -108,7 +108,7 @@ class GRUForecaster(nn.Module):
         self.gru = nn.GRU(2 * cfg.n_channels, cfg.hidden_size, num_layers=cfg.n_layers, batch_first=True)
         self.head = nn.Linear(cfg.hidden_size, cfg.horizon * cfg.n_channels)
 
-    def forward(self, values, timestamps=None, known=None, static=None) -> dict:
+    def forward(self, values, timestamps=None, known=None, static=None, past=None) -> dict:
         present = (~torch.isnan(values)).to(values.dtype)
         _, h = self.gru(torch.cat([torch.nan_to_num(values), present], dim=-1))
         out = self.head(h[-1]).view(values.shape[0], self.config.horizon, self.config.n_channels)

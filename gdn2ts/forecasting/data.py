@@ -1,11 +1,13 @@
-"""Forecasting data: the ETT loader (with the public URL and its checksum), a generic CSV/Parquet loader, series in
-long format, chronological splits, the training-rows scaler and every sliding window.
+"""Forecasting data: the ETT loader (with the public URL and its checksum), a generic CSV/Parquet loader, the data
+configuration, chronological splits, the training-rows scaler and every sliding window.
 
 Long format: one row per (series, timestamp) with target columns (null or NaN for missing), known covariates
-(given for the future too) and static covariates (constant per series). The ETT CSV layout (``date`` plus seven
-channels) is one series. Windows are taken by row: ``lookback`` rows in, the next ``horizon`` rows out, every
-start kept (a split of ``n`` rows has ``n - lookback - horizon + 1`` windows); the rows' timestamps travel with
-the window, so irregular sampling reaches the model as elapsed time.
+(given for the future too), past-only covariates (observed over the history only) and static covariates (constant
+per series); covariates are numbers or categories. Each series lies on a regular grid of the data's frequency
+(``gdn2ts/forecasting/timegrid.py``): a missing step is a row with missing values, so lookbacks and horizons count
+steps of time. The ETT CSV layout (``date`` plus seven channels) is one series read by rows. Windows: ``lookback``
+rows in, the next ``horizon`` rows out, every start kept (a split of ``n`` rows has ``n - lookback - horizon + 1``
+windows) except those with no observed value in their lookback or in their horizon.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["ETT_URL", "ETTH1_SHA256", "ETT_CHANNELS", "DataError", "DataConfig", "Series", "Scaler",
-           "load_ett", "download_ett", "load_table", "ett_borders", "series_from_frame", "split_series",
-           "WindowDataset", "window_count"]
+           "load_ett", "download_ett", "load_table", "ett_borders", "split_bounds",
+           "WindowDataset", "window_count", "TRANSFORMS"]
 
 ETT_URL = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/ETTh1.csv"
 ETTH1_SHA256 = "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066"
@@ -36,34 +38,52 @@ class DataError(ValueError):
     """Forecasting data that cannot be used as given (a ``ValueError``); the message names what and why."""
 
 
+TRANSFORMS = ("none", "log1p")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data is, how it is laid out and how it is cut into windows."""
 
-    path: str
-    """CSV or Parquet file."""
+    path: str | None = None
+    """CSV or Parquet file (None when the frame is given in Python)."""
     layout: str = "ett"
     """``ett`` (a ``date`` column and channel columns, one series, the standard splits) or ``long``."""
     targets: tuple[str, ...] = ETT_CHANNELS
-    """Target columns (read over the lookback, forecast over the horizon)."""
+    """Target columns (read over the lookback, forecast over the horizon); numbers, null or NaN for missing."""
     id_column: str = "series"
     """Series id column (layout long)."""
     time_column: str = "date"
-    """Timestamp column: datetime, or numbers already in time units."""
+    """Timestamp column: datetimes or dates (any precision and time zone) or integers; layout ett also takes
+    floats."""
+    freq: str | int | None = None
+    """Step of the regular grid (layout long): a duration such as ``1h``, ``30m``, ``1d``, ``1w``, ``1mo`` for
+    datetimes and dates, a positive int for integer times; None: the most common difference between consecutive
+    timestamps. Lookback and horizon count steps of it; a step the data lacks is a missing row."""
     known: tuple[str, ...] = ()
-    """Known covariate columns (also given over the horizon)."""
+    """Known covariate columns (given over the lookback and, at prediction, over the horizon: the future frame)."""
+    past: tuple[str, ...] = ()
+    """Past-only covariate columns (read over the lookback; never needed for the future; null allowed)."""
     static: tuple[str, ...] = ()
-    """Static covariate columns (constant per series)."""
+    """Static covariate columns (constant per series; the id column may be one)."""
+    categorical: tuple[str, ...] = ()
+    """Covariates read as categories although their values are numbers (string, categorical and enum columns
+    always are): each is embedded; a category not seen in the training rows reads as 'unknown'."""
+    target_transform: str = "none"
+    """``none`` or ``log1p`` (the model learns ``log(1 + y)``, forecasts come back through ``expm1``; targets must be
+    non-negative): for counts and other skewed positive targets."""
+    nonnegative: bool = False
+    """Clamp forecasts (point and every quantile) at 0: for counts and other non-negative targets."""
     lookback: int = 96
-    """Rows per window read by the model."""
+    """Steps per window read by the model (rows of the grid; rows of the file for layout ett)."""
     horizon: int = 96
-    """Rows per window forecast."""
+    """Steps per window forecast."""
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    """Train, val and test shares of each series' rows (layout long)."""
+    """Train, val and test shares of each series' rows (layout long); the test share may be 0."""
     borders: tuple[int, int, int] = ETTH1_BORDERS
     """End rows of train, val and test (layout ett; the ETTh1 protocol by default)."""
     time_unit_seconds: float = 3600.0
-    """Seconds per time unit when the time column is a datetime."""
+    """Seconds per time unit when an ett-layout time column is a datetime (the model's elapsed time)."""
     batch_size: int = 32
     """Training batch size."""
     eval_batch_size: int = 256
@@ -79,31 +99,64 @@ class DataConfig:
         if not self.targets:
             raise DataError("DataConfig: 'targets' expected at least one column")
         f = tuple(self.fractions)
-        if len(f) != 3 or any(x <= 0 for x in f) or abs(sum(f) - 1) > 1e-6:
-            raise DataError(f"DataConfig: 'fractions' expected three positive shares summing to 1, got {f!r}")
+        if len(f) != 3 or f[0] <= 0 or f[1] <= 0 or f[2] < 0 or abs(sum(f) - 1) > 1e-6:
+            raise DataError(f"DataConfig: 'fractions' expected train and val shares > 0 and a test share >= 0 "
+                            f"summing to 1, got {f!r}")
         b = tuple(self.borders)
         if len(b) != 3 or not 0 < b[0] < b[1] < b[2]:
             raise DataError(f"DataConfig: 'borders' expected three increasing positive row numbers, got {b!r}")
         if not self.time_unit_seconds > 0:
             raise DataError(f"DataConfig: 'time_unit_seconds' expected a positive number, got "
                             f"{self.time_unit_seconds!r}")
+        if self.target_transform not in TRANSFORMS:
+            raise DataError(f"DataConfig: 'target_transform' expected one of {TRANSFORMS}, got "
+                            f"{self.target_transform!r}")
+        if self.freq is not None and (isinstance(self.freq, bool) or not isinstance(self.freq, str | int)):
+            raise DataError(f"DataConfig: 'freq' expected a duration string, an int or None, got {self.freq!r}")
+        roles = {"targets": self.targets, "known": self.known, "past": self.past, "static": self.static}
+        seen: dict[str, str] = {}
+        for role, cols in roles.items():
+            for c in cols:
+                if c in seen or (role != "static" and c == self.time_column):
+                    other = seen.get(c, "time_column")
+                    raise DataError(f"DataConfig: column {c!r} is in both {other!r} and {role!r}; expected each "
+                                    f"column in one role")
+                seen[c] = role
+        stray = [c for c in self.categorical if seen.get(c) not in ("known", "past", "static")]
+        if stray:
+            raise DataError(f"DataConfig: 'categorical' names {stray}, expected columns of known, past or static")
+
+    @property
+    def covariates(self) -> tuple[str, ...]:
+        """Every covariate column: known, past and static."""
+        return (*self.known, *self.past, *self.static)
 
 
 @dataclass
 class Series:
-    """One series: ``values`` ``[N, C]`` float32 (NaN missing), ``times`` ``[N]`` float64 (time units),
-    ``known`` ``[N, K]`` float32, ``static`` ``[S]`` float32, ``row0`` its first row's index in the source."""
+    """One series as the model reads it: ``values`` ``[N, C]`` float32 (transformed and scaled, NaN missing),
+    ``times`` ``[N]`` float64 (the model's time: grid steps, or time units for layout ett), ``known`` ``[N, K]``
+    float32 (numbers scaled, then category indices), ``static`` ``[S]`` float32, ``row0`` its first row's index in
+    the (gridded) source, ``past`` ``[N, P]`` float32, ``actual`` ``[N, C]`` float64 (the targets as given, NaN
+    missing) and ``stamps`` (the N timestamps in the user's type, a polars Series)."""
 
-    id: str
+    id: object
     values: np.ndarray
     times: np.ndarray
     known: np.ndarray
     static: np.ndarray
     row0: int = 0
+    past: np.ndarray | None = None
+    actual: np.ndarray | None = None
+    stamps: pl.Series | None = None
 
     def rows(self, start: int, stop: int) -> Series:
+        start, stop = max(start, 0), min(stop, len(self.times))
         return Series(self.id, self.values[start:stop], self.times[start:stop], self.known[start:stop],
-                      self.static, self.row0 + start)
+                      self.static, self.row0 + start,
+                      None if self.past is None else self.past[start:stop],
+                      None if self.actual is None else self.actual[start:stop],
+                      None if self.stamps is None else self.stamps.slice(start, stop - start))
 
 
 @dataclass(frozen=True)
@@ -217,63 +270,23 @@ def ett_borders(lookback: int, n_rows: int, borders: tuple[int, int, int] = ETTH
     return {"train": (0, a), "val": (a - lookback, b), "test": (b - lookback, c)}
 
 
-def _times(col: pl.Series, unit_seconds: float) -> np.ndarray:
-    if col.dtype.is_temporal():
-        return col.dt.epoch("ms").to_numpy().astype(np.float64) / (1000.0 * unit_seconds)
-    if col.dtype.is_numeric():
-        return col.cast(pl.Float64).to_numpy()
-    raise DataError(f"time column {col.name!r} expected datetimes or numbers, got {col.dtype}")
+def split_bounds(n_rows: int, cfg: DataConfig) -> dict[str, tuple[int, int]]:
+    """Row ranges of the chronological splits of one series of ``n_rows`` rows; val and test start ``lookback``
+    rows before their border so their first window's forecast starts at the border. Layout ett follows the ETTh1
+    protocol (``borders``); long cuts each series by ``fractions``.
 
-
-def series_from_frame(df: pl.DataFrame, cfg: DataConfig) -> list[Series]:
-    """Split a frame into sorted :class:`Series` (one for layout ett), checking columns and timestamps."""
-    need = [cfg.time_column, *cfg.targets, *cfg.known, *cfg.static] + ([cfg.id_column] if cfg.layout == "long"
-                                                                        else [])
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise DataError(f"data: missing columns {missing}; expected {need}")
-    for c in (*cfg.targets, *cfg.known, *cfg.static):
-        if not df.schema[c].is_numeric():
-            raise DataError(f"data: column {c!r} expected numbers, got {df.schema[c]}")
-    groups = [("ETT", df)] if cfg.layout == "ett" else \
-        [(str(k[0]), g) for k, g in df.sort(cfg.id_column, maintain_order=True).group_by(cfg.id_column,
-                                                                                          maintain_order=True)]
-    out = []
-    for sid, g in groups:
-        g = g.sort(cfg.time_column)
-        times = _times(g[cfg.time_column], cfg.time_unit_seconds)
-        if not np.isfinite(times).all() or (np.diff(times) <= 0).any():
-            raise DataError(f"data: series {sid!r} has missing or repeated timestamps in {cfg.time_column!r}")
-        values = g.select(cfg.targets).cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32)
-        if np.isinf(values).any():
-            raise DataError(f"data: series {sid!r} has an infinite target value")
-        known = g.select(cfg.known).cast(pl.Float32).to_numpy().astype(np.float32).reshape(len(g), len(cfg.known))
-        if not np.isfinite(known).all():
-            raise DataError(f"data: series {sid!r} has a missing or infinite known covariate (known covariates "
-                            f"must be given for every row)")
-        static = g.select(cfg.static).cast(pl.Float32).to_numpy().astype(np.float32).reshape(len(g), len(cfg.static))
-        if len(g) and (not np.isfinite(static).all() or (static != static[:1]).any()):
-            raise DataError(f"data: series {sid!r} expected static covariates constant and given on every row")
-        out.append(Series(sid, values, times, known, static[0] if len(g) else np.zeros(len(cfg.static), np.float32)))
-    return out
-
-
-def split_series(series: list[Series], cfg: DataConfig) -> dict[str, list[Series]]:
-    """Chronological splits; val and test start ``lookback`` rows before their border so their first window's
-    forecast starts at the border. Layout ett follows the ETTh1 protocol; long cuts each series by ``fractions``."""
+    Example:
+        >>> split_bounds(100, DataConfig(layout="long", lookback=8, horizon=4, fractions=(0.6, 0.2, 0.2)))
+        {'train': (0, 60), 'val': (52, 80), 'test': (72, 100)}
+    """
     L = cfg.lookback
-    splits: dict[str, list[Series]] = {"train": [], "val": [], "test": []}
-    for s in series:
-        n = len(s.times)
-        if cfg.layout == "ett":
-            borders = ett_borders(L, n, tuple(cfg.borders))
-        else:
-            a = int(n * cfg.fractions[0])
-            b = a + int(n * cfg.fractions[1])
-            borders = {"train": (0, a), "val": (max(a - L, 0), b), "test": (max(b - L, 0), n)}
-        for name, (lo, hi) in borders.items():
-            splits[name].append(s.rows(lo, hi))
-    return splits
+    if cfg.layout == "ett":
+        return ett_borders(L, n_rows, tuple(cfg.borders))
+    a = int(n_rows * cfg.fractions[0])
+    b = a + int(n_rows * cfg.fractions[1])
+    if cfg.fractions[2] == 0:
+        b = n_rows
+    return {"train": (0, a), "val": (max(a - L, 0), b), "test": (max(b - L, 0), n_rows)}
 
 
 def window_count(n_rows: int, lookback: int, horizon: int) -> int:
@@ -281,27 +294,56 @@ def window_count(n_rows: int, lookback: int, horizon: int) -> int:
     return max(0, n_rows - lookback - horizon + 1)
 
 
-class WindowDataset(Dataset):
-    """Every (lookback, horizon) window of a list of series.
+def window_item(s: Series, start: int, lookback: int, horizon: int) -> dict:
+    """The window of ``s`` whose lookback starts at its row ``start``: ``values`` ``[L, C]``, ``times`` ``[L]``
+    (relative to the window's first step), ``target`` ``[H, C]``, ``known`` ``[L + H, K]``, ``past`` ``[L, P]``,
+    ``static`` ``[S]``. Rows before the series' first (a history shorter than the lookback) are missing steps:
+    NaN values, known and past covariates at 0 (the training mean, or the 'unknown' category), times one step
+    apart."""
+    L, H = lookback, horizon
+    pad = max(0, -start)
+    lo = start + pad
+    values, known = s.values[lo:start + L], s.known[lo:start + L + H]
+    past = s.past[lo:start + L] if s.past is not None else np.zeros((L - pad, 0), np.float32)
+    times = s.times[lo:start + L]
+    if pad:
+        values = np.concatenate([np.full((pad, values.shape[1]), np.nan, np.float32), values])
+        known = np.concatenate([np.zeros((pad, known.shape[1]), np.float32), known])
+        past = np.concatenate([np.zeros((pad, past.shape[1]), np.float32), past])
+        times = np.concatenate([times[0] - np.arange(pad, 0, -1, dtype=np.float64), times])
+    return {"values": torch.from_numpy(np.ascontiguousarray(values)), "times": torch.from_numpy(times - times[0]),
+            "target": torch.from_numpy(s.values[start + L:start + L + H]), "known": torch.from_numpy(known),
+            "past": torch.from_numpy(np.ascontiguousarray(past)), "static": torch.from_numpy(s.static)}
 
-    Items: ``values`` ``[L, C]``, ``times`` ``[L]`` (relative to the window's first step), ``target`` ``[H, C]``,
-    ``known`` ``[L + H, K]``, ``static`` ``[S]``, ``series`` (index into the list), ``start`` (row of the window's
-    first step in its series' source).
+
+def _window_starts(s: Series, lookback: int, horizon: int) -> np.ndarray:
+    # starts whose lookback and horizon each hold an observed value (a window with nothing to read or to score is
+    # left out: a gap longer than the lookback or the horizon yields no window)
+    n = window_count(len(s.times), lookback, horizon)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    seen = np.concatenate([[0], np.cumsum(~np.isnan(s.values).all(1))])
+    t = np.arange(n)
+    ok = (seen[t + lookback] > seen[t]) & (seen[t + lookback + horizon] > seen[t + lookback])
+    return t[ok]
+
+
+class WindowDataset(Dataset):
+    """Every (lookback, horizon) window of a list of series with an observed value in its lookback and in its
+    horizon.
+
+    Items: :func:`window_item`'s, plus ``series`` (index into the list) and ``start`` (row of the window's first
+    step in its series' source).
     """
 
     def __init__(self, series: list[Series], lookback: int, horizon: int):
         self.series, self.L, self.H = series, lookback, horizon
-        self.index = [(i, t) for i, s in enumerate(series) for t in range(window_count(len(s.times), lookback,
-                                                                                         horizon))]
+        self.index = [(i, int(t)) for i, s in enumerate(series) for t in _window_starts(s, lookback, horizon)]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, k: int) -> dict:
         i, t = self.index[k]
-        s, L, H = self.series[i], self.L, self.H
-        times = s.times[t:t + L]
-        return {"values": torch.from_numpy(s.values[t:t + L]), "times": torch.from_numpy(times - times[0]),
-                "target": torch.from_numpy(s.values[t + L:t + L + H]),
-                "known": torch.from_numpy(s.known[t:t + L + H]), "static": torch.from_numpy(s.static),
-                "series": i, "start": s.row0 + t}
+        s = self.series[i]
+        return {**window_item(s, t, self.L, self.H), "series": i, "start": s.row0 + t}

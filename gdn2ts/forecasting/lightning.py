@@ -1,10 +1,12 @@
 """Lightning pieces: the data module over polars data (long format or the ETT CSV layout) and the module that fits
 the GDN-2 forecaster or a baseline.
 
-The data module splits each series chronologically, fits the scaler on training rows only, and keeps every
-validation and test window (no ``drop_last``). The module's hyperparameters are plain dicts, so its checkpoints
-load with ``torch.load(weights_only=True)``. Metrics (MSE and MAE on scaled values) are sums over every window,
-step and channel divided by their count, as the benchmark protocol defines them.
+The data module puts each series on its grid, splits it chronologically, fits the codec (target transform and
+scaler, covariate scalers, category vocabularies) on training rows only, and keeps every validation and test
+window with an observed value in its lookback and its horizon (no ``drop_last``). The module's hyperparameters are
+plain dicts, so its checkpoints load with ``torch.load(weights_only=True)``. Metrics (MSE and MAE on scaled
+values) are sums over every window, step and channel divided by their count, as the benchmark protocol defines
+them.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import polars as pl
 import torch
 from torch.utils.data import DataLoader
 
 from gdn2ts.forecasting.baselines import DLinear, DLinearConfig, GRUConfig, GRUForecaster
+from gdn2ts.forecasting.codec import Codec, check_columns, resolve_freq, series_frames
 from gdn2ts.forecasting.data import (
     DataConfig,
     DataError,
@@ -27,8 +29,7 @@ from gdn2ts.forecasting.data import (
     WindowDataset,
     load_ett,
     load_table,
-    series_from_frame,
-    split_series,
+    split_bounds,
 )
 from gdn2ts.models.forecaster import ForecasterConfig, GDN2Forecaster, forecast_loss
 from gdn2ts.models.schedule import WarmupCosine
@@ -83,13 +84,18 @@ class ModelConfig:
     no fading."""
     kernel: int = 25
     """dlinear: moving-average window."""
+    embedding_size: int = 4
+    """gdn2: width of each categorical covariate's embedding."""
 
     def __post_init__(self):
         if self.kind not in MODELS:
             raise ValueError(f"ModelConfig: 'kind' expected one of {MODELS}, got {self.kind!r}")
 
-    def build(self, n_channels: int, lookback: int, horizon: int, n_known: int = 0, n_static: int = 0):
-        """The model for these data dimensions."""
+    def build(self, n_channels: int, lookback: int, horizon: int, n_known: int = 0, n_static: int = 0,
+              n_past: int = 0, categories: dict[str, tuple[int, ...]] | None = None):
+        """The model for these data dimensions (``categories``: role -> category counts of its categorical
+        columns, which come last among that role's columns)."""
+        cats = categories or {}
         if self.kind == "dlinear":
             return DLinear(DLinearConfig(n_channels, lookback, horizon, kernel=self.kernel))
         if self.kind == "gru":
@@ -97,6 +103,9 @@ class ModelConfig:
                                            n_layers=self.n_layers))
         return GDN2Forecaster(ForecasterConfig(
             n_channels=n_channels, lookback=lookback, horizon=horizon, n_known=n_known, n_static=n_static,
+            n_past=n_past, known_categories=tuple(cats.get("known", ())),
+            past_categories=tuple(cats.get("past", ())), static_categories=tuple(cats.get("static", ())),
+            embedding_size=self.embedding_size,
             quantiles=tuple(self.quantiles), hidden_size=self.hidden_size, n_layers=self.n_layers,
             num_heads=self.num_heads, head_dim=self.head_dim, variant=self.variant,
             channel_independent=self.channel_independent, revin=self.revin, linear_skip=self.linear_skip,
@@ -169,8 +178,9 @@ class ForecastDataModule(L.LightningDataModule):
         config: where and how (:class:`DataConfig`).
         frame: the data itself (polars DataFrame); when omitted, read from ``config.path``.
 
-    After :meth:`setup`: ``scaler`` (targets), ``known_scaler``, ``splits`` (name -> list of scaled
-    :class:`Series`), ``datasets`` (name -> :class:`WindowDataset`).
+    After :meth:`setup`: ``frame`` (the data), ``codec`` (:class:`~gdn2ts.forecasting.codec.Codec`, fit on the
+    training rows), ``scaler`` (targets), ``known_scaler``, ``series`` (every series whole, encoded), ``splits``
+    (name -> list of encoded :class:`Series`), ``datasets`` (name -> :class:`WindowDataset`).
     """
 
     def __init__(self, config: DataConfig, frame: pl.DataFrame | None = None):
@@ -178,7 +188,8 @@ class ForecastDataModule(L.LightningDataModule):
         if not isinstance(config, DataConfig):
             raise DataError(f"ForecastDataModule: 'config' expected a DataConfig, got {type(config).__name__}")
         self.config, self.frame = config, frame
-        self.scaler = self.known_scaler = None
+        self.scaler = self.known_scaler = self.codec = None
+        self.series: list[Series] = []
         self.splits: dict[str, list[Series]] = {}
         self.datasets: dict[str, WindowDataset] = {}
 
@@ -192,19 +203,26 @@ class ForecastDataModule(L.LightningDataModule):
         cfg = self.config
         frame = self.frame
         if frame is None:
+            if cfg.path is None:
+                raise DataError("ForecastDataModule: expected a frame or DataConfig.path, got neither")
             frame = load_ett(cfg.path) if cfg.layout == "ett" else load_table(cfg.path)
-        raw = split_series(series_from_frame(frame, cfg), cfg)
-        train_rows = np.concatenate([s.values for s in raw["train"]])
-        self.scaler = Scaler.fit(train_rows)
-        self.known_scaler = Scaler.fit(np.concatenate([s.known for s in raw["train"]])) if cfg.known else None
-        for name, series in raw.items():
-            self.splits[name] = [Series(s.id, self.scaler.transform(s.values), s.times,
-                                        self.known_scaler.transform(s.known) if cfg.known else s.known, s.static,
-                                        s.row0) for s in series]
+        check_columns(frame, cfg)
+        freq = resolve_freq(frame, cfg)
+        groups = series_frames(frame, cfg, freq)
+        bounds = [split_bounds(g.height, cfg) for _, g in groups]
+        train = pl.concat([g.slice(b["train"][0], b["train"][1] - b["train"][0]) for (_, g), b in
+                           zip(groups, bounds, strict=True)])
+        if train.height == 0:
+            raise DataError("data: no training rows (each series' train share is empty)")
+        self.frame, self.codec = frame, Codec.fit(train, cfg, freq)
+        self.scaler, self.known_scaler = self.codec.target_scaler, self.codec.known_scaler
+        self.series = [self.codec.series(sid, g, cfg) for sid, g in groups]
+        for name in ("train", "val", "test"):
+            self.splits[name] = [s.rows(*b[name]) for s, b in zip(self.series, bounds, strict=True)]
             self.datasets[name] = WindowDataset(self.splits[name], cfg.lookback, cfg.horizon)
         if len(self.datasets["train"]) == 0:
             raise DataError(f"data: no training window: each series needs more than lookback + horizon = "
-                            f"{cfg.lookback + cfg.horizon} training rows")
+                            f"{cfg.lookback + cfg.horizon} training steps, with observed values in both")
 
     def train_dataloader(self):
         return DataLoader(self.datasets["train"], batch_size=self.config.batch_size, shuffle=True, drop_last=False)
@@ -223,9 +241,9 @@ class ForecastDataModule(L.LightningDataModule):
         return self._eval("test")
 
 
-def _inputs(batch, n_known, n_static):
+def _inputs(batch, n_known, n_static, n_past=0):
     return (batch["values"], batch["times"].to(torch.float64), batch["known"] if n_known else None,
-            batch["static"] if n_static else None)
+            batch["static"] if n_static else None, batch["past"] if n_past else None)
 
 
 class ForecastModule(L.LightningModule):
@@ -236,12 +254,15 @@ class ForecastModule(L.LightningModule):
         data: the data module's :class:`DataConfig` as a dict (kept for prediction).
         train: :class:`TrainConfig` as a dict.
         scaler: ``{"mean": [...], "std": [...]}`` of the targets (kept to report unscaled forecasts).
-        n_known, n_static: covariate counts.
+        n_known, n_static, n_past: covariate counts.
+        codec: the data module's :class:`~gdn2ts.forecasting.codec.Codec` as a dict (covariate scalers, category
+            vocabularies, target transform, frequency); None for a checkpoint that predates it.
 
     Use :meth:`create` to build one from the configs and a set-up data module.
     """
 
-    def __init__(self, model: dict, data: dict, train: dict, scaler: dict, n_known: int = 0, n_static: int = 0):
+    def __init__(self, model: dict, data: dict, train: dict, scaler: dict, n_known: int = 0, n_static: int = 0,
+                 n_past: int = 0, codec: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model_config = _from_dict(ModelConfig, model)
@@ -249,7 +270,10 @@ class ForecastModule(L.LightningModule):
         self.train_config = _from_dict(TrainConfig, train)
         self.scaler = Scaler(tuple(scaler["mean"]), tuple(scaler["std"]))
         d = self.data_config
-        self.net = self.model_config.build(len(d.targets), d.lookback, d.horizon, n_known, n_static)
+        self.codec = Codec.from_dict(codec) if codec else Codec(tuple(d.targets), tuple(d.known), (),
+                                                                   tuple(d.static), {}, self.scaler)
+        cats = {role: self.codec.cardinalities(role) for role in ("known", "past", "static")}
+        self.net = self.model_config.build(len(d.targets), d.lookback, d.horizon, n_known, n_static, n_past, cats)
         self._sums: dict[str, list[float]] = {}
 
     @classmethod
@@ -257,10 +281,10 @@ class ForecastModule(L.LightningModule):
         dm.setup()
         return cls(_to_dict(model), _to_dict(dm.config), _to_dict(train),
                    {"mean": list(dm.scaler.mean), "std": list(dm.scaler.std)}, len(dm.config.known),
-                   len(dm.config.static))
+                   len(dm.config.static), len(dm.config.past), dm.codec.to_dict())
 
     def forward(self, batch) -> dict:
-        return self.net(*_inputs(batch, self.hparams.n_known, self.hparams.n_static))
+        return self.net(*_inputs(batch, self.hparams.n_known, self.hparams.n_static, self.hparams.n_past))
 
     def training_step(self, batch, batch_idx):
         t = self.train_config
@@ -330,7 +354,8 @@ class ForecastModule(L.LightningModule):
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, loader: DataLoader, n_known: int = 0, n_static: int = 0) -> dict:
+def evaluate(net: torch.nn.Module, loader: DataLoader, n_known: int = 0, n_static: int = 0, n_past: int = 0
+             ) -> dict:
     """MSE and MAE of the point forecast over every window, step and channel of ``loader`` (scaled values).
 
     Returns ``{"mse", "mae", "windows", "values"}``.
@@ -342,7 +367,7 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, n_known: int = 0, n_stati
     n = windows = 0
     for batch in loader:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        point = net(*_inputs(batch, n_known, n_static))["point"]
+        point = net(*_inputs(batch, n_known, n_static, n_past))["point"]
         err = (point - batch["target"]).double()
         ok = ~torch.isnan(err)
         sse += float(torch.where(ok, err.square(), 0).sum())

@@ -17,7 +17,9 @@ missing channels and the elapsed time between tokens is measured between the pat
 reads the encoder output at the last token (``head="last"``) or at every token (``head="flatten"``, PatchTST's
 flatten head), after ``dropout``. Known-future
 covariates enter the encoder over the lookback and an additive head over the horizon; static covariates are
-repeated on every token and in that head.
+repeated on every token and in that head; past-only covariates enter the encoder over the lookback only.
+Categorical covariates arrive as category indices (0: unknown) in the last columns of their tensor and are
+embedded (:class:`CovariateEmbedding`).
 
 The encoder keeps the streaming state API (``init_state``/``step``), so ``forecaster.encoder`` can be handed to
 :class:`gdn2ts.streaming.OnlineRunner`; its own one-step quantile head is trained alongside (next value of each
@@ -34,7 +36,7 @@ from torch import nn
 
 from gdn2ts.models.encoder import EncoderConfig, EncoderState, StreamEncoder
 
-__all__ = ["ForecasterConfig", "GDN2Forecaster", "ordered_quantiles", "forecast_loss"]
+__all__ = ["ForecasterConfig", "GDN2Forecaster", "CovariateEmbedding", "ordered_quantiles", "forecast_loss"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,17 @@ class ForecasterConfig:
     """Lead time, in steps, over which the encoder's correction of the median fades by a factor e: it is
     multiplied by ``exp(-h / correction_reach)`` at horizon step ``h = 1..H``, so the forecast tends to the skip
     path's far ahead (None: no fading). Needs ``linear_skip``."""
+    n_past: int = 0
+    """Past-only covariates per step, given over the lookback only ([B, L, n_past])."""
+    known_categories: tuple[int, ...] = ()
+    """Category counts (with index 0, unknown) of the categorical known covariates: the last
+    ``len(known_categories)`` of the ``n_known`` columns hold category indices."""
+    past_categories: tuple[int, ...] = ()
+    """Likewise for the past-only covariates."""
+    static_categories: tuple[int, ...] = ()
+    """Likewise for the static covariates."""
+    embedding_size: int = 4
+    """Width of each categorical covariate's embedding."""
 
     def __post_init__(self):
         for name in ("n_channels", "lookback", "horizon", "hidden_size", "n_layers", "num_heads", "head_dim",
@@ -105,7 +118,7 @@ class ForecasterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ForecasterConfig: '{name}' expected a positive int, got {value!r}")
-        for name in ("n_known", "n_static"):
+        for name in ("n_known", "n_static", "n_past"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ForecasterConfig: '{name}' expected a non-negative int, got {value!r}")
@@ -137,6 +150,15 @@ class ForecasterConfig:
             if not self.linear_skip:
                 raise ValueError("ForecasterConfig: correction_reach expected linear_skip on (the forecast fades to "
                                  "the skip path's)")
+        if isinstance(self.embedding_size, bool) or not isinstance(self.embedding_size, int) or \
+                self.embedding_size < 1:
+            raise ValueError(f"ForecasterConfig: 'embedding_size' expected a positive int, got {self.embedding_size!r}")
+        for role in ("known", "past", "static"):
+            cats = tuple(getattr(self, f"{role}_categories"))
+            n = getattr(self, f"n_{role}")
+            if len(cats) > n or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cats):
+                raise ValueError(f"ForecasterConfig: '{role}_categories' expected at most n_{role} = {n} positive "
+                                 f"category counts, got {cats!r}")
         if self.head_basis == "skip" and not self.linear_skip:
             raise ValueError("ForecasterConfig: head_basis 'skip' expected linear_skip on (it maps the head's "
                              "lookback adjustment to the horizon)")
@@ -146,6 +168,11 @@ class ForecasterConfig:
         """Encoder tokens per window: ``(lookback - patch_len) // patch_stride + 1``."""
         return (self.lookback - self.patch_len) // self.patch_stride + 1
 
+    def features(self, role: str) -> int:
+        """Input width of ``known``, ``past`` or ``static`` covariates after embedding their categories."""
+        n, cats = getattr(self, f"n_{role}"), getattr(self, f"{role}_categories")
+        return n - len(cats) + len(cats) * self.embedding_size
+
     @property
     def token_channels(self) -> int:
         """Values per encoder token: ``patch_len`` times the channels a sequence holds."""
@@ -154,10 +181,38 @@ class ForecasterConfig:
     def encoder_config(self) -> EncoderConfig:
         """The :class:`EncoderConfig` of the forecaster's encoder (one-step head, same quantiles)."""
         # one token step is one stride: the decay per token of a patched encoder is that of one regular step
-        return EncoderConfig(n_channels=self.token_channels, n_covariates=self.n_known + self.n_static,
+        n_cov = self.features("known") + self.features("static") + self.features("past")
+        return EncoderConfig(n_channels=self.token_channels, n_covariates=n_cov,
                              hidden_size=self.hidden_size, n_layers=self.n_layers, num_heads=self.num_heads,
                              head_dim=self.head_dim, variant=self.variant, horizon=1,
                              quantiles=tuple(self.quantiles), time_unit=self.time_unit * self.patch_stride)
+
+
+class CovariateEmbedding(nn.Module):
+    """Covariate columns ``[..., n]`` whose last ``len(categories)`` hold category indices to features
+    ``[..., n - k + k * size]``: the numeric columns as they are, then one learned vector per category column. An
+    index outside ``[0, count)`` reads as 0 (unknown).
+
+    Example:
+        >>> emb = CovariateEmbedding(3, (5,), size=4)
+        >>> emb(torch.tensor([[0.5, -1.0, 3.0], [0.0, 2.0, 9.0]])).shape
+        torch.Size([2, 6])
+    """
+
+    def __init__(self, n: int, categories: tuple[int, ...] = (), size: int = 4):
+        super().__init__()
+        self.n_numeric = n - len(categories)
+        self.tables = nn.ModuleList(nn.Embedding(c, size) for c in categories)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(self.tables):
+            return x
+        idx = x[..., self.n_numeric:].round().long()
+        parts = [x[..., :self.n_numeric].to(torch.get_default_dtype())]
+        for j, table in enumerate(self.tables):
+            i = idx[..., j]
+            parts.append(table(torch.where((i >= 0) & (i < table.num_embeddings), i, 0)))
+        return torch.cat(parts, dim=-1)
 
 
 def ordered_quantiles(raw: torch.Tensor, mid: int) -> torch.Tensor:
@@ -242,7 +297,10 @@ class GDN2Forecaster(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         self.skip = nn.Linear(cfg.lookback, cfg.horizon) if cfg.linear_skip else None
-        n_cov = cfg.n_known + cfg.n_static
+        self.known_embed = CovariateEmbedding(cfg.n_known, tuple(cfg.known_categories), cfg.embedding_size)
+        self.past_embed = CovariateEmbedding(cfg.n_past, tuple(cfg.past_categories), cfg.embedding_size)
+        self.static_embed = CovariateEmbedding(cfg.n_static, tuple(cfg.static_categories), cfg.embedding_size)
+        n_cov = cfg.features("known") + cfg.features("static")
         self.known_head = nn.Sequential(nn.Linear(n_cov, cfg.hidden_size), nn.SiLU(),
                                         nn.Linear(cfg.hidden_size, c_out * n_q)) if cfg.n_known else None
 
@@ -264,7 +322,8 @@ class GDN2Forecaster(nn.Module):
     # -- windows ------------------------------------------------------------------------------------------------
 
     def forward(self, values: torch.Tensor, timestamps: torch.Tensor | None = None,
-                known: torch.Tensor | None = None, static: torch.Tensor | None = None) -> dict:
+                known: torch.Tensor | None = None, static: torch.Tensor | None = None,
+                past: torch.Tensor | None = None) -> dict:
         """Forecast the ``horizon`` steps after each window.
 
         Args:
@@ -272,6 +331,10 @@ class GDN2Forecaster(nn.Module):
             timestamps: ``[B, L]`` increasing times of the lookback steps (in ``time_unit``); None: 0..L-1.
             known: ``[B, L + H, n_known]`` known covariates over lookback and horizon (None when n_known = 0).
             static: ``[B, n_static]`` (None when n_static = 0).
+            past: ``[B, L, n_past]`` past-only covariates over the lookback (None when n_past = 0).
+
+        Categorical covariates are category indices (as floats; 0 for unknown) in the last columns of ``known``,
+        ``past`` and ``static`` (``*_categories`` of the config).
 
         Returns:
             dict with ``forecast`` ``[B, H, C, Q]`` (quantiles, increasing), ``point`` ``[B, H, C]`` (the
@@ -282,7 +345,7 @@ class GDN2Forecaster(nn.Module):
             ``loc`` and ``scale`` ``[B, 1, C]`` (the window's normalization).
         """
         cfg = self.config
-        B, L, C = self._check(values, timestamps, known, static)
+        B, L, C = self._check(values, timestamps, known, static, past)
         if timestamps is None:
             timestamps = torch.arange(L, dtype=torch.float64, device=values.device).expand(B, L)
         observed = ~torch.isnan(values)
@@ -297,8 +360,11 @@ class GDN2Forecaster(nn.Module):
         n_q = len(cfg.quantiles)
         out = values.new_zeros(B, cfg.horizon, C, n_q)
         next_step = next_target = None
+        known = None if known is None else self.known_embed(known)
+        static = None if static is None else self.static_embed(static)
+        past = None if past is None else self.past_embed(past)
         if cfg.recurrent or cfg.n_known:
-            cov = self._covariates(known, static, B, L)
+            cov = self._covariates(known, static, past, B, L)
         if cfg.recurrent:
             raw, next_step, next_target = self._recurrent(x, timestamps, cov)
             if cfg.head_basis == "skip":
@@ -316,7 +382,7 @@ class GDN2Forecaster(nn.Module):
         if self.known_head is not None:
             fut = known[:, L:]
             if static is not None:
-                fut = torch.cat([fut, static[:, None].expand(B, cfg.horizon, cfg.n_static)], dim=-1)
+                fut = torch.cat([fut, static[:, None].expand(B, cfg.horizon, static.shape[-1])], dim=-1)
             out = out + self.known_head(fut.to(out.dtype)).view(B, cfg.horizon, -1, n_q)
         forecast = ordered_quantiles(out, self.mid)
         if self.skip is not None:
@@ -382,15 +448,17 @@ class GDN2Forecaster(nn.Module):
             tokens = tokens.view(B, C, N, cfg.patch_len).transpose(1, 2).reshape(B, N, C * cfg.patch_len)
         return raw.reshape(B, steps, C, n_q), nxt, tokens
 
-    def _covariates(self, known, static, B, L):
+    def _covariates(self, known, static, past, B, L):
         parts = []
         if known is not None:
             parts.append(known[:, :L])
         if static is not None:
             parts.append(static[:, None].expand(B, L, static.shape[-1]))
+        if past is not None:
+            parts.append(past)
         return torch.cat(parts, dim=-1).to(torch.get_default_dtype()) if parts else None
 
-    def _check(self, values, timestamps, known, static):
+    def _check(self, values, timestamps, known, static, past=None):
         cfg = self.config
         op = "GDN2Forecaster"
         if not isinstance(values, torch.Tensor) or not values.is_floating_point() or values.dim() != 3 or \
@@ -404,7 +472,8 @@ class GDN2Forecaster(nn.Module):
             raise ValueError(f"{op}: argument 'timestamps' expected [B={B}, L={L}] or None, got "
                              f"{getattr(timestamps, 'shape', type(timestamps).__name__)}")
         for name, t, shape, n in (("known", known, (B, L + cfg.horizon, cfg.n_known), cfg.n_known),
-                                  ("static", static, (B, cfg.n_static), cfg.n_static)):
+                                  ("static", static, (B, cfg.n_static), cfg.n_static),
+                                  ("past", past, (B, L, cfg.n_past), cfg.n_past)):
             if (t is None) != (n == 0):
                 raise ValueError(f"{op}: argument '{name}' expected {'None' if n == 0 else list(shape)}, got "
                                  f"{'None' if t is None else list(t.shape)}")

@@ -52,7 +52,7 @@ def test_fit_recipe_then_predict(tmp_path, capsys):
     frame = pl.read_parquet(tmp_path / "p.parquet")
     assert {"q0.1", "q0.5", "q0.9", "actual", "point"} <= set(frame.columns)
     assert frame.height == record["metrics"]["test"]["windows"] * 8 * 2
-    with pytest.raises(SystemExit, match="needs the future known covariates"):
+    with pytest.raises(SystemExit, match="fit with known covariates"):
         main(["predict", "--checkpoint", str(out / "best.ckpt"), "--out", str(tmp_path / "q.csv")])
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from gdn2ts.forecasting.codec import series_frames
 from gdn2ts.forecasting.data import (
     ETTH1_SHA256,
     DataConfig,
@@ -16,7 +18,6 @@ from gdn2ts.forecasting.data import (
     download_ett,
     load_ett,
     load_table,
-    series_from_frame,
     window_count,
 )
 from gdn2ts.forecasting.lightning import ForecastDataModule
@@ -62,24 +63,34 @@ def test_scaler_sees_training_rows_only(tmp_path):
     assert dm.scaler.mean != stats[0][0]
 
 
-def test_long_format_splits_each_series_chronologically_with_training_scaler():
+def test_long_format_splits_each_series_chronologically_on_its_grid_with_training_scaler():
     frame = long_frame(n_series=3, n_rows=300, seed=1)
-    cfg = DataConfig(path="unused", layout="long", targets=("HUFL", "OT"), known=("hour",), static=("size",),
-                     lookback=24, horizon=12)
+    cfg = DataConfig(layout="long", targets=("HUFL", "OT"), known=("hour",), static=("size",), lookback=24,
+                     horizon=12)
     dm = ForecastDataModule(cfg, frame=frame)
     dm.setup()
     for series in dm.splits.values():
         assert [s.id for s in series] == ["s0", "s1", "s2"]
-    for tr, va, te in zip(dm.splits["train"], dm.splits["val"], dm.splits["test"], strict=True):
-        assert tr.times[-1] < va.times[24] and va.times[-1] < te.times[24]   # forecasts follow training rows
-        assert (len(tr.times), len(va.times), len(te.times)) == (210, 30 + 24, 60 + 24)
-    assert len(dm.datasets["val"]) == 3 * window_count(54, 24, 12)
+    val_windows = 0
+    for tr, va, te, whole in zip(dm.splits["train"], dm.splits["val"], dm.splits["test"], dm.series, strict=True):
+        # the dropped hours are back as missing steps: one row per hour from the first to the last
+        given = frame.filter(pl.col("series") == whole.id)["date"]
+        n = int((given.max() - given.min()) / timedelta(hours=1)) + 1
+        assert len(whole.times) == n and (whole.stamps.diff().drop_nulls() == timedelta(hours=1)).all()
+        inserted = (~whole.stamps.is_in(given.implode())).to_numpy()
+        assert inserted.sum() == n - given.len() and np.isnan(whole.values[inserted]).all()
+        a, b = int(n * 0.7), int(n * 0.7) + int(n * 0.1)
+        assert (len(tr.times), len(va.times), len(te.times)) == (a, b - a + 24, n - b + 24)
+        assert tr.stamps[-1] < va.stamps[24] and va.stamps[-1] < te.stamps[24]   # forecasts follow training rows
+        val_windows += window_count(b - a + 24, 24, 12)
+    assert len(dm.datasets["val"]) == val_windows
     # scaler: the training rows' statistics (nulls ignored), nothing from val or test
-    train_rows = pl.concat([g.sort("date").head(210) for _, g in frame.group_by("series", maintain_order=True)])
+    train_rows = pl.concat([frame.filter((pl.col("series") == s.id) & (pl.col("date") <= s.stamps[-1]))
+                            for s in dm.splits["train"]])
     assert dm.scaler.mean[1] == pytest.approx(train_rows["OT"].drop_nulls().mean(), rel=1e-6)
     item = dm.datasets["test"][0]
     assert item["known"].shape == (36, 1) and item["static"].shape == (1,)
-    assert (np.diff(item["times"].numpy()) > 0).all() and item["times"][0] == 0
+    assert item["times"].tolist() == list(range(24))   # grid steps
 
 
 def test_missing_values_reach_windows_as_nan():
@@ -110,15 +121,15 @@ def test_bad_data_is_named(tmp_path):
     with pytest.raises(DataError, match="no file"):
         load_table(tmp_path / "missing.csv")
     repeated = long_frame(1, 50)
-    repeated = pl.concat([repeated, repeated.head(1)])
-    with pytest.raises(DataError, match="repeated timestamps"):
-        series_from_frame(repeated, DataConfig(path="-", layout="long", targets=("OT",)))
+    repeated = pl.concat([repeated, repeated.head(1)]).sort("date")
+    with pytest.raises(DataError, match="timestamps repeated"):
+        series_frames(repeated, DataConfig(path="-", layout="long", targets=("OT",)), "1h")
     with pytest.raises(DataError, match=r"borders \(8640, 11520, 14400\) need 14400 rows"):
         ForecastDataModule(DataConfig(path="-"), frame=ett_frame(1000)).setup()
     with pytest.raises(DataError, match="'layout' expected"):
         DataConfig(path="-", layout="wide")
-    with pytest.raises(DataError, match="missing columns"):
-        series_from_frame(long_frame(1, 20), DataConfig(path="-", layout="long", targets=("nope",)))
+    with pytest.raises(DataError, match=r"unknown columns \['nope'\]"):
+        series_frames(long_frame(1, 20), DataConfig(path="-", layout="long", targets=("nope",)), "1h")
 
 
 def test_download_verifies_the_checksum_and_keeps_nothing_on_mismatch(tmp_path):

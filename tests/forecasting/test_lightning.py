@@ -90,9 +90,11 @@ def test_long_format_with_covariates_missing_values_and_irregular_times(kind, tm
     model = ModelConfig(kind=kind, hidden_size=8, num_heads=2, head_dim=4)
     module, info = fit(model, dm, TrainConfig(max_epochs=1, limit_train_batches=2), out=tmp_path, quiet=True)
     metrics = evaluate(module.net, dm.test_dataloader(), 1, 1)
-    assert metrics["windows"] == 2 * (32 + 16 - 16 - 4 + 1) and metrics["mse"] > 0
+    # test rows: the last 20 % of each series' hourly grid (dropped hours are missing steps) plus the lookback
+    rows = [len(s.times) - int(len(s.times) * 0.7) - int(len(s.times) * 0.1) + 16 for s in dm.series]
+    assert metrics["windows"] == sum(r - 16 - 4 + 1 for r in rows) and metrics["mse"] > 0
     frame = predict_frame(module, dm, "val")
     assert frame.height == len(dm.datasets["val"]) * 4 * 2
     assert ("q0.9" in frame.columns) == (kind == "gdn2")
-    with pytest.raises(DataError, match="needs the future known covariates"):
+    with pytest.raises(DataError, match=r"fit with known covariates \['hour'\]; expected future="):
         predict_frame(module, dm, "latest")
