@@ -11,8 +11,9 @@
     gdn2ts audit              what each layer's state forgot: an eviction audit of synthetic streams, with a plot
     gdn2ts probe              rare-regime recall probes: GDN-2, KDA, GDN and a GRU of equal state size
     gdn2ts fit RECIPE.yaml    fit a forecaster (GDN-2, DLinear, GRU) with Lightning from a recipe
-    gdn2ts predict            forecasts of a fitted checkpoint as a table with quantile columns
-    gdn2ts bench forecast     the ETTh1 long-horizon benchmark: GDN-2 forecaster, DLinear and a GRU
+    gdn2ts predict            forecasts of a fitted checkpoint as a table with quantile columns (--futr: covariates)
+    gdn2ts forecast fit|predict|backtest  the same two, and a rolling-origin backtest of a recipe
+    gdn2ts bench forecast     the long-horizon benchmark on ETTh1 (or an ETT-layout file): GDN-2, DLinear, a GRU
     gdn2ts bench online       online forecasting on the delayed-feedback protocol of the literature (ETTh1)
     gdn2ts lm mqar            MQAR recall at matched state size: small LMs per mixer, level and seed; table, plot
     gdn2ts lm mqar-grid       MQAR as Zoology runs it: widths x mixers x learning rates x seeds, sharded, resumable
@@ -241,7 +242,7 @@ def main(args: list[str] | None = None) -> None:
 
     from gdn2ts.apps.online_bench import bench_online
     from gdn2ts.apps.probes_report import probe
-    from gdn2ts.forecasting.cli import bench_forecast, fit, predict
+    from gdn2ts.forecasting.cli import FORECAST_COMMANDS, bench_forecast, fit, predict
     from gdn2ts.lm.commands import lm_curves, lm_eval, lm_export, lm_generate, lm_throughput, lm_train
     from gdn2ts.lm.data_commands import lm_tokenize
     from gdn2ts.lm.eval.mqar_grid import mqar_grid
@@ -251,6 +252,9 @@ def main(args: list[str] | None = None) -> None:
     # `gdn2ts fit RECIPE.yaml`: a bare recipe path after fit is its --config
     if len(args) >= 2 and args[0] == "fit" and not args[1].startswith("-"):
         args = ["fit", "--config", *args[1:]]
+    # `gdn2ts forecast fit|backtest RECIPE.yaml`: likewise
+    if len(args) >= 3 and args[0] == "forecast" and args[1] in ("fit", "backtest") and not args[2].startswith("-"):
+        args = [*args[:2], "--config", *args[2:]]
     # `gdn2ts stream --checkpoint ...`: the stream group's default command is apply
     if args[:1] == ["stream"] and (len(args) == 1 or args[1].startswith("-")) and not {"-h", "--help"} & set(args):
         args = ["stream", "apply", *args[1:]]
@@ -267,7 +271,7 @@ def main(args: list[str] | None = None) -> None:
                                                 "streaming": bench_streaming, "forecast": bench_forecast,
                                                 "online": bench_online},
               "quickstart": quickstart, "stream": {**STREAM_COMMANDS, "apply": stream_apply}, "audit": audit,
-              "probe": probe, "fit": fit, "predict": predict,
+              "probe": probe, "fit": fit, "predict": predict, "forecast": FORECAST_COMMANDS,
               "lm": {"mqar": mqar, "mqar-grid": mqar_grid, "train": lm_train, "generate": lm_generate,
                      "throughput": lm_throughput, "tokenize": lm_tokenize, "curves": lm_curves, "export": lm_export,
                      "eval": lm_eval}},
