@@ -1,6 +1,7 @@
-"""Rare-regime recall probes: train GDN-2, KDA, GDN (the same :class:`StreamEncoder`, by ``variant``) and a GRU of
-equal state size on the seeded tasks of :mod:`gdn2ts.apps.probes_data` with one budget, then score recall
-against the time since the thing recalled was last seen.
+"""Rare-regime recall probes: train the GDN-2 mixer's presets (GDN-2, its two ablations, KDA, GDN, Mamba-2), a
+block-diagonal GRU and two controls, matched in state and parameters (:mod:`gdn2ts.apps.probes_models`), on the
+seeded tasks of :mod:`gdn2ts.apps.probes_data` with one budget and curriculum (:mod:`gdn2ts.apps.probes_curriculum`),
+then score recall against the time since the thing recalled was last seen.
 
 * regimes: the forecast made at a regime's onset (only its cue channels observed) for the rest of the episode,
   on the recalled channels: mean absolute error against the stream's noiseless pattern, binned by the time since
@@ -12,6 +13,9 @@ against the time since the thing recalled was last seen.
 Training losses (the same for every model): regimes, the pinball loss of every forecast whose target was observed,
 with the onsets' forecasts weighted ``onset_weight`` times (they are rare and carry the recall); needle, the
 squared error of the reconstruction at query steps.
+
+One (task, model, seed) is one job (:func:`train_and_score`): a pure function of its arguments, so jobs can run in
+any order or in separate processes.
 """
 
 from __future__ import annotations
@@ -19,18 +23,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from gdn2ts.apps.baselines import GRUEncoder, encoder_state_floats
+from gdn2ts.apps.probes_curriculum import CurriculumConfig, reach, task_at
 from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes
-from gdn2ts.models import EncoderConfig, StreamEncoder
+from gdn2ts.apps.probes_models import (
+    CONTROLS,
+    MIXERS,
+    MODELS,
+    ProbeModelConfig,
+    build_model,
+    count_parameters,
+    matched_mlp_widths,
+)
 from gdn2ts.models.schedule import encoder_schedule
 
-__all__ = ["ProbeModelConfig", "ProbeTrainConfig", "ProbeEvalConfig", "build_model", "run_task", "MODELS", "TASKS"]
+__all__ = ["ProbeModelConfig", "ProbeTrainConfig", "ProbeEvalConfig", "TaskResult", "build_model", "model_widths",
+           "run_task", "train_and_score", "MODELS", "MIXERS", "CONTROLS", "TASKS"]
 
-MODELS = ("gdn2", "kda", "gdn", "gru")
 TASKS = ("regimes", "needle")
 
 
@@ -40,36 +52,11 @@ def _check_edges(owner: str, name: str, edges) -> None:
         raise ValueError(f"{owner}: '{name}' expected at least two finite, increasing bin edges, got {edges!r}")
 
 
-@dataclass(frozen=True)
-class ProbeModelConfig:
-    """The models compared; each task builds them with its own channel count."""
-
-    models: tuple[str, ...] = MODELS
-    """Which models to train: encoder variants (gdn2, kda, gdn) and/or gru."""
-    hidden_size: int = 32
-    """Width of the residual stream (all models)."""
-    n_layers: int = 1
-    """Blocks per model."""
-    num_heads: int = 2
-    """Heads per GDN-2 mixer."""
-    head_dim: int = 8
-    """Key and value size per head; the GRU's state per block equals the encoder's floats per layer."""
-    horizon: int = 4
-    """Forecast steps (at least the regime episode's steps after the onset)."""
-
-    def __post_init__(self):
-        bad = [m for m in self.models if m not in MODELS]
-        if not self.models or bad or len(set(self.models)) != len(self.models):
-            raise ValueError(f"ProbeModelConfig: 'models' expected distinct names from {MODELS}, got {self.models!r}")
-        for name in ("hidden_size", "n_layers", "num_heads", "head_dim", "horizon"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ProbeModelConfig: '{name}' expected a positive int, got {value!r}")
-
-    def encoder(self, n_channels: int, variant: str = "gdn2") -> EncoderConfig:
-        """The :class:`EncoderConfig` of one model for a task with ``n_channels``."""
-        return EncoderConfig(n_channels=n_channels, hidden_size=self.hidden_size, n_layers=self.n_layers,
-                             num_heads=self.num_heads, head_dim=self.head_dim, variant=variant, horizon=self.horizon)
+def _positive_ints(owner: str, obj, names) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: '{name}' expected a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -86,28 +73,31 @@ class ProbeTrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Gradient norm clip."""
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Training seeds: each sets the initial weights and the training batches (the same for every model)."""
     onset_weight: float = 10.0
     """Weight of the forecasts made at regime onsets in the regimes task's loss (others weigh 1)."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """How the recall distances of the training streams grow (the held-out streams always use the full task)."""
 
     def __post_init__(self):
-        for name in ("steps", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ProbeTrainConfig: '{name}' expected a positive int, got {value!r}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"ProbeTrainConfig: 'seeds' expected distinct ints, got {self.seeds!r}")
+        _positive_ints("ProbeTrainConfig", self, ("steps", "batch"))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or \
+                any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
+            raise ValueError(f"ProbeTrainConfig: 'seeds' expected distinct non-negative ints, got {self.seeds!r}")
         for name in ("lr", "grad_clip", "onset_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ProbeTrainConfig: '{name}' expected a positive number, got {getattr(self, name)!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"ProbeTrainConfig: 'weight_decay' expected >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.curriculum, CurriculumConfig):
+            raise ValueError(f"ProbeTrainConfig: 'curriculum' expected a CurriculumConfig, got "
+                             f"{type(self.curriculum).__name__}")
 
 
 @dataclass(frozen=True)
 class ProbeEvalConfig:
-    """The held-out streams and the bins of the scores."""
+    """The held-out streams, the bins of the scores and the intervals across seeds."""
 
     n_streams: int = 256
     """Held-out streams per task (the same for every model and seed)."""
@@ -117,12 +107,15 @@ class ProbeEvalConfig:
     """Edges of the bins of time since a regime was last seen (its first occurrences form one more bin)."""
     delay_bins: tuple[float, ...] = (0.0, 16.0, 32.0, 64.0, 128.0, 256.0)
     """Edges of the bins of needle query delay (time since the pair was shown)."""
+    level: float = 0.95
+    """Coverage of the Student t intervals over seeds (:mod:`gdn2ts.apps.probes_stats`)."""
 
     def __post_init__(self):
-        if isinstance(self.n_streams, bool) or not isinstance(self.n_streams, int) or self.n_streams < 1:
-            raise ValueError(f"ProbeEvalConfig: 'n_streams' expected a positive int, got {self.n_streams!r}")
+        _positive_ints("ProbeEvalConfig", self, ("n_streams",))
         _check_edges("ProbeEvalConfig", "since_bins", self.since_bins)
         _check_edges("ProbeEvalConfig", "delay_bins", self.delay_bins)
+        if not 0.0 < self.level < 1.0:
+            raise ValueError(f"ProbeEvalConfig: 'level' expected a number in (0, 1), got {self.level!r}")
 
 
 @dataclass
@@ -137,25 +130,12 @@ class TaskResult:
     """Metric name -> ``[seeds][bins]`` (NaN where a bin is empty)."""
     train_seconds: list[float] = field(default_factory=list)
     """Wall time of each seed's training."""
+    cpu_seconds: list[float] = field(default_factory=list)
+    """CPU time of each seed's training (the training process's)."""
     final_loss: list[float] = field(default_factory=list)
     """Mean training loss over each seed's last 10% of steps."""
-
-
-def build_model(name: str, encoder_config: EncoderConfig) -> torch.nn.Module:
-    """An encoder of variant ``name``, or (``gru``) a :class:`GRUEncoder` whose state per block equals the
-    encoder's floats per layer.
-
-    Example:
-        >>> from gdn2ts.models import EncoderConfig
-        >>> gru = build_model("gru", EncoderConfig(n_channels=3, hidden_size=16, num_heads=2, head_dim=8))
-        >>> gru.state_size
-        272
-    """
-    if name == "gru":
-        return GRUEncoder(encoder_config, encoder_state_floats(encoder_config))
-    if name not in MODELS:
-        raise ValueError(f"build_model: 'name' expected one of {MODELS}, got {name!r}")
-    return StreamEncoder(replace(encoder_config, variant=name))
+    loss_curve: list[list[float]] = field(default_factory=list)
+    """Each seed's mean training loss over 20 consecutive slices of its steps (fewer with fewer steps)."""
 
 
 def _pinball(forecast: torch.Tensor, target: torch.Tensor, quantiles, weight: torch.Tensor) -> torch.Tensor:
@@ -248,10 +228,98 @@ def _score_needle(model, batch, cfg: NeedleConfig, ev: ProbeEvalConfig):
     return _bin_labels(ev.delay_bins), counts, {"mse": mse, "accuracy": acc}
 
 
+def _task_parts(task: str, task_config, model_config: ProbeModelConfig):
+    """``(make, n_channels, loss(model, batch, config, train), score)`` of a task, after checking its config."""
+    if task == "regimes":
+        if not isinstance(task_config, RegimeConfig):
+            raise ValueError(f"run_task: 'task_config' expected a RegimeConfig for 'regimes', got "
+                             f"{type(task_config).__name__}")
+        if model_config.horizon < task_config.episode_steps - 1:
+            raise ValueError(f"run_task: model 'horizon' expected >= episode_steps - 1 = "
+                             f"{task_config.episode_steps - 1} (the onset forecast covers the episode), got "
+                             f"{model_config.horizon}")
+        return make_regimes, task_config.n_channels, _regime_loss, _score_regimes
+    if task == "needle":
+        if not isinstance(task_config, NeedleConfig):
+            raise ValueError(f"run_task: 'task_config' expected a NeedleConfig for 'needle', got "
+                             f"{type(task_config).__name__}")
+        return make_needles, task_config.n_channels, (lambda m, b, c, t: _needle_loss(m, b, c)), _score_needle
+    raise ValueError(f"run_task: 'task' expected one of {TASKS}, got {task!r}")
+
+
+def model_widths(task: str, task_config, model_config: ProbeModelConfig) -> dict[str, tuple[int, int]]:
+    """``{model: (mlp_width, parameters)}`` for ``task``: matched to the largest model when
+    ``model_config.match_parameters``, else every model at ``mlp_ratio``."""
+    _, n_channels, _, _ = _task_parts(task, task_config, model_config)
+    if model_config.match_parameters:
+        return matched_mlp_widths(model_config, n_channels)
+    width = model_config.base_width
+    return {n: (width, count_parameters(build_model(n, model_config, n_channels, width))) for n in model_config.models}
+
+
+def train_and_score(task: str, task_config, model_config: ProbeModelConfig, train: ProbeTrainConfig,
+                    evaluation: ProbeEvalConfig, name: str, seed: int, mlp_width: int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """Train model ``name`` on ``task`` with training seed ``seed``, then score it on the held-out streams.
+
+    The training batch of step ``i`` is drawn from ``(seed, i)`` with the curriculum's task at that step, so every
+    model sees the same data for a given seed.
+
+    Returns:
+        dict with ``bins``, ``counts``, ``metrics`` (name -> one score per bin), ``train_seconds``,
+        ``cpu_seconds``, ``final_loss`` and ``loss_curve``.
+    """
+    make, n_channels, loss_fn, score = _task_parts(task, task_config, model_config)
+    if name not in model_config.models:
+        raise ValueError(f"train_and_score: 'name' expected one of {model_config.models}, got {name!r}")
+    torch.manual_seed(seed)
+    model = build_model(name, model_config, n_channels, mlp_width)
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    lr_at = encoder_schedule(train.steps, peak=train.lr)
+    losses = []
+    start, cpu = time.perf_counter(), time.process_time()
+    for step in range(train.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        config = task_at(task_config, reach(train.curriculum, step, train.steps))
+        # the batches depend on (seed, step) only: every model sees the same data
+        loss = loss_fn(model, make(config, seed * 1_000_000 + step, train.batch), config, train)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, train.steps)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    bins, counts, metrics = score(model, make(task_config, evaluation.seed, evaluation.n_streams), task_config,
+                                  evaluation)
+    tail = losses[-max(1, len(losses) // 10):]
+    k = min(20, len(losses))
+    curve = [sum(c) / len(c) for c in (losses[i * len(losses) // k:(i + 1) * len(losses) // k] for i in range(k))]
+    return {"bins": bins, "counts": counts, "metrics": metrics, "train_seconds": seconds, "cpu_seconds": cpu,
+            "final_loss": sum(tail) / len(tail), "loss_curve": curve}
+
+
+def collect(runs: list[dict]) -> TaskResult:
+    """One model's :class:`TaskResult` from its seeds' :func:`train_and_score` results (in seed order)."""
+    first = runs[0]
+    result = TaskResult(first["bins"], first["counts"], {k: [] for k in first["metrics"]})
+    for run in runs:
+        for k, v in run["metrics"].items():
+            result.metrics[k].append(v)
+        result.train_seconds.append(run["train_seconds"])
+        result.cpu_seconds.append(run["cpu_seconds"])
+        result.final_loss.append(run["final_loss"])
+        result.loss_curve.append(run["loss_curve"])
+    return result
+
+
 def run_task(task: str, task_config: RegimeConfig | NeedleConfig, model_config: ProbeModelConfig,
              train: ProbeTrainConfig, evaluation: ProbeEvalConfig,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, TaskResult]:
-    """Train every model of ``model_config`` on ``task`` for every seed, then score it on the held-out streams.
+    """Train every model of ``model_config`` on ``task`` for every seed, in this process, then score it on the
+    held-out streams.
 
     Args:
         task: ``regimes`` or ``needle``.
@@ -264,72 +332,24 @@ def run_task(task: str, task_config: RegimeConfig | NeedleConfig, model_config: 
     Example:
         >>> from gdn2ts.apps.probes_data import NeedleConfig
         >>> r = run_task("needle", NeedleConfig(n_pairs=2, n_queries=2, min_delay=2, max_delay=6),
-        ...              ProbeModelConfig(models=("gdn2",), hidden_size=8, head_dim=4),
+        ...              ProbeModelConfig(models=("gdn2", "gru"), hidden_size=8, head_dim=4),
         ...              ProbeTrainConfig(steps=2, batch=2, seeds=(0,)), ProbeEvalConfig(n_streams=4))
-        >>> r["gdn2"].bins[0], len(r["gdn2"].metrics["accuracy"][0])
+        >>> r["gdn2"].bins[0], len(r["gru"].metrics["accuracy"][0])
         ('[0, 16)', 5)
     """
-    if task == "regimes":
-        if not isinstance(task_config, RegimeConfig):
-            raise ValueError(f"run_task: 'task_config' expected a RegimeConfig for 'regimes', got "
-                             f"{type(task_config).__name__}")
-        if model_config.horizon < task_config.episode_steps - 1:
-            raise ValueError(f"run_task: model 'horizon' expected >= episode_steps - 1 = "
-                             f"{task_config.episode_steps - 1} (the onset forecast covers the episode), got "
-                             f"{model_config.horizon}")
-        make, n_channels = make_regimes, task_config.n_channels
-
-        def loss_fn(model, batch):
-            return _regime_loss(model, batch, task_config, train)
-
-        score = _score_regimes
-    elif task == "needle":
-        if not isinstance(task_config, NeedleConfig):
-            raise ValueError(f"run_task: 'task_config' expected a NeedleConfig for 'needle', got "
-                             f"{type(task_config).__name__}")
-        make, n_channels = make_needles, task_config.n_channels
-
-        def loss_fn(model, batch):
-            return _needle_loss(model, batch, task_config)
-
-        score = _score_needle
-    else:
-        raise ValueError(f"run_task: 'task' expected one of {TASKS}, got {task!r}")
-
-    held_out = make(task_config, evaluation.seed, evaluation.n_streams)
-    results: dict[str, TaskResult] = {}
+    widths = model_widths(task, task_config, model_config)
     total = len(model_config.models) * len(train.seeds) * train.steps
     done = 0
-    lr_at = encoder_schedule(train.steps, peak=train.lr)
+    results: dict[str, TaskResult] = {}
     for name in model_config.models:
-        result = None
+        runs = []
         for seed in train.seeds:
-            torch.manual_seed(seed)
-            model = build_model(name, model_config.encoder(n_channels, "gdn2" if name == "gru" else name))
-            opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-            losses = []
-            start = time.perf_counter()
-            for step in range(train.steps):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step)
-                # the batches depend on (seed, step) only: every model sees the same data
-                loss = loss_fn(model, make(task_config, seed * 1_000_000 + step, train.batch))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                opt.step()
-                losses.append(float(loss.detach()))
-                done += 1
+            def report(step, steps, name=name, seed=seed, offset=done):
                 if progress is not None:
-                    progress(f"{task}: {name}, seed {seed}", done, total)
-            seconds = time.perf_counter() - start
-            bins, counts, metrics = score(model, held_out, task_config, evaluation)
-            if result is None:
-                result = TaskResult(bins, counts, {k: [] for k in metrics})
-            for k, v in metrics.items():
-                result.metrics[k].append(v)
-            result.train_seconds.append(seconds)
-            tail = losses[-max(1, len(losses) // 10):]
-            result.final_loss.append(sum(tail) / len(tail))
-        results[name] = result
+                    progress(f"{task}: {name}, seed {seed}", offset + step, total)
+
+            runs.append(train_and_score(task, task_config, model_config, train, evaluation, name, seed,
+                                        widths[name][0], report))
+            done += train.steps
+        results[name] = collect(runs)
     return results

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["RegimeConfig", "RegimeBatch", "make_regimes", "NeedleConfig", "NeedleBatch", "make_needles"]
+__all__ = ["RegimeConfig", "RegimeBatch", "make_regimes", "regime_codes", "NeedleConfig", "NeedleBatch", "make_needles"]
 
 
 def _positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
@@ -81,9 +81,21 @@ class RegimeConfig:
     """Background autocorrelation over one unit of time (over ``dt`` it is ``phi ** dt``)."""
     noise_std: float = 0.1
     """Observation noise added to every value."""
+    shared_cues: bool = False
+    """The cue channels of regime ``r`` take the same values in every stream and seed (a fixed code per regime,
+    drawn once with the amplitude); only the recalled channels are drawn per stream. The onset then names its
+    regime in a way the weights can learn, and the probe measures the recall of the stream's own pattern alone.
+    False: cue values are drawn per stream too, so recognising the regime is itself a lookup of earlier values."""
+    quiet_cues: bool = False
+    """The cue channels are missing between episodes: they light up only while a regime is on (like an event
+    flag), so the steps of an episode stand out by which channels are observed. False: they carry the background
+    between episodes like every channel."""
 
     def __post_init__(self):
         owner = "RegimeConfig"
+        for name in ("shared_cues", "quiet_cues"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}: '{name}' expected a bool, got {getattr(self, name)!r}")
         for name in ("n_channels", "n_regimes", "length", "min_gap", "max_gap"):
             _positive_int(owner, name, getattr(self, name))
         _positive_int(owner, "n_cue_channels", self.n_cue_channels)
@@ -122,6 +134,22 @@ class RegimeBatch(NamedTuple):
     """``[N, R, C]`` float32 each stream's regime patterns (the noiseless values of an episode)."""
 
 
+# the generator of the shared cue codes: fixed, apart from every stream's seed
+_CODE_SEED = 20_261_208
+
+
+def regime_codes(config: RegimeConfig) -> np.ndarray:
+    """``[n_regimes, n_cue_channels]`` the cue values every stream shares with ``shared_cues``: Gaussian with the
+    patterns' amplitude, from a fixed generator (the same for every seed).
+
+    Example:
+        >>> regime_codes(RegimeConfig()).shape
+        (3, 2)
+    """
+    rng = np.random.default_rng(_CODE_SEED)
+    return rng.normal(size=(config.n_regimes, config.n_cue_channels)) * config.amplitude
+
+
 def make_regimes(config: RegimeConfig, seed: int, n_streams: int) -> RegimeBatch:
     """``n_streams`` streams of rare, recurring regimes over an AR(1) background.
 
@@ -138,6 +166,8 @@ def make_regimes(config: RegimeConfig, seed: int, n_streams: int) -> RegimeBatch
     n, T, C, R, E = n_streams, cfg.length, cfg.n_channels, cfg.n_regimes, cfg.episode_steps
     times = _times(rng, n, T, cfg.dt_min, cfg.dt_max)
     patterns = rng.normal(size=(n, R, C)) * cfg.amplitude
+    if cfg.shared_cues:
+        patterns[:, :, :cfg.n_cue_channels] = regime_codes(cfg)
 
     # background AR(1) sampled at irregular times: x_t = phi^dt x_{t-1} + innovation, stationary std kept
     dt = np.diff(times, axis=1, prepend=times[:, :1])
@@ -169,6 +199,8 @@ def make_regimes(config: RegimeConfig, seed: int, n_streams: int) -> RegimeBatch
     missing = rng.random((n, T, C)) < cfg.missing_rate
     cue = np.arange(C) < cfg.n_cue_channels
     missing[onset] = ~cue
+    if cfg.quiet_cues:
+        missing[~in_episode] |= cue
     # off the onsets at least one recalled channel stays observed, so "only cues observed" marks an onset
     rest = ~onset & missing[..., ~cue].all(-1)
     keep = rng.integers(cfg.n_cue_channels, C, size=(n, T))

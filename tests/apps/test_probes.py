@@ -1,6 +1,7 @@
 """Recall probes: the generators are deterministic and produce what their configs say, the scores measure what
-they claim, the GRU baseline matches the encoder's interface and state size, and ``gdn2ts probe`` runs end to end
-on the tiny recipe."""
+they claim, the dense GRU baseline matches the encoder's interface and state size, the curriculum and the
+intervals compute what they claim, and ``gdn2ts probe`` runs end to end on the tiny recipe (the models and
+controls: tests/apps/test_probes_models.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from gdn2ts.apps.baselines import GRUEncoder, encoder_state_floats
 from gdn2ts.apps.probes import (
+    MODELS,
     ProbeEvalConfig,
     ProbeModelConfig,
     ProbeTrainConfig,
@@ -22,9 +24,12 @@ from gdn2ts.apps.probes import (
     _score_regimes,
     build_model,
     run_task,
+    train_and_score,
 )
-from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes
+from gdn2ts.apps.probes_curriculum import CurriculumConfig, reach, task_at
+from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig, make_needles, make_regimes, regime_codes
 from gdn2ts.apps.probes_report import probe
+from gdn2ts.apps.probes_stats import mean_interval, t_cdf, t_quantile
 from gdn2ts.cli import main
 from gdn2ts.models import EncoderConfig, StreamEncoder
 
@@ -78,6 +83,26 @@ def test_regimes_follow_their_config():
     assert torch.isnan(b.since_last[~b.onset]).all()
 
 
+def test_shared_and_quiet_cues():
+    cfg = RegimeConfig(length=200, min_gap=5, max_gap=30, shared_cues=True, quiet_cues=True, noise_std=0.0)
+    a, b = make_regimes(cfg, 0, 8), make_regimes(cfg, 1, 8)
+    codes = torch.from_numpy(regime_codes(cfg)).float()
+    # the cue part of every stream's patterns is the one code per regime; the recalled part differs by stream
+    for batch in (a, b):
+        assert torch.equal(batch.patterns[..., :2], codes.expand(8, -1, -1))
+    assert not torch.equal(a.patterns[..., 2:], b.patterns[..., 2:])
+    observed = ~torch.isnan(a.values)
+    in_episode = a.regime >= 0
+    # cues are seen only within episodes (always at onsets), and there they show the regime's code
+    assert not observed[~in_episode][:, :2].any() and observed[a.onset][:, :2].all()
+    assert observed[in_episode & ~a.onset][:, :2].float().mean() > 0.7
+    seen = observed[..., :2] & in_episode[..., None]
+    assert torch.equal(a.values[..., :2][seen], codes[a.regime.clamp(min=0)][seen])
+    # without the flags the cue channels carry the background between episodes, as before
+    plain = make_regimes(replace(cfg, shared_cues=False, quiet_cues=False), 0, 8)
+    assert (~torch.isnan(plain.values[..., :2]))[plain.regime < 0].any()
+
+
 def test_needles_follow_their_config():
     cfg = NeedleConfig(n_key_channels=3, n_value_channels=2, n_pairs=3, n_queries=6, min_delay=5, max_delay=50,
                        dt_min=0.5, dt_max=1.0)
@@ -105,6 +130,7 @@ def test_needles_follow_their_config():
     lambda: RegimeConfig(min_gap=10, max_gap=5),
     lambda: RegimeConfig(missing_rate=1.0),
     lambda: RegimeConfig(dt_min=0.0),
+    lambda: RegimeConfig(quiet_cues=1),
     lambda: NeedleConfig(n_pairs=8, min_delay=4),
     lambda: NeedleConfig(min_delay=5, max_delay=6, n_queries=3),
     lambda: ProbeModelConfig(models=("gdn2", "lstm")),
@@ -113,10 +139,96 @@ def test_needles_follow_their_config():
     lambda: run_task("regimes", RegimeConfig(episode_steps=6), ProbeModelConfig(horizon=3), ProbeTrainConfig(),
                      ProbeEvalConfig()),
     lambda: run_task("needle", RegimeConfig(), ProbeModelConfig(), ProbeTrainConfig(), ProbeEvalConfig()),
+    lambda: run_task("lookup", NeedleConfig(), ProbeModelConfig(), ProbeTrainConfig(), ProbeEvalConfig()),
+    lambda: ProbeTrainConfig(seeds=(0, -1)),
+    lambda: ProbeTrainConfig(curriculum={"start": 0.5}),
+    lambda: ProbeEvalConfig(level=1.0),
+    lambda: CurriculumConfig(start=0.0),
+    lambda: CurriculumConfig(start=0.5, ramp=1.5),
+    lambda: reach(CurriculumConfig(), 5, 5),
+    lambda: task_at(NeedleConfig(), 0.0),
+    lambda: task_at(ProbeEvalConfig(), 0.5),
+    lambda: t_quantile(1.0, 3),
+    lambda: t_cdf(1.0, 0),
+    lambda: mean_interval([]),
+    lambda: mean_interval([1.0, 2.0], level=95),
+    lambda: train_and_score("needle", NeedleConfig(), ProbeModelConfig(models=("gdn2",)), ProbeTrainConfig(),
+                            ProbeEvalConfig(), "gru", 0),
 ])
 def test_bad_configs_are_named(make_bad):
     with pytest.raises(ValueError, match="expected"):
         make_bad()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# curriculum
+
+
+def test_reach_grows_linearly_over_the_ramp_then_stays_at_one():
+    c = CurriculumConfig(start=0.2, ramp=0.4)
+    # ramp over 0.4 * 10 = 4 steps: 0.2 + 0.8 * step / 4
+    assert [reach(c, s, 10) for s in range(10)] == pytest.approx([0.2, 0.4, 0.6, 0.8] + [1.0] * 6)
+    assert [reach(CurriculumConfig(), s, 3) for s in range(3)] == [1.0, 1.0, 1.0]
+    assert [reach(CurriculumConfig(start=0.5, ramp=0.0), s, 3) for s in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_task_at_scales_the_recall_distances():
+    needle = NeedleConfig(n_pairs=4, n_queries=8, min_delay=4, max_delay=128)
+    assert task_at(needle, 1.0) is needle
+    # ceil(0.3 * 128) = 39; at 0.05 the longest delay 7 leaves 4 distinct query steps
+    assert (task_at(needle, 0.3).max_delay, task_at(needle, 0.3).n_queries) == (39, 8)
+    assert (task_at(needle, 0.05).max_delay, task_at(needle, 0.05).n_queries) == (7, 4)
+    assert task_at(needle, 0.01).max_delay == 4
+    assert task_at(needle, 0.3).length == 43 and task_at(needle, 0.3).min_delay == 4
+    regimes = RegimeConfig(min_gap=8, max_gap=48)
+    assert (task_at(regimes, 0.125).min_gap, task_at(regimes, 0.125).max_gap) == (1, 6)
+    assert task_at(regimes, 0.5).length == regimes.length
+
+
+def test_training_batches_follow_the_curriculum(monkeypatch):
+    import gdn2ts.apps.probes as probes
+
+    seen = []
+
+    def spy(config, seed, n):
+        seen.append((config.max_delay, seed, n))
+        return make_needles(config, seed, n)
+
+    monkeypatch.setattr(probes, "make_needles", spy)
+    needle = NeedleConfig(n_pairs=2, n_queries=2, min_delay=2, max_delay=40)
+    train = ProbeTrainConfig(steps=4, batch=2, seeds=(3,), curriculum=CurriculumConfig(start=0.25, ramp=0.5))
+    train_and_score("needle", needle, ProbeModelConfig(models=("gdn",), hidden_size=8, head_dim=4), train,
+                    ProbeEvalConfig(n_streams=3, seed=77), "gdn", 3)
+    # reach 0.25, 0.625, then 1: the longest delay 10, 25, 40, 40; the held-out streams use the full task
+    assert seen == [(10, 3_000_000, 2), (25, 3_000_001, 2), (40, 3_000_002, 2), (40, 3_000_003, 2), (40, 77, 3)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# intervals
+
+
+def test_t_quantiles_are_the_tabulated_ones():
+    # two-sided 95 % critical values of Student's t (any statistics table)
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 29: 2.0452}
+    for df, value in table.items():
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-4)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.7764, abs=1e-4)
+    assert t_quantile(0.95, 4) == pytest.approx(2.1318, abs=1e-4)
+    assert t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/pi
+    assert t_cdf(-1.0, 2) == pytest.approx(0.5 - 0.5 / math.sqrt(3))  # df 2: 1/2 + t / (2 sqrt(2 + t^2))
+
+
+def test_mean_interval_by_hand():
+    # 1..5: mean 3, sd sqrt(2.5), se sqrt(0.5); t_{0.975, 4} = 2.776445 -> half-width 1.963243
+    mean, lo, hi = mean_interval([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (mean, lo, hi) == pytest.approx((3.0, 3 - 1.963243, 3 + 1.963243), abs=1e-6)
+    # two seeds 0.5 and 0.7: sd 0.141421, se 0.1, t_{0.975, 1} = 12.706205
+    assert mean_interval([0.5, 0.7]) == pytest.approx((0.6, 0.6 - 1.2706205, 0.6 + 1.2706205), abs=1e-6)
+    # 90 %: t_{0.95, 4} = 2.131847
+    assert mean_interval([1.0, 2.0, 3.0, 4.0, 5.0], level=0.9)[2] == pytest.approx(3 + 2.131847 * 0.5 ** 0.5)
+    assert mean_interval([0.25])[0] == 0.25 and math.isnan(mean_interval([0.25])[1])
+    assert all(math.isnan(x) for x in mean_interval([1.0, math.nan]))
+    assert mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,14 +281,14 @@ def test_needle_score_is_perfect_for_the_truth_and_chance_for_zeros():
 # the GRU baseline
 
 
-def test_gru_state_equals_encoder_state_per_layer():
+def test_dense_gru_state_equals_encoder_state_per_layer():
     cfg = EncoderConfig(n_channels=4, hidden_size=16, n_layers=2, num_heads=2, head_dim=8)
     layer = StreamEncoder(cfg).init_state(1).layers[0]
     assert encoder_state_floats(cfg) == layer.recurrent.numel() + layer.conv.numel() == 272
-    gru = build_model("gru", cfg)
-    assert isinstance(gru, GRUEncoder) and gru.state_size == 272
+    gru = GRUEncoder(cfg, encoder_state_floats(cfg))
+    assert gru.state_size == 272
     assert [s.shape for s in gru.init_state(3).layers] == [torch.Size([3, 272])] * 2
-    assert build_model("kda", cfg).config.variant == "kda"
+    assert build_model("kda", ProbeModelConfig(), n_channels=4).config.variant == "kda"
 
 
 def test_gru_forward_equals_step_and_skips_unobserved_steps():
@@ -217,8 +329,8 @@ def test_every_recipe_loads_into_typed_configs(recipe):
     cfg = parser.instantiate(parser.parse_args(["--config", str(recipe)]))
     assert isinstance(cfg.regimes, RegimeConfig) and isinstance(cfg.needle, NeedleConfig)
     assert isinstance(cfg.model, ProbeModelConfig) and isinstance(cfg.train, ProbeTrainConfig)
-    assert isinstance(cfg.evaluation, ProbeEvalConfig)
-    assert set(cfg.model.models) == {"gdn2", "kda", "gdn", "gru"}
+    assert isinstance(cfg.evaluation, ProbeEvalConfig) and isinstance(cfg.train.curriculum, CurriculumConfig)
+    assert set(cfg.model.models) == set(MODELS)
     assert cfg.model.horizon >= cfg.regimes.episode_steps - 1
 
 
@@ -231,18 +343,38 @@ def test_probe_command_runs_end_to_end(tmp_path):
     main(["probe", "--config", str(Path(RECIPES[0]).parent / "tiny.yaml"), "--train.seeds", "[0, 1]",
           "--json", str(out), "--plot", str(png), "--quiet", "true"])
     record = json.loads(out.read_text())
-    assert record["config"]["train"]["seeds"] == [0, 1]
-    assert set(record["tasks"]) == {"regimes", "needle"}
+    assert record["config"]["train"]["seeds"] == [0, 1] and record["config"]["train"]["curriculum"]["start"] < 1
+    assert set(record["tasks"]) == {"regimes", "needle"} and record["cpu_seconds"] > 0 and record["date"]
     for task, metrics in (("regimes", {"mae"}), ("needle", {"mse", "accuracy"})):
         data = record["tasks"][task]
         assert len(data["bins"]) == len(data["counts"]) and sum(data["counts"]) > 0
-        assert set(data["models"]) == {"gdn2", "kda", "gdn", "gru"}
+        assert set(data["models"]) == set(MODELS)
         for res in data["models"].values():
             assert set(res["metrics"]) == metrics and len(res["train_seconds"]) == 2
             for m in res["metrics"].values():
                 assert len(m["per_seed"]) == 2 and all(len(r) == len(data["bins"]) for r in m["per_seed"])
-                # a bin has a score exactly when it has events
+                # a bin has a score exactly when it has events, and its interval is the t interval of the seeds
                 assert [v is not None for v in m["mean"]] == [c > 0 for c in data["counts"]]
-    floats = {m["state_floats_per_layer"] for m in record["models"].values()}
-    assert floats == {encoder_state_floats(replace(EncoderConfig(n_channels=6), hidden_size=8, head_dim=4))}
+                for j, mu in enumerate(m["mean"]):
+                    if mu is not None:
+                        expected = mean_interval([row[j] for row in m["per_seed"]])
+                        assert (mu, m["low"][j], m["high"][j]) == pytest.approx(expected)
+    enc = replace(EncoderConfig(n_channels=6), hidden_size=8, head_dim=4)
+    models = record["models"]
+    assert {models[n]["state_floats_per_layer"]["needle"] for n in MODELS if models[n]["role"] == "mixer"} == \
+        {encoder_state_floats(enc)}
+    assert models["memoryless"]["state_floats_per_layer"]["regimes"] == 0
+    counts = [m["parameters"]["needle"] for m in models.values()]
+    assert max(counts) / min(counts) < 1.05
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_jobs_give_the_same_scores_on_two_processes(tmp_path):
+    args = ["probe", "--config", str(Path(RECIPES[0]).parent / "tiny.yaml"), "--model.models", "[gdn2, gru]",
+            "--tasks", "[needle]", "--quiet", "true", "--threads", "1"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    main([*args, "--json", str(one)])
+    main([*args, "--json", str(two), "--workers", "2"])
+    a, b = json.loads(one.read_text())["tasks"], json.loads(two.read_text())["tasks"]
+    for name in ("gdn2", "gru"):
+        assert a["needle"]["models"][name]["metrics"] == b["needle"]["models"][name]["metrics"]
