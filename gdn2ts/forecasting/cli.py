@@ -140,7 +140,7 @@ def backtest(data: DataConfig, model: ModelConfig = _MODEL, train: TrainConfig =
         if data.path is None:
             raise DataError("expected --data.path (the data file)")
         frame = run_backtest(load_table(data.path), FitConfig(data=data, model=model, train=train), n_windows,
-                             step_size, refit, quiet=True)
+                             step_size, refit, quiet=quiet)
     except (ValueError, OSError) as e:
         raise SystemExit(f"gdn2ts forecast backtest: {e}") from None
     path = Path(out, "backtest.parquet")

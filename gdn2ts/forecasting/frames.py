@@ -62,14 +62,13 @@ def fit_forecaster(frame: pl.DataFrame, config: FitConfig, out: str | None = Non
     return module.eval()
 
 
-def _future_rows(sid, times: pl.Series, future: pl.DataFrame | None, known: tuple[str, ...], cfg, H: int,
+def _future_rows(sid, times: pl.Series, got: pl.DataFrame | None, known: tuple[str, ...], cfg, H: int,
                  last) -> pl.DataFrame:
     """The ``H`` future rows of one series: its forecast times and, when the model has known covariates, their
-    values from ``future``."""
+    values from ``got`` (the future frame's rows of this series)."""
     rows = times.to_frame()
     if not known:
         return rows
-    got = future.filter(pl.col(cfg.id_column) == sid) if cfg.layout == "long" else future
     got = got.select(cfg.time_column, *known)
     dup = got[cfg.time_column].is_duplicated()
     if dup.any():
@@ -115,10 +114,15 @@ def future_series(module: ForecastModule, history: pl.DataFrame, future: pl.Data
         if want != got:
             raise DataError(f"forecast: future frame's {cfg.time_column!r} is {got}, expected {want} as in the "
                             f"history")
+    by_id = {}
+    if known:
+        by_id = ({k[0]: f for k, f in future.group_by(cfg.id_column, maintain_order=True)} if cfg.layout == "long"
+                 else {"ETT": future})
     series, origins = [], []
     for sid, g in groups:
         last = g[cfg.time_column].tail(1)
-        fut = _future_rows(sid, future_times(last, codec.freq, H), future, known, cfg, H, last[0])
+        got = by_id.get(sid, future.clear() if known else None)
+        fut = _future_rows(sid, future_times(last, codec.freq, H), got, known, cfg, H, last[0])
         ext = pl.concat([g, fut], how="diagonal_relaxed")
         s = codec.series(sid, ext, cfg)
         lo = max(0, g.height - L)

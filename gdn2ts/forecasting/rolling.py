@@ -46,7 +46,7 @@ def cutoff_rows(n_rows: int, horizon: int, n_windows: int, step_size: int) -> li
 
 
 def backtest(frame: pl.DataFrame, config: FitConfig, n_windows: int = 1, step_size: int | None = None,
-             refit: bool | int = False, quiet: bool = True) -> pl.DataFrame:
+             refit: bool | int = False, quiet: bool = False) -> pl.DataFrame:
     """Rolling-origin backtest of the forecaster of ``config`` on ``frame`` (layout long).
 
     Args:
@@ -57,7 +57,7 @@ def backtest(frame: pl.DataFrame, config: FitConfig, n_windows: int = 1, step_si
             each series).
         refit: False (one fit, on the rows up to the first cutoff), True (a fit at every cutoff) or k (a fit at
             every k-th cutoff).
-        quiet: no progress bars.
+        quiet: no progress bar (each fit shows Lightning's otherwise).
 
     Returns a polars frame with one row per (series, cutoff, step, channel): ``series``, ``cutoff`` (the user's
     timestamp type), ``step``, ``time``, ``channel``, ``actual`` (null where the frame has no value), ``point``
@@ -93,7 +93,9 @@ def backtest(frame: pl.DataFrame, config: FitConfig, n_windows: int = 1, step_si
                              "__cutoff": [g[cfg.time_column][cuts[sid][j0]] for sid, g in groups]},
                             schema_overrides={cfg.id_column: frame.schema[cfg.id_column],
                                               "__cutoff": frame.schema[cfg.time_column]})
-        history = frame.join(ends, on=cfg.id_column).filter(pl.col(cfg.time_column) <= pl.col("__cutoff"))
+        # each series' rows in their order (the fit checks that time increases row by row)
+        history = frame.join(ends, on=cfg.id_column, maintain_order="left").filter(
+            pl.col(cfg.time_column) <= pl.col("__cutoff"))
         dm = ForecastDataModule(fit_data, history.drop("__cutoff"))
         with tempfile.TemporaryDirectory(prefix="gdn2ts-backtest-") as tmp:
             module, _ = fit(config.model, dm, config.train, out=tmp, quiet=quiet)
@@ -105,6 +107,6 @@ def backtest(frame: pl.DataFrame, config: FitConfig, n_windows: int = 1, step_si
 
 
 def cross_validation(frame: pl.DataFrame, config: FitConfig, n_windows: int = 1, step_size: int | None = None,
-                     refit: bool | int = False, quiet: bool = True) -> pl.DataFrame:
+                     refit: bool | int = False, quiet: bool = False) -> pl.DataFrame:
     """:func:`backtest` under the name other forecasting libraries give it (same arguments, same frame)."""
     return backtest(frame, config, n_windows, step_size, refit, quiet)
