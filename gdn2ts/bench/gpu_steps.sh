@@ -14,7 +14,7 @@
 #            .devcarry/tinyshakespeare.txt, both carried (docs/lm-training.md)
 #   mqar     one shard of the MQAR grid (tasks/lm/mqar/zoology.yaml; docs/lm-eval.md, "MQAR, Zoology protocol"):
 #            MQAR_SHARD=i/n (default 1/4), MQAR_WORKERS runs at once (6), MQAR_STOP seconds after which no run
-#            starts (420), MQAR_ARGS more options (no spaces inside one), MQAR_OUT the folder (mqar-zoology). The
+#            starts (380), MQAR_ARGS more options (no spaces inside one), MQAR_OUT the folder (mqar-zoology). The
 #            runs already in docs/results/$MQAR_OUT are copied to $OUT/$MQAR_OUT first and skipped; the new run
 #            files and the rebuilt report come back there. Needs jsonargparse's wheels in .whl/, carried
 # Each step runs in its own process under a time limit; its log goes to $OUT/<step>.log (JSON records beside it)
@@ -71,7 +71,7 @@ for s in "$@"; do
               # shellcheck disable=SC2086  # MQAR_ARGS is split into options on purpose
               TAIL=${TAIL:-30} step mqar 560 python3 -m gdn2ts.cli lm mqar-grid --config tasks/lm/mqar/zoology.yaml \
                   --out "$OUT/$mq" --shard "${MQAR_SHARD:-1/4}" --workers "${MQAR_WORKERS:-6}" \
-                  --stop_after_s "${MQAR_STOP:-420}" ${MQAR_ARGS:-} ;;
+                  --stop_after_s "${MQAR_STOP:-380}" ${MQAR_ARGS:-} ;;
         *) echo "unknown step $s" ;;
     esac
 done
