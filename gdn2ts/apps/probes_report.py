@@ -33,7 +33,7 @@ from gdn2ts.apps.probes_models import state_floats
 from gdn2ts.apps.probes_stats import mean_interval
 from gdn2ts.bench.common import environment
 
-__all__ = ["probe", "run_probes", "plot_record", "print_table", "PLOTTED"]
+__all__ = ["probe", "run_probes", "plot_record", "print_table", "markdown_tables", "PLOTTED"]
 
 # the metrics drawn, one panel each: (task, metric, axis label)
 PLOTTED = (("regimes", "mae", "regimes: MAE of the onset forecast"),
@@ -73,12 +73,30 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _load_journal(path: Path, key: str) -> dict[tuple[str, str, int], dict]:
+    """The finished jobs a journal holds for the configuration ``key`` (lines of other configurations, and a last
+    line cut short by a killed run, are skipped)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("config") == key:
+                done[tuple(entry["job"])] = entry["run"]
+    return done
+
+
 def run_probes(regimes: RegimeConfig, needle: NeedleConfig, model: ProbeModelConfig, train: ProbeTrainConfig,
                evaluation: ProbeEvalConfig, tasks: tuple[str, ...] = TASKS, quiet: bool = False,
-               command: str = "", workers: int = 1, threads: int | None = None) -> dict:
+               command: str = "", workers: int = 1, threads: int | None = None,
+               journal: str | Path | None = None) -> dict:
     """Every task of ``tasks`` for every model and seed; returns the JSON-ready record (no NaN: empty bins are
     ``None``). With ``workers > 1`` the (task, model, seed) jobs run on that many processes (each with
-    ``threads`` torch threads); the results do not depend on how they were spread.
+    ``threads`` torch threads); the results do not depend on how they were spread. With ``journal``, each finished
+    job is appended to that JSON-lines file, and the jobs it already holds for the same configuration are not run
+    again (a run that was killed resumes where it stopped; ``resumed_jobs`` in the record counts them).
 
     Example:
         >>> from gdn2ts.apps.probes_data import NeedleConfig, RegimeConfig
@@ -118,24 +136,39 @@ def run_probes(regimes: RegimeConfig, needle: NeedleConfig, model: ProbeModelCon
     jobs = sorted(((t, n, s) for t in tasks for n in model.models for s in train.seeds),
                   key=lambda j: (j[1] != "gru", j[0] != "regimes"))
     start, cpu = time.perf_counter(), _cpu_seconds()
+    key = json.dumps(record["config"], sort_keys=True)
     runs: dict[tuple[str, str, int], dict] = {}
+    if journal is not None:
+        journal = Path(journal)
+        runs = {j: r for j, r in _load_journal(journal, key).items() if j in set(jobs)}
+        journal.parent.mkdir(parents=True, exist_ok=True)
+    resumed = len(runs)
+    jobs = [j for j in jobs if j not in runs]
+
+    def finished(job, run):
+        runs[job] = run
+        if journal is not None:
+            with journal.open("a") as f:
+                f.write(json.dumps({"config": key, "job": list(job), "run": run}, allow_nan=True) + "\n")
+
     progress = None
     if not quiet:
         from rich.progress import Progress
 
         progress = Progress(transient=True)
         progress.start()
-        bar = progress.add_task("probes", total=len(jobs) * train.steps)
+        bar = progress.add_task("probes", total=(len(jobs) + resumed) * train.steps, completed=resumed * train.steps)
     try:
         if workers == 1:
             _init_worker(threads)
             for i, (t, n, s) in enumerate(jobs):
                 def report(step, steps, i=i, t=t, n=n, s=s):
                     if progress is not None:
-                        progress.update(bar, description=f"{t}: {n}, seed {s}", completed=i * train.steps + step)
+                        progress.update(bar, description=f"{t}: {n}, seed {s}",
+                                        completed=(resumed + i) * train.steps + step)
 
-                runs[t, n, s] = train_and_score(t, configs[t], model, train, evaluation, n, s, widths[t][n][0],
-                                                report)
+                finished((t, n, s), train_and_score(t, configs[t], model, train, evaluation, n, s,
+                                                    widths[t][n][0], report))
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                      initargs=(threads,)) as pool:
@@ -143,7 +176,7 @@ def run_probes(regimes: RegimeConfig, needle: NeedleConfig, model: ProbeModelCon
                                        widths[t][n][0]): (t, n, s) for t, n, s in jobs}
                 for future in as_completed(futures):
                     t, n, s = futures[future]
-                    runs[t, n, s] = future.result()
+                    finished((t, n, s), future.result())
                     if progress is not None:
                         progress.update(bar, description=f"{t}: {n}, seed {s} done",
                                         completed=len(runs) * train.steps)
@@ -158,6 +191,7 @@ def run_probes(regimes: RegimeConfig, needle: NeedleConfig, model: ProbeModelCon
     record["seconds"] = time.perf_counter() - start
     record["cpu_seconds"] = _cpu_seconds() - cpu
     record["workers"] = workers
+    record["resumed_jobs"] = resumed
     record["environment"] = environment()
     return record
 
@@ -185,10 +219,43 @@ def print_table(record: dict) -> None:
             console.print(table)
 
 
-def _cell(mu, lo, hi) -> str:
+def markdown_tables(record: dict, digits: int = 3) -> str:
+    """The record's scores as Markdown tables (one per task and metric: a row per model, a column per bin, each
+    cell ``mean [low, high]``), as docs/probes.md shows them.
+
+    Example:
+        >>> rec = {"config": {"evaluation": {"level": 0.95}, "train": {"seeds": [0, 1]}}, "tasks": {"needle": {
+        ...     "bins": ["[0, 16)"], "counts": [5], "models": {"gdn2": {"metrics": {"accuracy": {
+        ...         "mean": [0.5], "low": [0.25], "high": [0.75]}}}}}}}
+        >>> print(markdown_tables(rec))
+        **needle: accuracy** (mean [95% interval] over 2 seeds)
+        <BLANKLINE>
+        | model | [0, 16) n=5 |
+        |---|---|
+        | gdn2 | 0.500 [0.250, 0.750] |
+        <BLANKLINE>
+    """
+    level = record["config"]["evaluation"]["level"]
+    seeds = len(record["config"]["train"]["seeds"])
+    out = []
+    for task, data in record["tasks"].items():
+        for metric in next(iter(data["models"].values()))["metrics"]:
+            out.append(f"**{task}: {metric}** (mean [{level:.0%} interval] over {seeds} seeds)\n")
+            heads = [f"{b} n={c}" for b, c in zip(data["bins"], data["counts"], strict=True)]
+            out.append("| model | " + " | ".join(heads) + " |")
+            out.append("|---|" + "---|" * len(heads))
+            for name, res in data["models"].items():
+                m = res["metrics"][metric]
+                cells = [_cell(mu, lo, hi, digits) for mu, lo, hi in zip(m["mean"], m["low"], m["high"], strict=True)]
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def _cell(mu, lo, hi, digits: int = 3) -> str:
     if mu is None:
         return "-"
-    return f"{mu:.3f}" if lo is None else f"{mu:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{mu:.{digits}f}" if lo is None else f"{mu:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def plot_record(record: dict, path: str | Path) -> None:
@@ -241,7 +308,7 @@ _TRAIN, _EVALUATION = ProbeTrainConfig(), ProbeEvalConfig()
 def probe(regimes: RegimeConfig = _REGIMES, needle: NeedleConfig = _NEEDLE, model: ProbeModelConfig = _MODEL,
           train: ProbeTrainConfig = _TRAIN, evaluation: ProbeEvalConfig = _EVALUATION, tasks: tuple[str, ...] = TASKS,
           json: str | None = None, plot: str | None = None, threads: int | None = None, workers: int = 1,
-          quiet: bool = False) -> dict:
+          journal: str | None = None, quiet: bool = False) -> dict:
     """Rare-regime recall probes: GDN-2, its two ablations, KDA, GDN, Mamba-2 and a block-diagonal GRU matched
     in state and parameters, beside an attention (positive) and a memoryless (negative) control; one budget.
 
@@ -256,11 +323,13 @@ def probe(regimes: RegimeConfig = _REGIMES, needle: NeedleConfig = _NEEDLE, mode
         plot: path of the plot (PNG) to write.
         threads: torch CPU threads per process (default: torch's choice).
         workers: processes that share the (task, model, seed) jobs.
+        journal: JSON-lines file of finished jobs: each is appended as it ends, and a rerun of the same
+            configuration skips the jobs it holds (resuming a killed run).
         quiet: print nothing.
     """
     command = "gdn2ts probe"
     record = run_probes(regimes, needle, model, train, evaluation, tuple(tasks), quiet=quiet, command=command,
-                        workers=workers, threads=threads)
+                        workers=workers, threads=threads, journal=journal)
     if json is not None:
         Path(json).parent.mkdir(parents=True, exist_ok=True)
         Path(json).write_text(_json_dumps(record) + "\n")

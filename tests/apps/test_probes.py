@@ -378,3 +378,27 @@ def test_jobs_give_the_same_scores_on_two_processes(tmp_path):
     a, b = json.loads(one.read_text())["tasks"], json.loads(two.read_text())["tasks"]
     for name in ("gdn2", "gru"):
         assert a["needle"]["models"][name]["metrics"] == b["needle"]["models"][name]["metrics"]
+
+
+def test_a_journal_resumes_a_killed_run(tmp_path):
+    args = ["probe", "--config", str(Path(RECIPES[0]).parent / "tiny.yaml"), "--model.models", "[gdn, memoryless]",
+            "--tasks", "[needle]", "--train.seeds", "[0, 1]", "--quiet", "true"]
+    journal = tmp_path / "jobs.jsonl"
+    full = probe_record(tmp_path / "full.json", [*args, "--journal", str(journal)])
+    lines = journal.read_text().splitlines()
+    assert full["resumed_jobs"] == 0 and len(lines) == 4
+    # a run killed while writing its third job: two whole lines and a cut one
+    journal.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])
+    resumed = probe_record(tmp_path / "resumed.json", [*args, "--journal", str(journal)])
+    assert resumed["resumed_jobs"] == 2
+    for name in ("gdn", "memoryless"):
+        a, b = (r["tasks"]["needle"]["models"][name] for r in (full, resumed))
+        assert a["metrics"] == b["metrics"] and a["final_loss"] == b["final_loss"]
+    # another configuration does not take the journal's jobs
+    other = probe_record(tmp_path / "other.json", [*args, "--journal", str(journal), "--train.steps", "1"])
+    assert other["resumed_jobs"] == 0
+
+
+def probe_record(path, args):
+    main([*args, "--json", str(path)])
+    return json.loads(path.read_text())
